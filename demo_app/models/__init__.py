@@ -1,0 +1,61 @@
+"""The cookiecutter's model wiring: ``request.dbsession`` bound to ``request.tm``."""
+
+import zope.sqlalchemy
+from pyramid.settings import asbool
+from sqlalchemy import engine_from_config, text
+from sqlalchemy.orm import sessionmaker
+
+from .meta import Base
+from .order import Order
+
+__all__ = ["Base", "Order", "get_engine", "get_session_factory", "get_tm_session"]
+
+
+def get_engine(settings, prefix="sqlalchemy."):
+    engine = engine_from_config(settings, prefix)
+    schema = settings.get("demo.schema")
+    if schema:
+        # Every table in its own schema: several copies of the demo share a DB.
+        engine = engine.execution_options(schema_translate_map={None: schema})
+    return engine
+
+
+def get_session_factory(engine):
+    factory = sessionmaker()
+    factory.configure(bind=engine)
+    return factory
+
+
+def get_tm_session(session_factory, transaction_manager, request=None):
+    dbsession = session_factory(info={"request": request})
+    zope.sqlalchemy.register(dbsession, transaction_manager=transaction_manager)
+    return dbsession
+
+
+def create_tables(engine, schema=None):
+    with engine.begin() as connection:
+        if schema:
+            connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+        Base.metadata.create_all(connection)
+
+
+def includeme(config):
+    settings = config.get_settings()
+    settings["tm.manager_hook"] = "pyramid_tm.explicit_manager"
+    config.include("pyramid_tm")
+    config.include("pyramid_retry")
+
+    engine = get_engine(settings)
+    if asbool(settings.get("demo.create_tables", "false")):
+        create_tables(engine, settings.get("demo.schema"))
+    session_factory = get_session_factory(engine)
+    config.registry["dbsession_factory"] = session_factory
+
+    def dbsession(request):
+        dbsession = request.environ.get("app.dbsession")
+        if dbsession is None:
+            dbsession = get_tm_session(session_factory, request.tm, request=request)
+            request.environ["app.dbsession"] = dbsession
+        return dbsession
+
+    config.add_request_method(dbsession, reify=True)

@@ -1,0 +1,3 @@
+def includeme(config):
+    config.add_route("home", "/")
+    config.add_route("order", "/orders/{id}")

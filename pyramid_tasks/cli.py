@@ -1,0 +1,101 @@
+"""``tasks-celery CONFIG_URI [--var name=value ...] -- CELERY_ARGS...``"""
+
+import argparse
+import os
+import sys
+
+from celery.bin.celery import celery as celery_command
+from pyramid.exceptions import ConfigurationError, ConfigurationExecutionError
+
+from .loader import load_celery_app
+from .settings import mask_secrets
+
+__all__ = ["main"]
+
+USAGE = "tasks-celery CONFIG_URI [--var name=value ...] -- CELERY_ARGS..."
+EXAMPLE = "tasks-celery conf/production.ini -- worker --loglevel=info"
+
+
+class UsageError(Exception):
+    """A problem to report in one paragraph, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _parser():
+    parser = _Parser(
+        prog="tasks-celery",
+        usage=USAGE,
+        description=(
+            "Load a Pyramid INI file, then run a Celery command on its app: "
+            "everything after -- is passed to Celery's own command line."
+        ),
+        epilog=f"Example: {EXAMPLE}",
+    )
+    parser.add_argument("config_uri", help="the INI file, e.g. conf/production.ini")
+    parser.add_argument(
+        "--var",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a %%(NAME)s variable for the INI file (repeatable)",
+    )
+    return parser
+
+
+def parse_args(argv):
+    """``(config_uri, vars, celery_args)`` from the command line."""
+    if "--" not in argv:
+        if {"-h", "--help"} & set(argv):
+            _parser().print_help()
+            raise SystemExit(0)
+        raise UsageError("the Celery command must follow '--', for example: " + EXAMPLE)
+    split = argv.index("--")
+    ours, celery_args = argv[:split], argv[split + 1 :]
+    options = _parser().parse_args(ours)
+    variables = {}
+    for item in options.var:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--var {item!r} must be NAME=VALUE")
+        variables[name.strip()] = value
+    return options.config_uri, variables, celery_args
+
+
+def _check_file(config_uri):
+    path = config_uri.partition("#")[0]
+    if "://" not in path and not os.path.isfile(path):
+        raise UsageError(f"config file {path} not found (cwd: {os.getcwd()})")
+
+
+def load(config_uri, variables):
+    """The Celery app of the INI, or :class:`UsageError` in one paragraph."""
+    _check_file(config_uri)
+    try:
+        return load_celery_app(config_uri, variables)
+    except ConfigurationExecutionError as exc:
+        raise UsageError(f"bad configuration in {config_uri}: {exc.evalue}") from exc
+    except (ConfigurationError, LookupError, ImportError, ValueError) as exc:
+        # LookupError: a missing [app:...] section or %(var)s; ImportError: a
+        # ``use =`` that names nothing; ValueError: INI syntax.
+        raise UsageError(f"cannot load {config_uri}: {mask_secrets(exc)}") from exc
+
+
+def main(argv=None):
+    """Console script entry point; returns or exits with the status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config_uri, variables, celery_args = parse_args(argv)
+        app = load(config_uri, variables)
+    except UsageError as exc:
+        print(f"tasks-celery: error: {exc}\nusage: {USAGE}", file=sys.stderr)
+        return 1
+    # The way ``Celery.start`` hands an app object to Celery's CLI, but in
+    # standalone mode so Click reports usage errors and exit codes itself.
+    celery_command.params[0].default = app
+    return celery_command.main(
+        args=celery_args, prog_name=f"tasks-celery {config_uri} --"
+    )

@@ -1,0 +1,183 @@
+"""Configurator directives and the deferred action that builds the Celery app."""
+
+from datetime import timedelta
+
+from celery import Celery
+from pyramid.config import PHASE2_CONFIG
+from pyramid.exceptions import ConfigurationError
+
+from .decorator import TaskHandle
+from .schedule import parse_beat_settings, parse_schedule
+from .settings import (
+    check_serializers,
+    parse_celery_settings,
+    parse_tasks_settings,
+)
+from .task import PyramidTask
+
+__all__ = ["add_periodic_task", "add_task", "build_celery_app", "get_celery_app"]
+
+APP_DISCRIMINATOR = "pyramid_tasks:celery_app"
+LOADER = "pyramid_tasks.loader:PyramidLoader"
+# Ordering of commit: the app is built first (PHASE2), tasks are registered at
+# the default order 0, periodic entries after every task has its final name,
+# and the beat check last.
+_PERIODIC_ORDER = 1
+_CHECK_ORDER = 2
+
+
+def build_celery_app(registry):
+    """Build ``registry.celery_app`` from the registry's settings.
+
+    Runs as a deferred action, so it sees the settings as they are at commit.
+    """
+    settings = registry.settings
+    options = parse_tasks_settings(settings)
+    conf = parse_celery_settings(settings)
+    check_serializers(conf, options.allow_pickle)
+    conf["beat_schedule"] = parse_beat_settings(settings)
+    conf["task_default_queue"] = options.queue_name(
+        conf.get("task_default_queue", "celery")
+    )
+    for entry in conf["beat_schedule"].values():
+        _prefix_queue(options, entry.get("options", {}))
+
+    app = Celery(
+        registry.package_name,
+        loader=LOADER,
+        task_cls=PyramidTask,
+        set_as_current=False,
+    )
+    app.conf.update(conf)
+    app.pyramid_registry = registry
+    registry.pyramid_tasks_settings = options
+    registry.celery_app = app
+    return app
+
+
+def _prefix_queue(options, task_options):
+    if task_options.get("queue"):
+        task_options["queue"] = options.queue_name(task_options["queue"])
+    return task_options
+
+
+def _task_name(obj):
+    """The Celery name of a function, ``@task`` handle or name string."""
+    if isinstance(obj, str):
+        return obj
+    if isinstance(obj, TaskHandle):
+        if obj._options.get("name"):
+            return obj._options["name"]
+        obj = obj.__wrapped__
+    return f"{obj.__module__}.{obj.__name__}"
+
+
+def add_task(config, func, **options):
+    """Register ``func`` (a function, ``@task`` handle or dotted name) as a task.
+
+    ``options`` are Celery's task options, as for ``@task``; ``base`` may be
+    a dotted name.  Two tasks with one name are a configuration conflict.
+    """
+    func = config.maybe_dotted(func)
+    handle = func if isinstance(func, TaskHandle) else None
+    body = handle.__wrapped__ if handle is not None else func
+    if not callable(body):
+        raise ConfigurationError(f"add_task() needs a function, got {func!r}")
+    if "base" in options:
+        options["base"] = config.maybe_dotted(options["base"])
+    name = options.get("name") or _task_name(body)
+    registry = config.registry
+
+    def register():
+        app = registry.celery_app
+        task_options = _prefix_queue(registry.pyramid_tasks_settings, dict(options))
+        celery_task = app.task(shared=False, lazy=False, **task_options)(body)
+        if handle is not None:
+            handle._bind(celery_task)
+        intr["task"] = celery_task
+
+    intr = config.introspectable("celery tasks", name, name, "celery task")
+    intr["callable"] = body
+    intr["options"] = options
+    config.action(("pyramid_tasks:task", name), register, introspectables=(intr,))
+
+
+def add_periodic_task(
+    config, schedule, task, args=(), kwargs=None, name=None, **options
+):
+    """Add a beat entry, as ``tasks.beat.<name>.*`` settings do.
+
+    ``schedule`` is seconds, a :class:`~datetime.timedelta`, a
+    :class:`~celery.schedules.crontab` or a string in the INI grammar;
+    ``task`` a ``@task`` handle, function or task name.  ``name`` defaults to
+    the task name; ``options`` are ``apply_async`` options.
+    """
+    if isinstance(schedule, str):
+        schedule = parse_schedule(schedule, key="add_periodic_task(schedule)")
+    elif isinstance(schedule, int | float) and not isinstance(schedule, bool):
+        if schedule <= 0:
+            raise ConfigurationError(
+                f"add_periodic_task(schedule={schedule!r}): expected seconds > 0"
+            )
+        schedule = timedelta(seconds=schedule)
+    task_name = _task_name(config.maybe_dotted(task))
+    name = name or task_name
+    registry = config.registry
+
+    def register():
+        app = registry.celery_app
+        if name in app.conf.beat_schedule:
+            raise ConfigurationError(
+                f"Beat entry {name!r} is declared twice (tasks.beat.{name}.* "
+                "settings and add_periodic_task)."
+            )
+        app.conf.beat_schedule[name] = {
+            "task": task_name,
+            "schedule": schedule,
+            "args": tuple(args),
+            "kwargs": dict(kwargs or {}),
+            "options": _prefix_queue(registry.pyramid_tasks_settings, dict(options)),
+        }
+
+    config.action(("pyramid_tasks:beat", name), register, order=_PERIODIC_ORDER)
+
+
+def check_beat_tasks(registry):
+    """Every beat entry names a registered task (unless Celery imports more)."""
+    app = registry.celery_app
+    if app.conf.imports or app.conf.include:
+        return
+    for name, entry in app.conf.beat_schedule.items():
+        if entry["task"] not in app.tasks:
+            raise ConfigurationError(
+                f"Beat entry {name!r} runs task {entry['task']!r}, which is not "
+                "registered: check its name and that its module is scanned."
+            )
+
+
+def get_celery_app(config):
+    """The Celery app of this configuration (commits pending actions first)."""
+    app = getattr(config.registry, "celery_app", None)
+    if app is None:
+        config.commit()
+        app = config.registry.celery_app
+    return app
+
+
+def declare(config):
+    """The deferred actions of ``includeme``."""
+    registry = config.registry
+    intr = config.introspectable(
+        "celery apps", APP_DISCRIMINATOR, "celery app", "celery app"
+    )
+    config.action(
+        APP_DISCRIMINATOR,
+        lambda: build_celery_app(registry),
+        order=PHASE2_CONFIG,
+        introspectables=(intr,),
+    )
+    config.action(
+        "pyramid_tasks:check_beat",
+        lambda: check_beat_tasks(registry),
+        order=_CHECK_ORDER,
+    )

@@ -1,0 +1,92 @@
+"""``@task``: the venusian decorator and the handle it returns."""
+
+import functools
+
+import venusian
+from pyramid.threadlocal import get_current_registry
+
+__all__ = ["TaskHandle", "TaskNotRegistered", "task"]
+
+
+class TaskNotRegistered(RuntimeError):
+    """A ``@task`` handle was used before any Pyramid app registered its task."""
+
+
+class TaskHandle:
+    """What ``@task`` returns: the module-level name users call.
+
+    Once a configuration that scanned the function is committed, every
+    attribute (``apply_async``, ``delay``, ``s``, ``name``...) is the Celery
+    task registered on that app's Celery app.  Inside a request or a task of
+    an app, that app's task is used; elsewhere, the most recently registered.
+    """
+
+    def __init__(self, func, options):
+        functools.update_wrapper(self, func)
+        self._options = options
+        self._task = None
+
+    def _bind(self, celery_task):
+        self._task = celery_task
+
+    def _resolve(self):
+        registry = get_current_registry()
+        app = getattr(registry, "celery_app", None)
+        if app is not None and self._task is not None:
+            found = app.tasks.get(self._task.name)
+            if found is not None:
+                return found
+        if self._task is None:
+            raise TaskNotRegistered(
+                f"Task {self.__module__}.{self.__qualname__} is not registered on "
+                "any Celery app yet: call config.include('pyramid_tasks') and "
+                f"config.scan() the module {self.__module__!r}, then commit the "
+                "configuration (config.make_wsgi_app(), bootstrap() or get_app())."
+            )
+        return self._task
+
+    def __getattr__(self, name):
+        # venusian and functools probe dunders on the handle: those must not
+        # resolve (or fail to resolve) the task.
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return getattr(self._resolve(), name)
+
+    def __call__(self, *args, **kwargs):
+        """Run the task body in-process, as calling a Celery task does."""
+        if self._task is None and not self._options.get("bind"):
+            return self.__wrapped__(*args, **kwargs)
+        return self._resolve()(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<@task {self.__module__}.{self.__qualname__}>"
+
+
+def task(**options):
+    """Declare a Celery task, registered when ``config.scan()`` finds it.
+
+    The keyword arguments are Celery's task options (``name``, ``bind``,
+    ``base``, ``queue``, ``time_limit``, ``autoretry_for``...); the default
+    base class is :class:`pyramid_tasks.PyramidTask`.  Imperative twin:
+    ``config.add_task(func, **options)``.
+
+    .. code-block:: python
+
+        @task(bind=True, queue="mail")
+        def send_welcome(self, user_id):
+            request = self.get_request()
+            ...
+    """
+
+    def decorate(func):
+        handle = TaskHandle(func, options)
+
+        def callback(scanner, name, ob):
+            config = scanner.config.with_package(ob.__module__)
+            config.add_task(ob, **options)
+
+        # venusian matches callbacks by identity: attach to what we return.
+        venusian.attach(handle, callback, category="pyramid")
+        return handle
+
+    return decorate

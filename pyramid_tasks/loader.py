@@ -1,0 +1,69 @@
+"""Worker side: the Pyramid app from the INI, once per process, and fork safety."""
+
+import gc
+import logging
+
+import plaster
+from celery import signals
+from celery.loaders.app import AppLoader
+from pyramid.config import global_registries
+from pyramid.exceptions import ConfigurationError
+from sqlalchemy.engine import Engine
+
+from .events import WorkerProcessInit
+
+__all__ = ["PyramidLoader", "load_celery_app"]
+
+log = logging.getLogger(__name__)
+
+
+class PyramidLoader(AppLoader):
+    """The Celery loader of every app built by ``pyramid_tasks``.
+
+    Configuration comes from the Pyramid settings (already applied when the
+    app was built); in each forked worker child it disposes the SQLAlchemy
+    pools inherited from the parent and notifies :class:`WorkerProcessInit`.
+    """
+
+    def on_worker_process_init(self):
+        disposed = _dispose_inherited_engines()
+        log.debug("Disposed %d inherited SQLAlchemy engine pool(s).", disposed)
+        registry = self.app.pyramid_registry
+        registry.notify(WorkerProcessInit(self.app, registry))
+
+
+def _dispose_inherited_engines():
+    # A forked child shares its parent's pooled sockets; using one from two
+    # processes corrupts both sessions.  ``dispose(close=False)`` drops the
+    # child's references without closing the parent's connections.  Engines
+    # are found by type because the app may keep them anywhere.
+    engines = [obj for obj in gc.get_objects() if isinstance(obj, Engine)]
+    for engine in engines:
+        engine.dispose(close=False)
+    return len(engines)
+
+
+def load_celery_app(config_uri, options=None):
+    """Bootstrap the Pyramid app at ``config_uri`` and return its Celery app.
+
+    The INI's ``[loggers]`` are applied first (Celery then leaves logging
+    alone); ``options`` fill ``%(name)s`` variables.  Raises
+    :class:`ConfigurationError` when the app does not include pyramid_tasks.
+    """
+    loader = plaster.get_loader(config_uri, protocols=["wsgi"])
+    if "loggers" in loader.get_sections():
+        loader.setup_logging(options)
+        signals.setup_logging.connect(_keep_ini_logging, weak=False)
+    wsgi_app = loader.get_wsgi_app(defaults=options)
+    registry = getattr(wsgi_app, "registry", None) or global_registries.last
+    celery_app = getattr(registry, "celery_app", None)
+    if celery_app is None:
+        raise ConfigurationError(
+            f"The app in {config_uri} does not include pyramid_tasks: add "
+            "config.include('pyramid_tasks') or pyramid.includes = pyramid_tasks."
+        )
+    return celery_app
+
+
+def _keep_ini_logging(**kwargs):
+    """``setup_logging`` receiver: its presence stops Celery configuring logging."""

@@ -1,0 +1,57 @@
+"""Build and close the Pyramid request a task execution works with."""
+
+import logging
+
+import transaction
+from pyramid.interfaces import IRequestExtensions, IRequestFactory
+from pyramid.request import Request, apply_request_extensions
+from pyramid.threadlocal import manager as threadlocal_manager
+from transaction.interfaces import NoTransaction
+
+__all__ = ["close_request", "make_request"]
+
+log = logging.getLogger(__name__)
+
+
+def make_request(registry, site_url, path="/"):
+    """A request from ``registry`` as a view would get one, and push it.
+
+    The app's request factory and request extensions (``request.dbsession``)
+    are honoured, ``site_url`` gives scheme, host, port and script name, and
+    ``request.tm`` is a new explicit :class:`transaction.TransactionManager`.
+    The registry and request are pushed on Pyramid's threadlocal stack until
+    :func:`close_request`.
+    """
+    factory = registry.queryUtility(IRequestFactory, default=Request)
+    request = factory.blank(path, base_url=site_url)
+    request.registry = registry
+    extensions = registry.queryUtility(IRequestExtensions)
+    if extensions is not None:
+        apply_request_extensions(request, extensions=extensions)
+    # Set after the extensions: pyramid_tm's ``tm`` is reified, so the
+    # instance attribute wins over the thread-local default manager.
+    request.tm = transaction.TransactionManager(explicit=True)
+    threadlocal_manager.push({"registry": registry, "request": request})
+    return request
+
+
+def close_request(request, task_name):
+    """End ``request``: abort a transaction left open, run finished callbacks, pop.
+
+    Safe to call when the body raised; the threadlocals are popped whatever
+    the callbacks do.
+    """
+    try:
+        try:
+            request.tm.get()
+        except NoTransaction:
+            pass
+        else:
+            log.warning(
+                "Task %s left a transaction open in request.tm; it was aborted.",
+                task_name,
+            )
+            request.tm.abort()
+        request._process_finished_callbacks()
+    finally:
+        threadlocal_manager.pop()

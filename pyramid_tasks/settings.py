@@ -1,0 +1,275 @@
+"""Pure parsing of the ``celery.*`` and ``tasks.*`` settings.
+
+Every function here takes the Pyramid settings mapping and returns plain
+values; none touches Celery's app, the network or the registry, so each is
+unit-testable on a dict.  Every bad value raises
+:class:`pyramid.exceptions.ConfigurationError` naming the full key and the
+value (passwords in URLs masked), chained from the cause.
+"""
+
+import difflib
+import json
+import math
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from celery.app.defaults import NAMESPACES, flatten
+from pyramid.exceptions import ConfigurationError
+
+__all__ = [
+    "TasksSettings",
+    "bad_setting",
+    "mask_secrets",
+    "parse_celery_settings",
+    "parse_tasks_settings",
+]
+
+CELERY_PREFIX = "celery."
+TASKS_PREFIX = "tasks."
+
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+
+# ``scheme://user:password@host`` and ``scheme://:password@host``.
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/@\s]*:)[^@\s]*@")
+
+# Celery's own option table: lowercase name -> Option (its type drives coercion).
+_CELERY_OPTIONS = dict(flatten(NAMESPACES))
+
+# Settings whose value names a serializer; pickle in any of them needs opt-in.
+_SERIALIZER_KEYS = (
+    "task_serializer",
+    "result_serializer",
+    "event_serializer",
+    "accept_content",
+    "result_accept_content",
+)
+
+
+def mask_secrets(value):
+    """Return ``value`` as text with every password inside a URL replaced."""
+    return _URL_PASSWORD.sub(r"\g<head>***@", str(value))
+
+
+def bad_setting(key, value, expected):
+    """The :class:`ConfigurationError` for ``key = value`` not being ``expected``.
+
+    Raise it ``from`` the cause.
+    """
+    return ConfigurationError(
+        f"Invalid setting {key} = {mask_secrets(value)!r}: expected {expected}."
+    )
+
+
+def _unknown_key(key, name, candidates, prefix):
+    message = f"Unknown setting {key}"
+    close = difflib.get_close_matches(name.lower(), candidates, n=1, cutoff=0.6)
+    if close:
+        message += f": did you mean {prefix}{close[0]}?"
+    return ConfigurationError(message)
+
+
+def as_bool(key, value):
+    """A strict boolean: only true/false, yes/no, on/off, 1/0 (any case)."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise bad_setting(key, value, "one of true/false, yes/no, on/off, 1/0")
+
+
+def as_int(key, value, minimum=None):
+    try:
+        number = int(str(value).strip())
+    except ValueError as exc:
+        raise bad_setting(key, value, "an integer") from exc
+    if minimum is not None and number < minimum:
+        raise bad_setting(key, value, f"an integer >= {minimum}")
+    return number
+
+
+def as_float(key, value, minimum=None):
+    try:
+        number = float(str(value).strip())
+    except ValueError as exc:
+        raise bad_setting(key, value, "a number") from exc
+    if not math.isfinite(number) or (minimum is not None and number < minimum):
+        expected = "a finite number" if minimum is None else f"a number >= {minimum}"
+        raise bad_setting(key, value, expected)
+    return number
+
+
+def as_json(key, value, kind):
+    """Decode JSON and check it is a ``kind`` (``dict`` or ``list``)."""
+    name = {dict: "a JSON object", list: "a JSON list"}[kind]
+    if isinstance(value, kind):
+        return value
+    try:
+        decoded = json.loads(value)
+    except (TypeError, ValueError) as exc:
+        raise bad_setting(key, value, name) from exc
+    if not isinstance(decoded, kind):
+        raise bad_setting(key, value, name)
+    return decoded
+
+
+def _as_words(value):
+    if isinstance(value, list | tuple):
+        return list(value)
+    return [word for word in re.split(r"[\s,]+", str(value)) if word]
+
+
+def _loose_json(value):
+    """JSON when the text is JSON (numbers, objects, true), else the text."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value.strip()
+
+
+def _coerce_celery(key, option, value):
+    kind = option.type
+    if kind == "bool":
+        return as_bool(key, value)
+    if kind in ("int", int):
+        return as_int(key, value)
+    if kind == "float":
+        return as_float(key, value)
+    if kind == "dict":
+        return as_json(key, value, dict)
+    if kind == "list":
+        return _as_words(value)
+    if kind == "tuple":
+        return tuple(_as_words(value))
+    if kind == "any":
+        return _loose_json(value)
+    return value.strip() if isinstance(value, str) else value
+
+
+def parse_celery_settings(settings, prefix=CELERY_PREFIX):
+    """Celery configuration from ``celery.<name>`` settings.
+
+    Values are coerced with Celery's own option table.  Dict settings take
+    JSON or dotted sub-keys (``celery.broker_transport_options.visibility_timeout``;
+    sub-key values are JSON when they parse as JSON, text otherwise).
+    """
+    conf, sub_keys = {}, {}
+    for key, value in settings.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        head, _, sub = name.partition(".")
+        option = _CELERY_OPTIONS.get(head)
+        if option is None:
+            raise _unknown_key(key, head, _CELERY_OPTIONS, prefix)
+        if head == "beat_schedule":
+            raise ConfigurationError(
+                f"Setting {key} is not supported: declare each beat entry as "
+                f"tasks.beat.<name>.task and tasks.beat.<name>.schedule instead."
+            )
+        if sub:
+            if option.type != "dict":
+                raise ConfigurationError(
+                    f"Invalid setting {key}: {prefix}{head} is not a dict "
+                    "setting, so it takes no dotted sub-keys."
+                )
+            sub_keys.setdefault(head, {})[sub] = _loose_json(value)
+        else:
+            conf[head] = _coerce_celery(key, option, value)
+    for head, extra in sub_keys.items():
+        conf[head] = {**conf.get(head, {}), **extra}
+    return conf
+
+
+def check_serializers(conf, allow_pickle, prefix=CELERY_PREFIX):
+    """Refuse pickle unless ``tasks.allow_pickle = true``."""
+    if allow_pickle:
+        return
+    for name in _SERIALIZER_KEYS:
+        value = conf.get(name)
+        words = _as_words(value) if value is not None else []
+        if any("pickle" in str(word).lower() for word in words):
+            raise ConfigurationError(
+                f"Setting {prefix}{name} = {value!r} enables pickle, which runs "
+                "arbitrary code from the broker. Use json, or opt in with "
+                f"{TASKS_PREFIX}allow_pickle = true."
+            )
+
+
+@dataclass(frozen=True)
+class TasksSettings:
+    """The parsed ``tasks.*`` settings (beat entries aside)."""
+
+    site_url: str = "http://localhost"
+    queue_prefix: str = ""
+    retry_attempts: int = 3
+    retry_backoff: float = 0.1
+    retry_backoff_max: float = 2.0
+    allow_pickle: bool = False
+
+    def queue_name(self, name):
+        """``name`` with ``tasks.queue_prefix`` applied (idempotent)."""
+        if not self.queue_prefix or name.startswith(f"{self.queue_prefix}."):
+            return name
+        return f"{self.queue_prefix}.{name}"
+
+
+def _site_url(key, value):
+    url = str(value).strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise bad_setting(
+            key, value, "an http(s) URL such as https://example.com/app"
+        ) from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise bad_setting(key, value, "an http(s) URL such as https://example.com/app")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise bad_setting(key, value, "a URL without query, fragment or credentials")
+    return url
+
+
+def _queue_prefix(key, value):
+    prefix = str(value).strip()
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]*", prefix):
+        raise bad_setting(key, value, "a queue-name prefix of letters, digits, _ . : -")
+    return prefix
+
+
+_TASKS_KEYS = {
+    "site_url": ("site_url", _site_url),
+    "queue_prefix": ("queue_prefix", _queue_prefix),
+    "retry.attempts": ("retry_attempts", lambda k, v: as_int(k, v, minimum=1)),
+    "retry.backoff": ("retry_backoff", lambda k, v: as_float(k, v, minimum=0)),
+    "retry.backoff_max": ("retry_backoff_max", lambda k, v: as_float(k, v, minimum=0)),
+    "allow_pickle": ("allow_pickle", as_bool),
+}
+
+
+def parse_tasks_settings(settings, prefix=TASKS_PREFIX):
+    """:class:`TasksSettings` from ``tasks.*`` (``tasks.beat.*`` is skipped).
+
+    An unknown ``tasks.*`` key is an error, with a suggestion.
+    """
+    values = {}
+    for key, value in settings.items():
+        if not key.startswith(prefix) or key.startswith(f"{prefix}beat."):
+            continue
+        name = key[len(prefix) :]
+        if name not in _TASKS_KEYS:
+            raise _unknown_key(key, name, [*_TASKS_KEYS, "beat.<name>.task"], prefix)
+        field, parse = _TASKS_KEYS[name]
+        values[field] = parse(key, value)
+    parsed = TasksSettings(**values)
+    if parsed.retry_backoff_max < parsed.retry_backoff:
+        raise bad_setting(
+            f"{prefix}retry.backoff_max",
+            parsed.retry_backoff_max,
+            f"a number >= {prefix}retry.backoff ({parsed.retry_backoff})",
+        )
+    return parsed
