@@ -1,0 +1,200 @@
+"""Shared fixtures: service URLs, a private PostgreSQL schema, real workers.
+
+Services come from environment variables with the local defaults.  When a
+service is unreachable the tests that need it are skipped, except with
+``CI=true``, where that is a failure.
+"""
+
+import configparser
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy
+from pyramid.paster import get_app
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_INI = ROOT / "conf" / "test.ini"
+REDIS_URL = os.environ.get("PYRAMID_TASKS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+DATABASE_URL = os.environ.get(
+    "PYRAMID_TASKS_TEST_DATABASE_URL",
+    "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+)
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(service, error):
+    message = f"{service} is unreachable: {error}"
+    if IN_CI:
+        pytest.fail(f"{message} (CI=true: a missing service is a failure)")
+    pytest.skip(message)
+
+
+def wait_for(predicate, timeout=30.0, interval=0.05, message="condition"):
+    """Poll ``predicate`` until it returns a true value; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        unavailable("Redis", exc)
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def database_url():
+    engine = sqlalchemy.create_engine(DATABASE_URL)
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.OperationalError as exc:
+        unavailable("PostgreSQL", exc)
+    finally:
+        engine.dispose()
+    return DATABASE_URL
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def pg_schema(database_url):
+    """A schema of its own for this test; dropped afterwards."""
+    name = f"pt_{uuid.uuid4().hex[:12]}"
+    yield name
+    engine = sqlalchemy.create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+    engine.dispose()
+
+
+@pytest.fixture
+def ini_vars(redis_url, database_url, pg_schema):
+    """Values giving this test its own queue, schema and Redis key."""
+    token = uuid.uuid4().hex[:12]
+    return {
+        "redis_url": redis_url,
+        "database_url": database_url,
+        "schema": pg_schema,
+        "queue": f"pyramid_tasks_test_{token}",
+        "probe_key": f"pyramid_tasks:probe:{token}",
+    }
+
+
+_LOGGING_SECTIONS = (
+    "loggers",
+    "handlers",
+    "formatters",
+    "logger_",
+    "handler_",
+    "formatter_",
+)
+
+
+def overlay_ini(path, section, values):
+    """An INI whose ``[app:main]`` is ``conf/test.ini#<section>`` with this
+    test's values.
+
+    PasteDeploy never lets ``--var`` override a ``[DEFAULT]`` value, but the
+    settings of a section that ``use = config:`` another one do override.
+    """
+    parser = configparser.RawConfigParser()
+    parser.read(TEST_INI)
+    settings = {
+        "sqlalchemy.url": values["database_url"],
+        "demo.schema": values["schema"],
+        "celery.broker_url": values["redis_url"],
+        "celery.result_backend": values["redis_url"],
+        "celery.task_default_queue": values["queue"],
+    }
+    if section == "probe":
+        settings["probe.redis_url"] = values["redis_url"]
+        settings["probe.key"] = values["probe_key"]
+    lines = ["[app:main]", f"use = config:{TEST_INI}#{section}"]
+    lines += [f"{key} = {value}" for key, value in settings.items()]
+    for name in parser.sections():
+        if name.startswith(_LOGGING_SECTIONS):
+            lines.append(f"\n[{name}]")
+            lines += [f"{k} = {v}" for k, v in parser.items(name, raw=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Worker:
+    """A ``tasks-celery conf/test.ini -- worker`` subprocess."""
+
+    def __init__(self, process, node, log_path, celery_app):
+        self.process = process
+        self.node = node
+        self.log_path = log_path
+        self.celery_app = celery_app
+
+    @property
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def ping(self):
+        if self.process.poll() is not None:
+            pytest.fail(f"worker exited with {self.process.returncode}:\n{self.log}")
+        return self.celery_app.control.ping(destination=[self.node], timeout=0.5)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def tasks_celery():
+    return shutil.which("tasks-celery", path=str(Path(sys.executable).parent))
+
+
+@pytest.fixture
+def start_worker(ini_vars, tmp_path):
+    """Start a real worker on ``conf/test.ini#<section>``; stopped at teardown."""
+    workers = []
+
+    def start(*celery_args, section="probe"):
+        node = f"w{uuid.uuid4().hex[:10]}@localhost"
+        ini = overlay_ini(tmp_path / f"{node}.ini", section, ini_vars)
+        app = get_app(str(ini))
+        command = [tasks_celery(), str(ini), "--", "worker", "-n", node]
+        command += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
+        command += list(celery_args)
+        log_path = tmp_path / f"{node}.log"
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        worker = Worker(process, node, log_path, app.registry.celery_app)
+        workers.append(worker)
+        wait_for(worker.ping, timeout=60, message=f"worker {node} to answer ping")
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()

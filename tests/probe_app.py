@@ -1,0 +1,59 @@
+"""The test suite's probe app: demo models plus tasks reporting on their process."""
+
+import os
+import time
+
+import redis
+from pyramid.config import Configurator
+from sqlalchemy import text
+
+from pyramid_tasks import task
+
+
+def main(global_config, **settings):
+    with Configurator(settings=settings) as config:
+        config.include("demo_app.models")
+        config.include("pyramid_tasks")
+        config.include("demo_app.routes")
+        config.scan("demo_app.tasks")
+        config.scan("tests.probe_app")
+    registry = config.registry
+    # Leave a connection in the parent's pool, as an app that queries the
+    # database at start-up does: forked children must not reuse it.
+    engine = registry["dbsession_factory"].kw["bind"]
+    with engine.connect() as connection:
+        registry["startup_backend_pid"] = connection.scalar(
+            text("SELECT pg_backend_pid()")
+        )
+    return config.make_wsgi_app()
+
+
+def _redis(request):
+    return redis.Redis.from_url(request.registry.settings["probe.redis_url"])
+
+
+@task(bind=True)
+def whoami(self, barrier_key, parties):
+    """Report process and database connection, once ``parties`` run at once."""
+    request = self.get_request()
+    with request.tm:
+        sql = text("SELECT pg_backend_pid()")
+        backend_pid = request.dbsession.execute(sql).scalar()
+    client = _redis(request)
+    client.incr(barrier_key)
+    deadline = time.monotonic() + 30
+    while int(client.get(barrier_key)) < parties and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return {
+        "pid": os.getpid(),
+        "backend_pid": backend_pid,
+        "startup_backend_pid": request.registry["startup_backend_pid"],
+        "parties": int(client.get(barrier_key)),
+    }
+
+
+@task(bind=True)
+def tick(self):
+    """The one-second beat entry: count the runs in Redis."""
+    request = self.get_request()
+    _redis(request).incr(request.registry.settings["probe.key"])

@@ -1,0 +1,68 @@
+"""End to end: real ``tasks-celery ... -- worker`` subprocesses on Redis/PostgreSQL."""
+
+import uuid
+
+import sqlalchemy
+
+from .conftest import wait_for
+
+
+def test_task_writes_through_dbsession_and_builds_site_urls(
+    start_worker, ini_vars, database_url
+):
+    worker = start_worker("-P", "solo", section="main")
+    app = worker.celery_app
+    engine = sqlalchemy.create_engine(database_url)
+    schema = ini_vars["schema"]
+    with engine.begin() as connection:
+        order_id = connection.scalar(
+            sqlalchemy.text(
+                f'INSERT INTO "{schema}".orders (email, status) '
+                "VALUES ('ann@example.com', 'new') RETURNING id"
+            )
+        )
+
+    result = app.tasks["demo_app.tasks.confirm_order"].delay(order_id)
+
+    expected = f"https://example.com/app/orders/{order_id}"
+    assert result.get(timeout=30) == expected
+    with engine.connect() as connection:
+        row = connection.execute(
+            sqlalchemy.text(
+                f'SELECT status, confirmation_url FROM "{schema}".orders WHERE id = :id'
+            ),
+            {"id": order_id},
+        ).one()
+    engine.dispose()
+    assert tuple(row) == ("confirmed", expected)
+
+
+def test_prefork_children_get_fresh_connection_pools(start_worker, redis_client):
+    worker = start_worker("-P", "prefork", "-c", "2")
+    barrier = f"pyramid_tasks:barrier:{uuid.uuid4().hex}"
+    whoami = worker.celery_app.tasks["tests.probe_app.whoami"]
+
+    results = [whoami.delay(barrier, 2) for _ in range(2)]
+    reports = [result.get(timeout=60) for result in results]
+    redis_client.delete(barrier)
+
+    assert all(report["parties"] == 2 for report in reports), reports
+    assert len({report["pid"] for report in reports}) == 2, "one child per task"
+    backend_pids = {report["backend_pid"] for report in reports}
+    assert len(backend_pids) == 2, f"children shared a connection: {reports}"
+    assert reports[0]["startup_backend_pid"] not in backend_pids
+
+
+def test_embedded_beat_fires_the_ini_entry_repeatedly(
+    start_worker, redis_client, ini_vars, tmp_path
+):
+    schedule = tmp_path / "beat-schedule"
+    start_worker("-P", "solo", "-B", "--schedule", str(schedule))
+    key = ini_vars["probe_key"]
+
+    wait_for(
+        lambda: int(redis_client.get(key) or 0) >= 2,
+        timeout=60,
+        message="the 1-second beat entry to run twice",
+    )
+    redis_client.delete(key)
