@@ -41,6 +41,11 @@ def build_celery_app(registry):
     )
     for entry in conf["beat_schedule"].values():
         _prefix_queue(options, entry.get("options", {}))
+    # ``@task(queue=...)`` becomes a route of our own, consulted before the
+    # app's ``task_routes`` (the precedence Celery gives the deprecated
+    # ``Task.queue`` attribute).  Filled in by add_task before any publish.
+    task_queues = {}
+    conf["task_routes"] = (task_queues, *_as_routes(conf.get("task_routes")))
 
     app = Celery(
         registry.package_name,
@@ -50,9 +55,16 @@ def build_celery_app(registry):
     )
     app.conf.update(conf)
     app.pyramid_registry = registry
+    app.pyramid_task_queues = task_queues
     registry.pyramid_tasks_settings = options
     registry.celery_app = app
     return app
+
+
+def _as_routes(routes):
+    if routes is None:
+        return ()
+    return tuple(routes) if isinstance(routes, list | tuple) else (routes,)
 
 
 def _prefix_queue(options, task_options):
@@ -90,8 +102,12 @@ def add_task(config, func, **options):
 
     def register():
         app = registry.celery_app
-        task_options = _prefix_queue(registry.pyramid_tasks_settings, dict(options))
+        task_options = dict(options)
+        queue = task_options.pop("queue", None)
         celery_task = app.task(shared=False, lazy=False, **task_options)(body)
+        if queue:
+            queue_name = registry.pyramid_tasks_settings.queue_name(queue)
+            app.pyramid_task_queues[celery_task.name] = {"queue": queue_name}
         if handle is not None:
             handle._bind(celery_task)
         intr["task"] = celery_task
@@ -120,7 +136,7 @@ def add_periodic_task(
                 f"add_periodic_task(schedule={schedule!r}): expected seconds > 0"
             )
         schedule = timedelta(seconds=schedule)
-    task_name = _task_name(config.maybe_dotted(task))
+    task_name = _task_name(task)
     name = name or task_name
     registry = config.registry
 
