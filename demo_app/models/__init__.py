@@ -1,5 +1,7 @@
 """The cookiecutter's model wiring: ``request.dbsession`` bound to ``request.tm``."""
 
+import os
+
 import zope.sqlalchemy
 from pyramid.settings import asbool
 from sqlalchemy import engine_from_config, text
@@ -13,6 +15,11 @@ __all__ = ["Base", "Order", "get_engine", "get_session_factory", "get_tm_session
 
 def get_engine(settings, prefix="sqlalchemy."):
     engine = engine_from_config(settings, prefix)
+    if engine.url.get_backend_name() == "sqlite" and engine.url.database:
+        # The demo keeps its SQLite files under var/, created on first start.
+        os.makedirs(
+            os.path.dirname(os.path.abspath(engine.url.database)), exist_ok=True
+        )
     schema = settings.get("demo.schema")
     if schema:
         # Every table in its own schema: several copies of the demo share a DB.
