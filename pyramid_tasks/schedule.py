@@ -22,8 +22,9 @@ _EXPECTED = (
     "seconds (30, 2.5), a duration (90s, 15m, 2h, 1d), a five-field crontab "
     '(*/15 * * * *), crontab(minute="*/15", ...) or timedelta(minutes=30)'
 )
-_NUMBER = re.compile(r"\d+(?:\.\d+)?|\.\d+")
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+# ASCII digits only: ``\d`` would take any Unicode digit.
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?|\.[0-9]+")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 _CRON_FIELD = re.compile(r"[0-9A-Za-z*/,-]+")
 _CALL = re.compile(r"(crontab|timedelta)\s*\(.*\)", re.DOTALL)

@@ -31,8 +31,10 @@ TASKS_PREFIX = "tasks."
 _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
 
-# ``scheme://user:password@host`` and ``scheme://:password@host``.
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/@\s]*:)[^@\s]*@")
+# ``scheme://user:password@host`` and ``scheme://:password@host``.  The password
+# runs to the *last* ``@`` (as urllib and kombu read it: ``redis://:p@ss@host``),
+# stopping only at whitespace or the next ``scheme://`` of a failover list.
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/@\s]*:)(?:(?!://)\S)*@")
 
 # Celery's own option table: lowercase name -> Option (its type drives coercion).
 _CELERY_OPTIONS = dict(flatten(NAMESPACES))
@@ -45,6 +47,8 @@ _SERIALIZER_KEYS = (
     "accept_content",
     "result_accept_content",
 )
+# Pickle by name, or by the content type kombu registers it under.
+_PICKLE_WORDS = ("pickle", "application/x-python-serialize")
 
 
 def mask_secrets(value):
@@ -110,7 +114,7 @@ def as_json(key, value, kind):
         return value
     try:
         decoded = json.loads(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise bad_setting(key, value, name) from exc
     if not isinstance(decoded, kind):
         raise bad_setting(key, value, name)
@@ -120,14 +124,23 @@ def as_json(key, value, kind):
 def _as_words(value):
     if isinstance(value, list | tuple):
         return list(value)
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        decoded = _loose_json(value)  # a JSON list is taken as one, too
+        if isinstance(decoded, list):
+            return [str(word) for word in decoded]
     return [word for word in re.split(r"[\s,]+", str(value)) if word]
 
 
 def _loose_json(value):
-    """JSON when the text is JSON (numbers, objects, true), else the text."""
+    """JSON when the text is JSON (numbers, objects, true), else the text.
+
+    A value that is not text (settings given as Python objects) is kept as is.
+    """
+    if not isinstance(value, str):
+        return value
     try:
         return json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):
         return value.strip()
 
 
@@ -192,7 +205,7 @@ def check_serializers(conf, allow_pickle, prefix=CELERY_PREFIX):
     for name in _SERIALIZER_KEYS:
         value = conf.get(name)
         words = _as_words(value) if value is not None else []
-        if any("pickle" in str(word).lower() for word in words):
+        if any(bad in str(word).lower() for word in words for bad in _PICKLE_WORDS):
             raise ConfigurationError(
                 f"Setting {prefix}{name} = {value!r} enables pickle, which runs "
                 "arbitrary code from the broker. Use json, or opt in with "
