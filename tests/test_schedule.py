@@ -745,7 +745,9 @@ def test_import_payload_is_not_executed(tmp_path):
     assert not sentinel.exists()
 
 
-@pytest.mark.parametrize("text", ["٣٠", "٣٠s", "１５m"])
+@pytest.mark.parametrize(
+    "text", ["\u0663\u0660", "\u0663\u0660s", "\uff11\uff15m"]
+)  # Arabic-Indic 30, fullwidth 15
 def test_only_ascii_digits_are_numbers(text):
     with pytest.raises(ConfigurationError):
         parse_schedule(text)
