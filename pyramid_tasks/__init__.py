@@ -1,13 +1,27 @@
 """Celery as a first-class part of Pyramid apps."""
 
+from pyramid.tweens import INGRESS
+
 from .config import add_periodic_task, add_task, declare, get_celery_app
+from .datamanager import NoActiveTransaction
 from .decorator import TaskNotRegistered, task
 from .events import WorkerProcessInit
-from .task import PyramidTask
+from .retry import RetryAttemptsExhausted
+from .task import (
+    PyramidTask,
+    RetryableTransactionTask,
+    ScheduleOnCommitTask,
+    TransactionalTask,
+)
 
 __all__ = [
+    "NoActiveTransaction",
     "PyramidTask",
+    "RetryAttemptsExhausted",
+    "RetryableTransactionTask",
+    "ScheduleOnCommitTask",
     "TaskNotRegistered",
+    "TransactionalTask",
     "WorkerProcessInit",
     "includeme",
     "task",
@@ -25,5 +39,8 @@ def includeme(config):
     config.add_directive("get_celery_app", get_celery_app, action_wrap=False)
     config.add_request_method(
         lambda request: request.registry.celery_app, "celery_app", reify=True
+    )
+    config.add_tween(
+        "pyramid_tasks.datamanager.eager_errors_tween_factory", under=INGRESS
     )
     declare(config)

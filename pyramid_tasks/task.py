@@ -1,27 +1,39 @@
 """The task classes: each adds one thing to the one before."""
 
+from contextlib import contextmanager
+
 from celery import Task
+from celery.utils import uuid
 from celery.utils.threads import LocalStack
 
+from .datamanager import Send, publish, raise_eager_errors, schedule, snapshot
 from .request import close_request, make_request
+from .retry import RetryPolicy, in_transaction, run_attempts
 
-__all__ = ["PyramidTask"]
+__all__ = [
+    "PyramidTask",
+    "RetryableTransactionTask",
+    "ScheduleOnCommitTask",
+    "TransactionalTask",
+]
 
 
 class _Execution:
     """One run of a task body; builds its request on first use."""
 
-    __slots__ = ("request", "task")
+    __slots__ = ("attempt", "request", "task")
 
-    def __init__(self, task):
+    def __init__(self, task, attempt=1):
         self.task = task
+        self.attempt = attempt
         self.request = None
 
     def get_request(self):
         if self.request is None:
-            app = self.task.app
-            settings = app.pyramid_registry.pyramid_tasks_settings
-            self.request = make_request(app.pyramid_registry, settings.site_url)
+            registry = self.task.app.pyramid_registry
+            settings = registry.pyramid_tasks_settings
+            self.request = make_request(registry, settings.site_url)
+            self.request.transaction_attempt = self.attempt
         return self.request
 
     def close(self):
@@ -46,13 +58,21 @@ class PyramidTask(Task):
     """
 
     def __call__(self, *args, **kwargs):
-        execution = _Execution(self)
+        with self._execution() as execution:
+            return self._run_body(execution, args, kwargs)
+
+    @contextmanager
+    def _execution(self, attempt=1):
+        execution = _Execution(self, attempt)
         _executions.push(execution)
         try:
-            return super().__call__(*args, **kwargs)
+            yield execution
         finally:
             _executions.pop()
             execution.close()
+
+    def _run_body(self, execution, args, kwargs):
+        return super().__call__(*args, **kwargs)
 
     def get_request(self):
         """The Pyramid request of the current execution (the same every call)."""
@@ -63,3 +83,77 @@ class PyramidTask(Task):
                 "runs (in its body, on a worker, eagerly or called directly)."
             )
         return execution.get_request()
+
+    def apply_async(self, args=None, kwargs=None, task_id=None, **options):
+        queue = options.get("queue")
+        if isinstance(queue, str):
+            settings = self.app.pyramid_registry.pyramid_tasks_settings
+            options["queue"] = settings.queue_name(queue)
+        return super().apply_async(args, kwargs, task_id, **options)
+
+
+class ScheduleOnCommitTask(PyramidTask):
+    """``apply_async(..., tm=request.tm)`` sends the task when ``tm`` commits.
+
+    It returns the :class:`~celery.result.AsyncResult` at once; the arguments
+    are serialized at the call.  Abort, doom, a failed commit or a rolled-back
+    savepoint send nothing.  Without ``tm`` the task is sent at once, so
+    ``retry()``, beat and canvas work unchanged.
+    """
+
+    def apply_async(self, args=None, kwargs=None, task_id=None, tm=None, **options):
+        if tm is None:
+            return super().apply_async(args, kwargs, task_id, **options)
+        task_id = task_id or uuid()
+        args, kwargs = snapshot(self, args, kwargs, options)
+        send = Send(self, args, kwargs, options, task_id, tm)
+        schedule(tm, send, lambda sends: publish(self.app, sends))
+        return self.AsyncResult(task_id)
+
+
+class TransactionalTask(ScheduleOnCommitTask):
+    """The body runs inside ``request.tm``: begin, body, commit.
+
+    The commit is part of the task: if it fails, the task fails.  Tasks the
+    body schedules with ``tm=request.tm`` go out only when it succeeds.
+    """
+
+    def _run_body(self, execution, args, kwargs):
+        tm = execution.get_request().tm
+        result = in_transaction(
+            tm, lambda: PyramidTask._run_body(self, execution, args, kwargs)
+        )
+        raise_eager_errors(tm)
+        return result
+
+
+class RetryableTransactionTask(TransactionalTask):
+    """A transactional task re-run on serialization failures and deadlocks.
+
+    A retryable error in the body or at commit (SQLSTATE 40001, 40P01, or
+    ``transaction``'s ``TransientError``; never 40003) aborts and runs the body
+    again in a new request and transaction, up to ``tasks.retry.attempts``
+    times with exponential backoff and full jitter.  Exhaustion raises
+    :class:`pyramid_tasks.RetryAttemptsExhausted`.  The attempt number is
+    ``request.transaction_attempt``.
+    """
+
+    def __call__(self, *args, **kwargs):
+        def attempt(number):
+            with self._execution(number) as execution:
+                tm = execution.get_request().tm
+                result = in_transaction(
+                    tm,
+                    lambda: PyramidTask._run_body(self, execution, args, kwargs),
+                    retry=True,
+                )
+                raise_eager_errors(tm)
+                return result
+
+        return run_attempts(self._retry_policy(), attempt, self.name)
+
+    def _retry_policy(self):
+        settings = self.app.pyramid_registry.pyramid_tasks_settings
+        return RetryPolicy(
+            settings.retry_attempts, settings.retry_backoff, settings.retry_backoff_max
+        )

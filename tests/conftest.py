@@ -8,6 +8,7 @@ service is unreachable the tests that need it are skipped, except with
 import configparser
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -198,3 +199,10 @@ def start_worker(ini_vars, tmp_path):
     yield start
     for worker in workers:
         worker.stop()
+
+
+def free_port():
+    """A TCP port nothing listens on (for an unreachable service)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,246 @@
+"""Web side: tasks scheduled in a transaction, sent after it commits.
+
+The pending list is a savepoint-aware data manager joined to the transaction;
+one after-commit hook publishes the whole batch through one producer.
+"""
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+
+from kombu.exceptions import EncodeError, OperationalError
+from kombu.serialization import dumps, loads
+from transaction._transaction import Status
+from transaction.interfaces import NoTransaction
+
+from .settings import mask_secrets
+
+__all__ = [
+    "NoActiveTransaction",
+    "PendingSends",
+    "publish",
+    "raise_eager_errors",
+    "schedule",
+    "snapshot",
+]
+
+log = logging.getLogger(__name__)
+
+# Key of the PendingSends in ``Transaction.data()``: one per transaction.
+_DATA_KEY = object()
+
+
+class NoActiveTransaction(RuntimeError):
+    """``apply_async(tm=...)`` was given a manager with no transaction open."""
+
+
+@dataclass
+class Send:
+    """One task to publish: the arguments are a snapshot taken at the call."""
+
+    task: object
+    args: tuple
+    kwargs: dict
+    options: dict
+    task_id: str
+    tm: object
+
+
+def active_transaction(tm, task_name):
+    """The open transaction of ``tm``, or :class:`NoActiveTransaction`."""
+    # An implicit (non-explicit) manager's get() would *start* a transaction
+    # nobody commits, so look at the current one without creating it.
+    manager = getattr(tm, "manager", tm)  # ThreadTransactionManager wraps one
+    try:
+        txn = manager._txn if not manager.explicit else manager.get()
+    except NoTransaction:
+        txn = None
+    if txn is None or txn.status not in (Status.ACTIVE, Status.DOOMED):
+        state = (
+            "no transaction" if txn is None else f"a {txn.status.lower()} transaction"
+        )
+        raise NoActiveTransaction(
+            f"{task_name}.apply_async(tm=...) needs an open transaction, but the "
+            f"transaction manager has {state}: call it inside `with tm:` (or the "
+            "pyramid_tm request), or leave out tm= to send at once."
+        )
+    return txn
+
+
+def schedule(tm, send, publish):
+    """Add ``send`` to the pending list of ``tm``'s open transaction.
+
+    ``publish(sends)`` runs once, after a successful commit.
+    """
+    txn = active_transaction(tm, send.task.name)
+    try:
+        pending = txn.data(_DATA_KEY)
+    except KeyError:
+        pending = PendingSends(tm)
+        txn.join(pending)
+        txn.set_data(_DATA_KEY, pending)
+        txn.addAfterCommitHook(pending.after_commit, (publish,))
+    pending.sends.append(send)
+
+
+@dataclass(eq=False)
+class PendingSends:
+    """``IDataManager`` holding the sends of one transaction.
+
+    It owns no external resource: it only forgets its list when the
+    transaction aborts and truncates it when a savepoint rolls back.
+    """
+
+    transaction_manager: object
+    sends: list = field(default_factory=list)
+
+    def after_commit(self, committed, publish):
+        sends, self.sends = self.sends, []
+        if committed and sends:
+            publish(sends)
+
+    def abort(self, txn):
+        self.sends.clear()
+
+    tpc_abort = abort
+
+    def tpc_begin(self, txn):
+        pass
+
+    def commit(self, txn):
+        pass
+
+    def tpc_vote(self, txn):
+        pass
+
+    def tpc_finish(self, txn):
+        pass
+
+    def sortKey(self):
+        # Any order: it votes nothing and publishes only after every
+        # resource has finished, from the after-commit hook.
+        return f"pyramid_tasks:{id(self)}"
+
+    def savepoint(self):
+        return _Savepoint(self, len(self.sends))
+
+
+@dataclass
+class _Savepoint:
+    pending: PendingSends
+    length: int
+
+    def rollback(self):
+        del self.pending.sends[self.length :]
+
+
+def snapshot(task, args, kwargs, options):
+    """``(args, kwargs)`` as the worker will see them, serialized now.
+
+    A value the serializer refuses fails here, at the call site, and later
+    changes to the caller's objects do not leak into the message.
+    """
+    serializer = options.get("serializer") or task.serializer
+    try:
+        content_type, encoding, data = dumps(
+            (args or (), kwargs or {}), serializer=serializer
+        )
+    except EncodeError as exc:
+        raise EncodeError(
+            f"Arguments of task {task.name} cannot be serialized with "
+            f"{serializer}: {exc}"
+        ) from exc
+    args, kwargs = loads(data, content_type, encoding, accept={content_type})
+    return tuple(args), kwargs
+
+
+def publish(app, sends):
+    """Send a committed batch: eagerly in eager mode, else through one producer.
+
+    Never raises: a committed transaction is not undone by a failed send.
+    Each failure is logged at ERROR with the task name and id.
+    """
+    if app.conf.task_always_eager:
+        _run_eagerly(app, sends)
+        return
+    remaining = list(sends)
+    try:
+        with app.producer_or_acquire() as producer:
+            fatal = (OperationalError, *producer.connection.connection_errors)
+            while remaining:
+                send = remaining[0]
+                try:
+                    send.task.apply_async(
+                        send.args,
+                        send.kwargs,
+                        task_id=send.task_id,
+                        producer=producer,
+                        **send.options,
+                    )
+                except fatal:
+                    raise
+                except Exception as exc:
+                    _log_unsent(send, exc)
+                del remaining[0]
+    except Exception as exc:
+        # The broker is unreachable (after Celery's publish retry policy):
+        # the rest would each wait as long, so they are reported, not tried.
+        for send in remaining:
+            _log_unsent(send, exc)
+
+
+def _log_unsent(send, exc):
+    log.error(
+        "Task %s[%s] was committed but could not be sent: %s",
+        send.task.name,
+        send.task_id,
+        mask_secrets(exc),
+        exc_info=exc,
+    )
+
+
+# Eager tasks run from an after-commit hook, whose exceptions ``transaction``
+# swallows; with task_eager_propagates they wait here for raise_eager_errors().
+_eager_errors = weakref.WeakKeyDictionary()
+
+
+def _run_eagerly(app, sends):
+    for send in sends:
+        try:
+            send.task.apply(
+                send.args,
+                send.kwargs,
+                task_id=send.task_id,
+                link=send.options.get("link"),
+                link_error=send.options.get("link_error"),
+            )
+        except Exception as exc:
+            # Only with task_eager_propagates: Celery's trace has logged it.
+            manager = getattr(send.tm, "manager", send.tm)
+            _eager_errors.setdefault(manager, []).append(exc)
+
+
+def raise_eager_errors(tm):
+    """Raise the first exception of eager tasks sent by ``tm``'s last commit."""
+    errors = _eager_errors.pop(getattr(tm, "manager", tm), None)
+    if errors:
+        raise errors[0]
+
+
+def eager_errors_tween_factory(handler, registry):
+    """In eager mode with ``task_eager_propagates``, fail the response.
+
+    Sits above pyramid_tm: after the request's commit ran its eager tasks,
+    the first exception they raised is raised here, so development servers
+    answer 500 with that traceback.  Elsewhere it is not in the chain at all.
+    """
+    conf = registry.celery_app.conf
+    if not (conf.task_always_eager and conf.task_eager_propagates):
+        return handler
+
+    def eager_errors_tween(request):
+        response = handler(request)
+        raise_eager_errors(request.tm)
+        return response
+
+    return eager_errors_tween

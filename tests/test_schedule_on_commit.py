@@ -1,0 +1,248 @@
+"""ScheduleOnCommitTask: sent after a successful commit, and only then.
+
+Real ``transaction`` managers and a real Redis broker: what was published is
+read back from the broker's queue.
+"""
+
+import base64
+import json
+import logging
+import time
+import uuid
+
+import pytest
+import transaction
+from kombu.exceptions import EncodeError
+from pyramid.config import Configurator
+from transaction.interfaces import DoomedTransaction
+
+from pyramid_tasks import NoActiveTransaction, ScheduleOnCommitTask
+
+from .conftest import free_port
+
+
+class FailingVote:
+    """A data manager whose vote fails: the commit fails after our join."""
+
+    transaction_manager = None
+
+    def abort(self, txn):
+        pass
+
+    tpc_abort = abort
+
+    def tpc_begin(self, txn):
+        pass
+
+    def commit(self, txn):
+        pass
+
+    def tpc_vote(self, txn):
+        raise RuntimeError("vote failed")
+
+    def sortKey(self):
+        return "failing-vote"
+
+
+def echo(self, *args, **kwargs):
+    return [args, kwargs]
+
+
+def other(self, value):
+    return value
+
+
+@pytest.fixture
+def queue():
+    return f"pyramid_tasks_test_{uuid.uuid4().hex[:12]}"
+
+
+def make_app(broker_url, queue, **settings):
+    config = Configurator(
+        settings={
+            "celery.broker_url": broker_url,
+            "celery.task_default_queue": queue,
+            **settings,
+        }
+    )
+    config.include("pyramid_tasks")
+    config.add_task(echo, bind=True, base=ScheduleOnCommitTask, name="t.echo")
+    config.add_task(other, bind=True, base=ScheduleOnCommitTask, name="t.other")
+    config.commit()
+    return config.registry.celery_app
+
+
+@pytest.fixture
+def app(redis_url, queue, redis_client):
+    app = make_app(redis_url, queue)
+    yield app
+    redis_client.delete(queue)
+    app.close()
+
+
+def published(redis_client, queue):
+    """``[(task name, id, args)]`` of the messages in ``queue``, oldest first."""
+    messages = []
+    for raw in reversed(redis_client.lrange(queue, 0, -1)):
+        message = json.loads(raw)
+        body = json.loads(base64.b64decode(message["body"]))
+        headers = message["headers"]
+        messages.append((headers["task"], headers["id"], body[0]))
+    return messages
+
+
+def test_sent_after_commit_with_the_id_returned_at_the_call(app, redis_client, queue):
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:
+        result = app.tasks["t.echo"].apply_async((1, 2), tm=tm)
+        assert result.id
+        assert published(redis_client, queue) == []
+    assert published(redis_client, queue) == [("t.echo", result.id, [1, 2])]
+
+
+def test_abort_and_exceptions_send_nothing(app, redis_client, queue):
+    tm = transaction.TransactionManager(explicit=True)
+    tm.begin()
+    app.tasks["t.echo"].apply_async((1,), tm=tm)
+    tm.abort()
+    with pytest.raises(ValueError), tm:
+        app.tasks["t.echo"].apply_async((2,), tm=tm)
+        raise ValueError("the view failed")
+    assert published(redis_client, queue) == []
+
+
+def test_doomed_transaction_sends_nothing(app, redis_client, queue):
+    tm = transaction.TransactionManager(explicit=True)
+    tm.begin()
+    app.tasks["t.echo"].apply_async((1,), tm=tm)
+    tm.doom()
+    with pytest.raises(DoomedTransaction):
+        tm.commit()
+    tm.abort()
+    assert published(redis_client, queue) == []
+
+
+def test_failed_commit_sends_nothing(app, redis_client, queue):
+    tm = transaction.TransactionManager(explicit=True)
+    txn = tm.begin()
+    app.tasks["t.echo"].apply_async((1,), tm=tm)
+    txn.join(FailingVote())
+    with pytest.raises(RuntimeError, match="vote failed"):
+        tm.commit()
+    tm.abort()
+    assert published(redis_client, queue) == []
+
+
+def test_savepoint_rollback_drops_only_later_tasks(app, redis_client, queue):
+    tm = transaction.TransactionManager(explicit=True)
+    echo_task = app.tasks["t.echo"]
+    with tm:
+        echo_task.apply_async(("before",), tm=tm)
+        savepoint = tm.savepoint()
+        echo_task.apply_async(("dropped",), tm=tm)
+        inner = tm.savepoint()
+        echo_task.apply_async(("dropped too",), tm=tm)
+        inner.rollback()
+        savepoint.rollback()
+        echo_task.apply_async(("after",), tm=tm)
+    assert [args for _, _, args in published(redis_client, queue)] == [
+        ["before"],
+        ["after"],
+    ]
+
+
+def test_no_active_transaction_is_an_error_at_the_call(app):
+    echo_task = app.tasks["t.echo"]
+    explicit = transaction.TransactionManager(explicit=True)
+    with pytest.raises(NoActiveTransaction, match=r"t\.echo.*no transaction"):
+        echo_task.apply_async((1,), tm=explicit)
+    implicit = transaction.TransactionManager()
+    with pytest.raises(NoActiveTransaction):
+        echo_task.apply_async((1,), tm=implicit)
+    assert implicit._txn is None, "no transaction was started behind the caller"
+    with pytest.raises(NoActiveTransaction):
+        echo_task.apply_async((1,), tm=transaction.ThreadTransactionManager())
+
+
+def test_scheduling_from_an_after_commit_hook_is_an_error(app):
+    tm = transaction.TransactionManager(explicit=True)
+    errors = []
+
+    def hook(committed):
+        try:
+            app.tasks["t.echo"].apply_async((1,), tm=tm)
+        except NoActiveTransaction as exc:
+            errors.append(exc)
+
+    with tm as txn:
+        txn.addAfterCommitHook(hook)
+    assert "committed transaction" in str(errors[0])
+
+
+def test_without_tm_the_task_is_sent_at_once(app, redis_client, queue):
+    tm = transaction.TransactionManager(explicit=True)
+    tm.begin()
+    result = app.tasks["t.echo"].apply_async((1,))
+    assert published(redis_client, queue) == [("t.echo", result.id, [1])]
+    tm.abort()
+    app.tasks["t.other"].delay(5)
+    assert len(published(redis_client, queue)) == 2
+
+
+def test_arguments_are_serialized_at_the_call(app, redis_client, queue):
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:
+        with pytest.raises(EncodeError, match=r"t\.echo"):
+            app.tasks["t.echo"].apply_async((object(),), tm=tm)
+        items = ["original"]
+        app.tasks["t.echo"].apply_async((items,), kwargs={"k": 1}, tm=tm)
+        items.append("changed after the call")
+    assert published(redis_client, queue)[0][2] == [["original"]]
+
+
+def test_canvas_signatures_take_tm(app, redis_client, queue):
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:
+        app.tasks["t.echo"].s(1).apply_async(tm=tm)
+        (app.tasks["t.echo"].s(2) | app.tasks["t.other"].s()).apply_async(tm=tm)
+        assert published(redis_client, queue) == []
+    assert [args for _, _, args in published(redis_client, queue)] == [[1], [2]]
+
+
+def test_one_producer_for_the_whole_batch(app, redis_client, queue):
+    acquired = []
+    pool = app.amqp.producer_pool
+    original = pool.acquire
+
+    def counting_acquire(*args, **kwargs):
+        acquired.append(1)
+        return original(*args, **kwargs)
+
+    pool.acquire = counting_acquire
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:
+        for number in range(10):
+            app.tasks["t.echo"].apply_async((number,), tm=tm)
+    assert len(published(redis_client, queue)) == 10
+    assert len(acquired) == 1
+
+
+def test_broker_down_logs_each_task_and_keeps_the_commit(queue, caplog):
+    app = make_app(
+        f"redis://:s3cret@127.0.0.1:{free_port()}/0",
+        queue,
+        **{"celery.broker_connection_timeout": "1"},
+    )
+    tm = transaction.TransactionManager(explicit=True)
+    ids = []
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="pyramid_tasks"), tm:
+        for number in range(20):
+            ids.append(app.tasks["t.echo"].apply_async((number,), tm=tm).id)
+    held = time.monotonic() - started
+    unsent = [r for r in caplog.records if "could not be sent" in r.getMessage()]
+    assert [r.args[1] for r in unsent] == ids
+    assert all(r.args[0] == "t.echo" for r in unsent)
+    assert "s3cret" not in caplog.text
+    # Celery's publish retry policy bounds the wait, once for the batch.
+    assert held < 5, held
