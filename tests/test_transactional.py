@@ -1,0 +1,357 @@
+"""TransactionalTask and RetryableTransactionTask on real PostgreSQL."""
+
+import logging
+import threading
+
+import pytest
+import sqlalchemy
+import transaction
+from pyramid.config import Configurator
+from sqlalchemy import text
+from transaction.interfaces import TransientError
+from zope.sqlalchemy import mark_changed
+
+from demo_app.models import Order
+from pyramid_tasks import (
+    RetryableTransactionTask,
+    RetryAttemptsExhausted,
+    ScheduleOnCommitTask,
+    TransactionalTask,
+)
+
+from .test_schedule_on_commit import FailingVote, published
+
+
+@pytest.fixture
+def db(database_url, pg_schema):
+    """Settings for an app on this test's own schema, plus a plain engine."""
+    engine = sqlalchemy.create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{pg_schema}"'))
+        connection.execute(
+            text(f'CREATE TABLE "{pg_schema}".counter (id int PRIMARY KEY, value int)')
+        )
+        connection.execute(
+            text(f'INSERT INTO "{pg_schema}".counter VALUES (1, 0), (2, 0)')
+        )
+        connection.execute(
+            text(f'CREATE TABLE "{pg_schema}".items (id serial, note text)')
+        )
+    settings = {
+        "sqlalchemy.url": database_url,
+        "demo.schema": pg_schema,
+        "demo.create_tables": "true",
+        "celery.broker_url": "memory://",
+        "celery.task_always_eager": "true",
+        "celery.task_eager_propagates": "true",
+        "tasks.retry.backoff": "0.01",
+        "tasks.retry.backoff_max": "0.05",
+    }
+    yield settings, engine, pg_schema
+    engine.dispose()
+
+
+def make_app(settings, *tasks, **extra):
+    config = Configurator(settings={**settings, **extra})
+    config.include("demo_app.models")
+    config.include("pyramid_tasks")
+    config.add_route("order", "/orders/{id}")
+    for body, base in tasks:
+        config.add_task(body, bind=True, base=base, name=body.__name__)
+    config.commit()
+    return config.registry.celery_app
+
+
+def scalar(engine, sql):
+    with engine.connect() as connection:
+        return connection.scalar(text(sql))
+
+
+def test_transactional_body_commits_with_the_task(db):
+    settings, engine, schema = db
+
+    def place(self, email):
+        order = Order(email=email)
+        self.get_request().dbsession.add(order)
+
+    def place_and_fail(self, email):
+        self.get_request().dbsession.add(Order(email=email))
+        raise ValueError("no stock")
+
+    app = make_app(
+        settings, (place, TransactionalTask), (place_and_fail, TransactionalTask)
+    )
+    app.tasks["place"].delay("ann@example.com")
+    with pytest.raises(ValueError, match="no stock"):
+        app.tasks["place_and_fail"].delay("bob@example.com")
+    assert scalar(
+        engine, f"SELECT string_agg(email, ',') FROM \"{schema}\".orders"
+    ) == ("ann@example.com")
+
+
+def test_tasks_scheduled_inside_go_out_only_if_its_commit_succeeds(
+    db, redis_url, redis_client
+):
+    settings, _, _ = db
+    queue = f"pyramid_tasks_test_{id(db)}"
+
+    def notify(self, what):
+        return what
+
+    def parent(self, fail):
+        request = self.get_request()
+        request.celery_app.tasks["notify"].apply_async((fail,), tm=request.tm)
+        if fail:
+            request.tm.get().join(FailingVote())
+
+    app = make_app(
+        settings,
+        (notify, ScheduleOnCommitTask),
+        (parent, TransactionalTask),
+        **{
+            "celery.task_always_eager": "false",
+            "celery.broker_url": redis_url,
+            "celery.task_default_queue": queue,
+        },
+    )
+    try:
+        app.tasks["parent"](False)
+        with pytest.raises(RuntimeError, match="vote failed"):
+            app.tasks["parent"](True)
+        assert [args for _, _, args in published(redis_client, queue)] == [[False]]
+    finally:
+        redis_client.delete(queue)
+
+
+def test_retryable_reruns_in_a_new_request_and_transaction(db, caplog):
+    settings, _, _ = db
+    seen = []
+
+    def flaky(self):
+        request = self.get_request()
+        seen.append((request.transaction_attempt, request, request.tm))
+        if request.transaction_attempt < 3:
+            raise TransientError("try again")
+        return "done"
+
+    app = make_app(settings, (flaky, RetryableTransactionTask))
+    with caplog.at_level(logging.WARNING, logger="pyramid_tasks"):
+        assert app.tasks["flaky"].delay().get() == "done"
+    assert [attempt for attempt, _, _ in seen] == [1, 2, 3]
+    assert len({id(request) for _, request, _ in seen}) == 3
+    assert len({id(tm) for _, _, tm in seen}) == 3
+    assert "flaky: attempt 1 of 3" in caplog.text
+    assert "flaky: attempt 2 of 3" in caplog.text
+
+
+def test_exhaustion_raises_with_the_attempt_count_and_the_cause(db):
+    settings, _, _ = db
+
+    def hopeless(self):
+        raise TransientError(f"attempt {self.get_request().transaction_attempt}")
+
+    app = make_app(
+        settings, (hopeless, RetryableTransactionTask), **{"tasks.retry.attempts": "4"}
+    )
+    with pytest.raises(RetryAttemptsExhausted) as info:
+        app.tasks["hopeless"].delay()
+    assert info.value.attempts == 4
+    assert str(info.value.__cause__) == "attempt 4"
+
+
+class OutcomeUnknown(Exception):
+    """psycopg's shape of SQLSTATE 40003 (statement completion unknown)."""
+
+    sqlstate = "40003"
+
+
+def test_non_retryable_errors_and_40003_fail_at_once(db):
+    settings, _, _ = db
+    attempts = []
+
+    def unknown(self):
+        attempts.append("unknown")
+        raise TransientError("commit outcome unknown") from OutcomeUnknown()
+
+    def broken(self):
+        attempts.append("broken")
+        raise KeyError("bug")
+
+    app = make_app(
+        settings,
+        (unknown, RetryableTransactionTask),
+        (broken, RetryableTransactionTask),
+    )
+    with pytest.raises(TransientError):
+        app.tasks["unknown"].delay()
+    with pytest.raises(KeyError):
+        app.tasks["broken"].delay()
+    assert attempts == ["unknown", "broken"]
+
+
+def counter_task(schema, barrier):
+    def increment(self):
+        request = self.get_request()
+        session = request.dbsession
+        value = session.execute(
+            text(f'SELECT value FROM "{schema}".counter WHERE id = 1')
+        ).scalar()
+        if request.transaction_attempt == 1:
+            barrier.wait(timeout=30)  # everyone has read: conflicts are certain
+        session.execute(
+            text(f'UPDATE "{schema}".counter SET value = :v WHERE id = 1'),
+            {"v": value + 1},
+        )
+        mark_changed(session)
+        return request.transaction_attempt
+
+    return increment
+
+
+def run_in_threads(task, count):
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(task.apply(throw=True).get())
+        except Exception as exc:  # reported below, with the others
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    return results
+
+
+def test_concurrent_increments_under_serializable_all_land(db):
+    settings, engine, schema = db
+    executions = 8
+    task_body = counter_task(schema, threading.Barrier(executions))
+    app = make_app(
+        settings,
+        (task_body, RetryableTransactionTask),
+        **{
+            "sqlalchemy.isolation_level": "SERIALIZABLE",
+            "tasks.retry.attempts": "30",
+            "tasks.retry.backoff_max": "0.2",
+        },
+    )
+    attempts = run_in_threads(app.tasks["increment"], executions)
+    assert scalar(engine, f'SELECT value FROM "{schema}".counter WHERE id = 1') == 8
+    assert len(attempts) == executions
+    assert max(attempts) > 1, "the barrier guarantees serialization failures"
+
+
+def test_a_real_deadlock_is_retried(db, caplog):
+    settings, engine, schema = db
+    barrier = threading.Barrier(2)
+
+    def transfer(self, first, second):
+        request = self.get_request()
+        session = request.dbsession
+        sql = text(f'UPDATE "{schema}".counter SET value = value + 1 WHERE id = :id')
+        session.execute(sql, {"id": first})
+        if request.transaction_attempt == 1:
+            barrier.wait(timeout=30)
+        session.execute(sql, {"id": second})
+        mark_changed(session)
+        return request.transaction_attempt
+
+    app = make_app(settings, (transfer, RetryableTransactionTask))
+    task = app.tasks["transfer"]
+    results = []
+
+    def run(first, second):
+        results.append(task.apply((first, second), throw=True).get())
+
+    threads = [threading.Thread(target=run, args=args) for args in ((1, 2), (2, 1))]
+    with caplog.at_level(logging.WARNING, logger="pyramid_tasks"):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert sorted(results) == [1, 2]
+    assert "deadlock detected" in caplog.text
+    assert scalar(engine, f'SELECT sum(value) FROM "{schema}".counter') == 4
+
+
+def test_a_serialization_failure_at_commit_is_retried(db, caplog):
+    """Write skew: both read, both insert; the second COMMIT fails with 40001."""
+    settings, engine, schema = db
+    barrier = threading.Barrier(2)
+
+    def append_count(self):
+        request = self.get_request()
+        session = request.dbsession
+        count = session.execute(text(f'SELECT count(*) FROM "{schema}".items')).scalar()
+        session.execute(
+            text(f'INSERT INTO "{schema}".items (note) VALUES (:note)'),
+            {"note": f"saw {count}"},
+        )
+        mark_changed(session)
+        if request.transaction_attempt == 1:
+            barrier.wait(timeout=30)  # both have read and written: commit races
+        return request.transaction_attempt
+
+    app = make_app(
+        settings,
+        (append_count, RetryableTransactionTask),
+        **{"sqlalchemy.isolation_level": "SERIALIZABLE"},
+    )
+    with caplog.at_level(logging.WARNING, logger="pyramid_tasks"):
+        attempts = run_in_threads(app.tasks["append_count"], 2)
+    assert sorted(attempts) == [1, 2]
+    assert "could not serialize access" in caplog.text
+    notes = scalar(
+        engine, f"SELECT string_agg(note, ',' ORDER BY id) FROM \"{schema}\".items"
+    )
+    assert notes == "saw 0,saw 1"
+
+
+def test_retry_policy_delay_is_bounded_full_jitter():
+    from pyramid_tasks.retry import RetryPolicy
+
+    policy = RetryPolicy(attempts=5, backoff=0.1, backoff_max=0.3)
+    for failures, ceiling in ((1, 0.1), (2, 0.2), (3, 0.3), (8, 0.3)):
+        delays = [policy.delay(failures) for _ in range(200)]
+        assert all(0 <= d <= ceiling for d in delays)
+        assert max(delays) > ceiling / 2  # jitter spreads over the range
+
+
+def test_leaving_the_manager_usable_after_a_failed_commit(db, caplog):
+    """The retry loop aborts after a failed commit: nothing is left open."""
+    settings, _, _ = db
+    calls = []
+
+    def vote_fails_once(self):
+        request = self.get_request()
+        calls.append(request.tm)
+        if len(calls) == 1:
+            request.tm.get().join(FailingVoteTransient())
+
+    app = make_app(settings, (vote_fails_once, RetryableTransactionTask))
+    with caplog.at_level(logging.WARNING, logger="pyramid_tasks"):
+        app.tasks["vote_fails_once"].delay()
+    assert len(calls) == 2
+    assert "left a transaction open" not in caplog.text
+
+
+class FailingVoteTransient(FailingVote):
+    def tpc_vote(self, txn):
+        raise TransientError("conflict at commit")
+
+
+def test_explicit_manager_is_left_without_a_transaction(db):
+    settings, _, _ = db
+    managers = []
+
+    def remember(self):
+        managers.append(self.get_request().tm)
+
+    app = make_app(settings, (remember, TransactionalTask))
+    app.tasks["remember"].delay()
+    with pytest.raises(transaction.interfaces.NoTransaction):
+        managers[0].get()
