@@ -38,9 +38,9 @@ def place_order(request):
     order = Order(email=request.POST.get("email") or "anonymous@example.com")
     request.dbsession.add(order)
     request.dbsession.flush()
-    order_id = order.id
-    # Send the task once the order is committed, so the worker can read it.
-    request.tm.get().addAfterCommitHook(lambda ok: ok and confirm_order.delay(order_id))
+    # Sent when this request's transaction commits, so the worker finds the
+    # order; if the request fails, no confirmation goes out.
+    confirm_order.apply_async((order.id,), tm=request.tm)
     return HTTPFound(request.route_url("home"))
 
 

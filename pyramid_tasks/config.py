@@ -93,8 +93,9 @@ def add_task(config, func, **options):
     func = config.maybe_dotted(func)
     handle = func if isinstance(func, TaskHandle) else None
     body = handle.__wrapped__ if handle is not None else func
-    if not callable(body):
-        raise ConfigurationError(f"add_task() needs a function, got {func!r}")
+    if not callable(body) or getattr(body, "__name__", "") == "<lambda>":
+        # Celery builds the task's signature from the function's name.
+        raise ConfigurationError(f"add_task() needs a named function, got {func!r}")
     if "base" in options:
         options["base"] = config.maybe_dotted(options["base"])
     name = options.get("name") or _task_name(body)

@@ -18,6 +18,7 @@ from .settings import mask_secrets
 __all__ = [
     "NoActiveTransaction",
     "PendingSends",
+    "pending_sends",
     "publish",
     "raise_eager_errors",
     "schedule",
@@ -134,6 +135,18 @@ class _Savepoint:
         del self.pending.sends[self.length :]
 
 
+def pending_sends(tm):
+    """The sends waiting for the commit of ``tm``'s open transaction."""
+    manager = getattr(tm, "manager", tm)
+    txn = manager._txn
+    if txn is None:
+        return []
+    try:
+        return list(txn.data(_DATA_KEY).sends)
+    except KeyError:
+        return []
+
+
 def snapshot(task, args, kwargs, options):
     """``(args, kwargs)`` as the worker will see them, serialized now.
 
@@ -160,6 +173,13 @@ def publish(app, sends):
     Never raises: a committed transaction is not undone by a failed send.
     Each failure is logged at ERROR with the task name and id.
     """
+    capture = getattr(app.pyramid_registry, "pyramid_tasks_capture", None)
+    if capture is not None:
+        for send in sends:
+            capture.record(
+                send.task, send.args, send.kwargs, send.options, send.task_id
+            )
+        return
     if app.conf.task_always_eager:
         _run_eagerly(app, sends)
         return

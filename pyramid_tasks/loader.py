@@ -54,8 +54,13 @@ def load_celery_app(config_uri, options=None):
     if "loggers" in loader.get_sections():
         loader.setup_logging(options)
         signals.setup_logging.connect(_keep_ini_logging, weak=False)
+    earlier = global_registries.last
     wsgi_app = loader.get_wsgi_app(defaults=options)
-    registry = getattr(wsgi_app, "registry", None) or global_registries.last
+    registry = getattr(wsgi_app, "registry", None)
+    if registry is None and global_registries.last is not earlier:
+        # Behind a filter: the registry made by this load, never one an app
+        # loaded before in this process left behind.
+        registry = global_registries.last
     celery_app = getattr(registry, "celery_app", None)
     if celery_app is None:
         raise ConfigurationError(

@@ -85,10 +85,16 @@ class PyramidTask(Task):
         return execution.get_request()
 
     def apply_async(self, args=None, kwargs=None, task_id=None, **options):
+        registry = self.app.pyramid_registry
         queue = options.get("queue")
         if isinstance(queue, str):
-            settings = self.app.pyramid_registry.pyramid_tasks_settings
-            options["queue"] = settings.queue_name(queue)
+            options["queue"] = registry.pyramid_tasks_settings.queue_name(queue)
+        capture = getattr(registry, "pyramid_tasks_capture", None)
+        if capture is not None:  # pyramid_tasks.testing is included
+            task_id = task_id or uuid()
+            args, kwargs = snapshot(self, args, kwargs, options)
+            capture.record(self, args, kwargs, options, task_id)
+            return self.AsyncResult(task_id)
         return super().apply_async(args, kwargs, task_id, **options)
 
 

@@ -6,8 +6,14 @@ import time
 import redis
 from pyramid.config import Configurator
 from sqlalchemy import text
+from transaction.interfaces import TransientError
 
-from pyramid_tasks import task
+from pyramid_tasks import (
+    RetryableTransactionTask,
+    ScheduleOnCommitTask,
+    TransactionalTask,
+    task,
+)
 
 
 def main(global_config, **settings):
@@ -52,8 +58,49 @@ def whoami(self, barrier_key, parties):
     }
 
 
-@task(bind=True)
+@task(bind=True, base=TransactionalTask)
 def tick(self):
-    """The one-second beat entry: count the runs in Redis."""
+    """The one-second beat entry: count the runs, and schedule ``tock`` on commit."""
     request = self.get_request()
     _redis(request).incr(request.registry.settings["probe.key"])
+    tock.apply_async(tm=request.tm)
+
+
+@task(bind=True, base=ScheduleOnCommitTask)
+def tock(self):
+    request = self.get_request()
+    _redis(request).incr(request.registry.settings["probe.key"] + ":tock")
+
+
+@task(bind=True, base=ScheduleOnCommitTask, default_retry_delay=0)
+def retry_once(self, key):
+    """Celery's own retry(): fails the first time, succeeds on redelivery."""
+    runs = _redis(self.get_request()).incr(key)
+    if runs == 1:
+        raise self.retry()
+    return {"runs": runs, "retries": self.request.retries}
+
+
+@task(
+    bind=True,
+    base=RetryableTransactionTask,
+    autoretry_for=(KeyError,),
+    max_retries=2,
+    default_retry_delay=0,
+)
+def autoretried(self, key):
+    """autoretry_for on a transactional task: KeyError twice, then success."""
+    runs = _redis(self.get_request()).incr(key)
+    if runs < 3:
+        raise KeyError(f"run {runs}")
+    return runs
+
+
+@task(bind=True, base=RetryableTransactionTask)
+def conflicted(self, key):
+    """A retryable error on the first attempt, on a real worker."""
+    request = self.get_request()
+    _redis(request).incr(key)
+    if request.transaction_attempt == 1:
+        raise TransientError("conflict")
+    return {"attempt": request.transaction_attempt, "task_id": self.request.id}

@@ -159,9 +159,10 @@ def test_add_task_takes_functions_and_dotted_names():
     assert introspectable["task"] is app.tasks["math.square"]
 
 
-def test_add_task_refuses_non_callables():
-    with pytest.raises(ConfigurationError, match="needs a function"):
-        make_config().add_task(42)
+@pytest.mark.parametrize("func", [42, lambda: 1])
+def test_add_task_refuses_non_functions_and_lambdas(func):
+    with pytest.raises(ConfigurationError, match="needs a named function"):
+        make_config().add_task(func)
 
 
 def test_two_tasks_with_one_name_conflict():

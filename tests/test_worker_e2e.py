@@ -53,6 +53,24 @@ def test_prefork_children_get_fresh_connection_pools(start_worker, redis_client)
     assert reports[0]["startup_backend_pid"] not in backend_pids
 
 
+def test_celery_retry_and_autoretry_work_with_our_task_classes(
+    start_worker, redis_client
+):
+    worker = start_worker("-P", "solo")
+    tasks = worker.celery_app.tasks
+    keys = [f"pyramid_tasks:runs:{uuid.uuid4().hex}" for _ in range(3)]
+    try:
+        retried = tasks["tests.probe_app.retry_once"].delay(keys[0])
+        autoretried = tasks["tests.probe_app.autoretried"].delay(keys[1])
+        conflicted = tasks["tests.probe_app.conflicted"].delay(keys[2])
+        assert retried.get(timeout=60) == {"runs": 2, "retries": 1}
+        assert autoretried.get(timeout=60) == 3
+        assert conflicted.get(timeout=60) == {"attempt": 2, "task_id": conflicted.id}
+        assert int(redis_client.get(keys[2])) == 2
+    finally:
+        redis_client.delete(*keys)
+
+
 def test_embedded_beat_fires_the_ini_entry_repeatedly(
     start_worker, redis_client, ini_vars, tmp_path
 ):
@@ -65,4 +83,10 @@ def test_embedded_beat_fires_the_ini_entry_repeatedly(
         timeout=60,
         message="the 1-second beat entry to run twice",
     )
-    redis_client.delete(key)
+    # Each tick (a TransactionalTask) scheduled a tock on its commit.
+    wait_for(
+        lambda: int(redis_client.get(key + ":tock") or 0) >= 2,
+        timeout=60,
+        message="the ticks' tocks, sent on commit",
+    )
+    redis_client.delete(key, key + ":tock")
