@@ -225,6 +225,7 @@ _eager_errors = weakref.WeakKeyDictionary()
 
 
 def _run_eagerly(app, sends):
+    errors = []
     for send in sends:
         try:
             send.task.apply(
@@ -235,9 +236,17 @@ def _run_eagerly(app, sends):
                 link_error=send.options.get("link_error"),
             )
         except Exception as exc:
-            # Only with task_eager_propagates: Celery's trace has logged it.
-            manager = getattr(send.tm, "manager", send.tm)
-            _eager_errors.setdefault(manager, []).append(exc)
+            # Only with task_eager_propagates, where Celery does not log it.
+            log.error(
+                "Eager task %s[%s] failed after the commit",
+                send.task.name,
+                send.task_id,
+                exc_info=exc,
+            )
+            errors.append(exc)
+    if errors:
+        # Replaces what an earlier commit left unraised (pshell, scripts).
+        _eager_errors[getattr(sends[0].tm, "manager", sends[0].tm)] = errors
 
 
 def raise_eager_errors(tm):
