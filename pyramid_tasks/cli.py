@@ -1,11 +1,13 @@
 """``tasks-celery CONFIG_URI [--var name=value ...] -- CELERY_ARGS...``"""
 
 import argparse
+import configparser
 import os
 import sys
 
 from celery.bin.celery import celery as celery_command
 from pyramid.exceptions import ConfigurationError, ConfigurationExecutionError
+from sqlalchemy.exc import SQLAlchemyError
 
 from .loader import load_celery_app
 from .settings import mask_secrets
@@ -77,11 +79,29 @@ def load(config_uri, variables):
     try:
         return load_celery_app(config_uri, variables)
     except ConfigurationExecutionError as exc:
-        raise UsageError(f"bad configuration in {config_uri}: {exc.evalue}") from exc
-    except (ConfigurationError, LookupError, ImportError, ValueError) as exc:
-        # LookupError: a missing [app:...] section or %(var)s; ImportError: a
-        # ``use =`` that names nothing; ValueError: INI syntax.
-        raise UsageError(f"cannot load {config_uri}: {mask_secrets(exc)}") from exc
+        raise UsageError(
+            f"bad configuration in {config_uri}: {_describe(exc.evalue)}"
+        ) from exc
+    except (
+        ConfigurationError,
+        configparser.Error,
+        LookupError,
+        ImportError,
+        ValueError,
+        SQLAlchemyError,
+    ) as exc:
+        # configparser.Error: INI syntax or a %(var)s with no value; LookupError:
+        # a missing [app:...] section or setting; ImportError: a ``use =`` naming
+        # nothing; SQLAlchemyError: a bad sqlalchemy.url or database at start-up.
+        raise UsageError(f"cannot load {config_uri}: {_describe(exc)}") from exc
+
+
+def _describe(exc):
+    """The error in one line, passwords masked; our own errors need no type."""
+    text = mask_secrets(exc)
+    if isinstance(exc, ConfigurationError):
+        return text
+    return f"{type(exc).__name__}: {text}"
 
 
 def main(argv=None):
