@@ -8,6 +8,7 @@ import logging
 import weakref
 from dataclasses import dataclass, field
 
+from dateutil.parser import isoparse
 from kombu.exceptions import EncodeError, OperationalError
 from kombu.serialization import dumps, loads
 from transaction._transaction import Status
@@ -153,6 +154,7 @@ def snapshot(task, args, kwargs, options):
     A value the serializer refuses fails here, at the call site, and later
     changes to the caller's objects do not leak into the message.
     """
+    _check_times(task, options)
     serializer = options.get("serializer") or task.serializer
     try:
         content_type, encoding, data = dumps(
@@ -165,6 +167,25 @@ def snapshot(task, args, kwargs, options):
         ) from exc
     args, kwargs = loads(data, content_type, encoding, accept={content_type})
     return tuple(args), kwargs
+
+
+def _check_times(task, options):
+    """Refuse at the call what Celery would only refuse when publishing."""
+    for key in ("eta", "expires"):
+        value = options.get(key)
+        if isinstance(value, str):
+            try:
+                isoparse(value)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{task.name}.apply_async({key}={value!r}): expected a "
+                    "datetime or an ISO 8601 string"
+                ) from exc
+    countdown = options.get("countdown")
+    if countdown is not None and not isinstance(countdown, int | float):
+        raise TypeError(
+            f"{task.name}.apply_async(countdown={countdown!r}): expected seconds"
+        )
 
 
 def publish(app, sends):

@@ -3,7 +3,7 @@
 import logging
 
 import transaction
-from pyramid.interfaces import IRequestExtensions, IRequestFactory
+from pyramid.interfaces import IRequestFactory
 from pyramid.request import Request, apply_request_extensions
 from pyramid.threadlocal import manager as threadlocal_manager
 from transaction.interfaces import NoTransaction
@@ -25,9 +25,7 @@ def make_request(registry, site_url, path="/"):
     factory = registry.queryUtility(IRequestFactory, default=Request)
     request = factory.blank(path, base_url=site_url)
     request.registry = registry
-    extensions = registry.queryUtility(IRequestExtensions)
-    if extensions is not None:
-        apply_request_extensions(request, extensions=extensions)
+    apply_request_extensions(request)
     # Set after the extensions: pyramid_tm's ``tm`` is reified, so the
     # instance attribute wins over the thread-local default manager.
     request.tm = transaction.TransactionManager(explicit=True)

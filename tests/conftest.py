@@ -49,18 +49,21 @@ def wait_for(predicate, timeout=30.0, interval=0.05, message="condition"):
         time.sleep(interval)
 
 
-@pytest.fixture(scope="session")
-def redis_url():
+def check_redis(url):
+    """``url`` if Redis answers there; else skip (fail under CI=true)."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
     try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+        client.ping()
     except redis.RedisError as exc:
         unavailable("Redis", exc)
-    return REDIS_URL
+    finally:
+        client.close()
+    return url
 
 
-@pytest.fixture(scope="session")
-def database_url():
-    engine = sqlalchemy.create_engine(DATABASE_URL)
+def check_postgres(url):
+    """``url`` if PostgreSQL accepts a connection; else skip (fail under CI)."""
+    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 2})
     try:
         with engine.connect():
             pass
@@ -68,7 +71,17 @@ def database_url():
         unavailable("PostgreSQL", exc)
     finally:
         engine.dispose()
-    return DATABASE_URL
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    return check_redis(REDIS_URL)
+
+
+@pytest.fixture(scope="session")
+def database_url():
+    return check_postgres(DATABASE_URL)
 
 
 @pytest.fixture
@@ -159,11 +172,12 @@ class Worker:
             pytest.fail(f"worker exited with {self.process.returncode}:\n{self.log}")
         return self.celery_app.control.ping(destination=[self.node], timeout=0.5)
 
-    def stop(self):
+    def stop(self, timeout=30):
+        """SIGTERM (a warm shutdown that saves coverage), SIGKILL if it hangs."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()

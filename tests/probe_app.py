@@ -1,7 +1,6 @@
 """The test suite's probe app: demo models plus tasks reporting on their process."""
 
 import os
-import time
 
 import redis
 from pyramid.config import Configurator
@@ -45,16 +44,16 @@ def whoami(self, barrier_key, parties):
     with request.tm:
         sql = text("SELECT pg_backend_pid()")
         backend_pid = request.dbsession.execute(sql).scalar()
+    # A barrier in Redis: the last to arrive releases everyone.
     client = _redis(request)
-    client.incr(barrier_key)
-    deadline = time.monotonic() + 30
-    while int(client.get(barrier_key)) < parties and time.monotonic() < deadline:
-        time.sleep(0.01)
+    if client.incr(barrier_key) == parties:
+        client.rpush(f"{barrier_key}:go", *["go"] * parties)
+    released = client.blpop([f"{barrier_key}:go"], timeout=30) is not None
     return {
         "pid": os.getpid(),
         "backend_pid": backend_pid,
         "startup_backend_pid": request.registry["startup_backend_pid"],
-        "parties": int(client.get(barrier_key)),
+        "released": released,
     }
 
 

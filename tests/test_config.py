@@ -167,10 +167,10 @@ def test_add_task_refuses_non_functions_and_lambdas(func):
 
 def test_two_tasks_with_one_name_conflict():
     def one():
-        pass
+        """Never runs: only the names matter."""
 
     def two():
-        pass
+        """Never runs: only the names matter."""
 
     config = Configurator(settings={"celery.broker_url": BROKER}, autocommit=False)
     config.include("pyramid_tasks")
@@ -268,3 +268,16 @@ def test_task_queue_option_comes_before_the_apps_routes():
     config = make_config(**{"celery.task_routes": '{"tests.pkgs.*": "routed"}'})
     config.scan("tests.pkgs.scanned")
     assert queue_of(config.get_celery_app(), "tests.pkgs.scanned.add") == "routed"
+
+
+def test_inside_an_app_that_lacks_the_task_the_last_registration_is_used():
+    config = make_config()
+    config.scan("tests.pkgs.scanned")
+    app = config.get_celery_app()
+    bare = make_config()
+    bare.commit()
+    manager.push({"registry": bare.registry, "request": None})
+    try:
+        assert scanned.add._resolve().app is app
+    finally:
+        manager.pop()

@@ -41,7 +41,6 @@ def restore_logging(monkeypatch):
         if isinstance(logger, logging.Logger)
     }
     saved_root = snapshot(root)
-    was_connected = _connected(_keep_ini_logging)
     signals.setup_logging.disconnect(_keep_ini_logging)
     was_setup = Logging._setup
     for name in ("_MP_FORK_LOGLEVEL_", "_MP_FORK_LOGFILE_", "_MP_FORK_LOGFORMAT_"):
@@ -49,8 +48,6 @@ def restore_logging(monkeypatch):
     yield
     Logging._setup = was_setup
     signals.setup_logging.disconnect(_keep_ini_logging)
-    if was_connected:
-        signals.setup_logging.connect(_keep_ini_logging, weak=False)
     loggers = [(name, logger) for name, logger in manager.loggerDict.items()]
     for name, logger in [("", root), *loggers]:
         if not isinstance(logger, logging.Logger):

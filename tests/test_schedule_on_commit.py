@@ -179,6 +179,11 @@ def test_scheduling_from_an_after_commit_hook_is_an_error(app):
     assert "committed transaction" in str(errors[0])
 
 
+def test_calling_the_task_runs_the_body_in_process(app):
+    assert app.tasks["t.echo"](1, k=2) == [(1,), {"k": 2}]
+    assert app.tasks["t.other"]("value") == "value"
+
+
 def test_without_tm_the_task_is_sent_at_once(app, redis_client, queue):
     tm = transaction.TransactionManager(explicit=True)
     tm.begin()
@@ -246,3 +251,52 @@ def test_broker_down_logs_each_task_and_keeps_the_commit(queue, caplog):
     assert "s3cret" not in caplog.text
     # Celery's publish retry policy bounds the wait, once for the batch.
     assert held < 5, held
+
+
+def refuse_two(name, args, kwargs, options, task=None, **kw):
+    """An app's router (``celery.task_routes``): app code run at publish."""
+    if list(args) == [2]:
+        raise ValueError("the router refused it")
+
+
+def test_one_failing_publish_does_not_stop_the_others(
+    redis_url, queue, redis_client, caplog
+):
+    app = make_app(
+        redis_url,
+        queue,
+        **{"celery.task_routes": "tests.test_schedule_on_commit.refuse_two"},
+    )
+    tm = transaction.TransactionManager(explicit=True)
+    with caplog.at_level(logging.ERROR, logger="pyramid_tasks"), tm:
+        ids = [app.tasks["t.echo"].apply_async((n,), tm=tm).id for n in (1, 2, 3)]
+    assert [args for _, _, args in published(redis_client, queue)] == [[1], [3]]
+    [record] = [r for r in caplog.records if "could not be sent" in r.getMessage()]
+    assert record.args[:2] == ("t.echo", ids[1])
+    assert "the router refused it" in record.getMessage()
+    redis_client.delete(queue)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"expires": "next tuesday"}, "expires='next tuesday'"),
+        ({"eta": "soon"}, "eta='soon'"),
+        ({"countdown": "10"}, "countdown='10'"),
+    ],
+)
+def test_bad_publish_options_fail_at_the_call(app, options, message):
+    tm = transaction.TransactionManager(explicit=True)
+    with tm, pytest.raises((ValueError, TypeError), match=rf"t\.echo.*{message}"):
+        app.tasks["t.echo"].apply_async((1,), tm=tm, **options)
+
+
+def test_good_time_options_are_kept(app, redis_client, queue):
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:
+        app.tasks["t.echo"].apply_async(
+            (1,), tm=tm, countdown=5, expires="2099-01-01T00:00:00+00:00"
+        )
+    [raw] = redis_client.lrange(queue, 0, -1)
+    headers = json.loads(raw)["headers"]
+    assert headers["eta"] and headers["expires"].startswith("2099-01-01")

@@ -133,9 +133,6 @@ def test_a_transaction_left_open_is_aborted_with_a_warning(caplog):
         def abort(self, txn):
             joined.append("abort")
 
-        def sortKey(self):
-            return "dm"
-
     def leaky(self):
         request = self.get_request()
         request.tm.begin().join(DataManager())
@@ -166,7 +163,7 @@ def test_get_request_outside_an_execution_is_an_error():
     config = make_app()
 
     def body(self):
-        return self.get_request()
+        """Never runs: get_request() is called from outside."""
 
     task = add_body(config, body)
     with pytest.raises(RuntimeError, match=r"get_request\(\) is only available"):

@@ -98,6 +98,10 @@ def test_capture_honours_abort_and_savepoints(app):
     result = task.delay("at once")
     assert [t.args for t in capture.sent] == [("kept",), ("at once",)]
     assert capture.sent[-1].task_id == result.id
+    assert capture.sent[0].run() == "kept"
+    tm.begin()
+    assert capture.pending(tm) == []  # an open transaction with nothing in it
+    tm.abort()
     capture.clear()
     assert capture.sent == []
 

@@ -119,8 +119,11 @@ def sent_args(redis_client, queue):
 
 def test_committed_view_sends_after_the_commit(broker, redis_client, queue):
     events = []
-    make_app(broker, events).get("/ok")
+    app = make_app(broker, events)
+    app.get("/ok")
     assert events == ["web transaction committed"]
+    assert sent_args(redis_client, queue) == [["ok"]]
+    app.get("/nothing")  # a view that schedules nothing sends nothing
     assert sent_args(redis_client, queue) == [["ok"]]
 
 

@@ -7,15 +7,18 @@ also keeps a SQLAlchemy engine in the registry and records every
 ``wrap`` is a PasteDeploy filter, so a pipeline hides the router's registry.
 """
 
+import functools
+
 import sqlalchemy
 from pyramid.config import Configurator
+from pyramid.httpexceptions import HTTPNoContent
 
 from pyramid_tasks import WorkerProcessInit, task
 
 
 @task()
 def ping():
-    return "pong"
+    """Registered, never run: the tests read the app's task list."""
 
 
 def main(global_config, **settings):
@@ -48,18 +51,13 @@ def without_tasks(global_config, **settings):
 
 
 def plain(global_config, **settings):
-    def app(environ, start_response):
-        start_response("204 No Content", [])
-        return []
-
-    return app
+    """A WSGI app that is not a Pyramid app."""
+    return HTTPNoContent()
 
 
 def wrap(global_config, **settings):
     def filter_(app):
-        def wrapped(environ, start_response):
-            return app(environ, start_response)
-
-        return wrapped
+        # A WSGI callable in front of the router, without its .registry.
+        return functools.partial(app)
 
     return filter_

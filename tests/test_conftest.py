@@ -1,0 +1,57 @@
+"""The suite's own helpers: missing services and worker processes."""
+
+import subprocess
+import sys
+
+import pytest
+
+from . import conftest
+from .conftest import Worker, check_postgres, check_redis, free_port, wait_for
+
+
+@pytest.mark.parametrize("in_ci, outcome", [(False, "skip"), (True, "fail")])
+def test_an_unreachable_service_skips_locally_and_fails_in_ci(
+    monkeypatch, in_ci, outcome
+):
+    monkeypatch.setattr(conftest, "IN_CI", in_ci)
+    expected = pytest.skip.Exception if outcome == "skip" else pytest.fail.Exception
+    port = free_port()
+    with pytest.raises(expected, match="Redis is unreachable"):
+        check_redis(f"redis://127.0.0.1:{port}/0")
+    with pytest.raises(expected, match="PostgreSQL is unreachable"):
+        check_postgres(f"postgresql+psycopg://postgres@127.0.0.1:{port}/test")
+
+
+def test_a_worker_that_exits_is_reported_with_its_log(tmp_path):
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", "print('bad config'); raise SystemExit(3)"],
+            stdout=log,
+        )
+    process.wait()
+    worker = Worker(process, "w@localhost", log_path, celery_app=None)
+    with pytest.raises(pytest.fail.Exception, match="exited with 3:\nbad config"):
+        worker.ping()
+    worker.stop()  # already gone: nothing to do
+
+
+def test_a_worker_ignoring_sigterm_is_killed():
+    script = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline() == "ready\n"
+    Worker(process, "w@localhost", None, celery_app=None).stop(timeout=0.5)
+    assert process.returncode == -9
+    process.stdout.close()
+
+
+def test_wait_for_fails_at_its_deadline():
+    with pytest.raises(pytest.fail.Exception, match="waiting for the impossible"):
+        wait_for(lambda: False, timeout=0.05, message="the impossible")
