@@ -6,7 +6,7 @@ from .config import add_periodic_task, add_task, declare, get_celery_app
 from .datamanager import NoActiveTransaction
 from .decorator import TaskNotRegistered, task
 from .events import WorkerProcessInit
-from .retry import RetryAttemptsExhausted
+from .retry import RetryAttemptsExhausted, retryable
 from .task import (
     PyramidTask,
     RetryableTransactionTask,
@@ -24,6 +24,7 @@ __all__ = [
     "TransactionalTask",
     "WorkerProcessInit",
     "includeme",
+    "retryable",
     "task",
 ]
 

@@ -12,7 +12,6 @@ from dateutil.parser import isoparse
 from kombu.exceptions import EncodeError, OperationalError
 from kombu.serialization import dumps, loads
 from transaction._transaction import Status
-from transaction.interfaces import NoTransaction
 
 from .settings import mask_secrets
 
@@ -48,15 +47,19 @@ class Send:
     tm: object
 
 
+def current_transaction(tm):
+    """The transaction current in ``tm``, or None; never starts one.
+
+    An implicit (non-explicit) manager's ``get()`` would *start* a transaction
+    nobody commits, so the current one is read without creating it.
+    """
+    manager = getattr(tm, "manager", tm)  # ThreadTransactionManager wraps one
+    return manager._txn
+
+
 def active_transaction(tm, task_name):
     """The open transaction of ``tm``, or :class:`NoActiveTransaction`."""
-    # An implicit (non-explicit) manager's get() would *start* a transaction
-    # nobody commits, so look at the current one without creating it.
-    manager = getattr(tm, "manager", tm)  # ThreadTransactionManager wraps one
-    try:
-        txn = manager._txn if not manager.explicit else manager.get()
-    except NoTransaction:
-        txn = None
+    txn = current_transaction(tm)
     if txn is None or txn.status not in (Status.ACTIVE, Status.DOOMED):
         state = (
             "no transaction" if txn is None else f"a {txn.status.lower()} transaction"
@@ -138,8 +141,7 @@ class _Savepoint:
 
 def pending_sends(tm):
     """The sends waiting for the commit of ``tm``'s open transaction."""
-    manager = getattr(tm, "manager", tm)
-    txn = manager._txn
+    txn = current_transaction(tm)
     if txn is None:
         return []
     try:

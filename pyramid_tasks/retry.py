@@ -1,13 +1,25 @@
 """The one retry loop: classify the error, back off, count attempts."""
 
+import functools
 import logging
+import math
 import random
 import time
+import weakref
 from dataclasses import dataclass
 
-from transaction.interfaces import TransientError
+from pyramid.threadlocal import get_current_registry
+from transaction.interfaces import AlreadyInTransaction, TransientError
 
-__all__ = ["RetryAttemptsExhausted", "RetryPolicy", "in_transaction", "run_attempts"]
+from .datamanager import current_transaction, raise_eager_errors
+
+__all__ = [
+    "RetryAttemptsExhausted",
+    "RetryPolicy",
+    "in_transaction",
+    "retryable",
+    "run_attempts",
+]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +44,13 @@ class RetryPolicy:
     attempts: int = 3
     backoff: float = 0.1
     backoff_max: float = 2.0
+
+    @classmethod
+    def from_settings(cls, settings):
+        """The policy of an app's parsed ``tasks.*`` settings."""
+        return cls(
+            settings.retry_attempts, settings.retry_backoff, settings.retry_backoff_max
+        )
 
     def delay(self, failed_attempts):
         """Seconds to sleep after ``failed_attempts`` (1, 2, ...) failures."""
@@ -120,3 +139,89 @@ def run_attempts(policy, attempt, name):
             )
             time.sleep(delay)
             number += 1
+
+
+# The app policy of each request.tm a task execution made (see task.py).
+_policies = weakref.WeakKeyDictionary()
+
+
+def set_policy(tm, policy):
+    """Make ``policy`` the default of :func:`retryable` for ``tm``."""
+    _policies[getattr(tm, "manager", tm)] = policy
+
+
+def _policy_for(tm):
+    policy = _policies.get(getattr(tm, "manager", tm))
+    if policy is None:
+        # pshell and scripts: the app whose registry is current, if any.
+        settings = getattr(get_current_registry(), "pyramid_tasks_settings", None)
+        policy = RetryPolicy.from_settings(settings) if settings else RetryPolicy()
+    return policy
+
+
+def _checked(name, value, kind, minimum):
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value < minimum:
+        expected = "an integer" if kind is int else "a number of seconds"
+        raise ValueError(
+            f"retryable({name}={value!r}): expected {expected} >= {minimum}"
+        )
+    return value
+
+
+def retryable(tm, *, attempts=None, backoff=None, backoff_max=None):
+    """Run each call of the decorated function in its own retried transaction.
+
+    Each call begins a transaction in ``tm``, runs the function, commits and
+    returns its value.  A retryable error (40001, 40P01, ``TransientError``;
+    never 40003) in the body or at commit aborts and runs that call again,
+    with the policy's backoff and jitter; exhaustion raises
+    :class:`RetryAttemptsExhausted`; other errors propagate at once.  Calls
+    that committed stay committed.
+
+    The policy is the app's ``tasks.retry.*`` for a ``tm`` from
+    ``self.get_request()`` (or when the app's registry is current, as in
+    pshell); ``attempts``, ``backoff`` and ``backoff_max`` override it.
+    Calling it while ``tm`` has an active transaction raises
+    :class:`transaction.interfaces.AlreadyInTransaction`: it never nests.
+
+    .. code-block:: python
+
+        @retryable(tm=request.tm)
+        def rebuild_one(asset_id):
+            rebuild(request, request.dbsession.get(Asset, asset_id))
+    """
+    base = _policy_for(tm)
+    policy = RetryPolicy(
+        base.attempts if attempts is None else _checked("attempts", attempts, int, 1),
+        base.backoff
+        if backoff is None
+        else _checked("backoff", backoff, float | int, 0),
+        base.backoff_max
+        if backoff_max is None
+        else _checked("backoff_max", backoff_max, float | int, 0),
+    )
+
+    def decorate(func):
+        name = getattr(func, "__qualname__", repr(func))
+
+        @functools.wraps(func)
+        def call(*args, **kwargs):
+            if current_transaction(tm) is not None:
+                raise AlreadyInTransaction(
+                    f"retryable {name}() was called while its transaction manager "
+                    "already has a transaction open: each call runs in a "
+                    "transaction of its own, so call it outside `with tm:` and "
+                    "outside TransactionalTask bodies and pyramid_tm views."
+                )
+
+            def attempt(number):
+                result = in_transaction(tm, lambda: func(*args, **kwargs), retry=True)
+                raise_eager_errors(tm)
+                return result
+
+            return run_attempts(policy, attempt, name)
+
+        return call
+
+    return decorate

@@ -8,7 +8,7 @@ from celery.utils.threads import LocalStack
 
 from .datamanager import Send, publish, raise_eager_errors, schedule, snapshot
 from .request import close_request, make_request
-from .retry import RetryPolicy, in_transaction, run_attempts
+from .retry import RetryPolicy, in_transaction, run_attempts, set_policy
 
 __all__ = [
     "PyramidTask",
@@ -34,6 +34,7 @@ class _Execution:
             settings = registry.pyramid_tasks_settings
             self.request = make_request(registry, settings.site_url)
             self.request.transaction_attempt = self.attempt
+            set_policy(self.request.tm, RetryPolicy.from_settings(settings))
         return self.request
 
     def close(self):
@@ -156,10 +157,5 @@ class RetryableTransactionTask(TransactionalTask):
                 raise_eager_errors(tm)
                 return result
 
-        return run_attempts(self._retry_policy(), attempt, self.name)
-
-    def _retry_policy(self):
         settings = self.app.pyramid_registry.pyramid_tasks_settings
-        return RetryPolicy(
-            settings.retry_attempts, settings.retry_backoff, settings.retry_backoff_max
-        )
+        return run_attempts(RetryPolicy.from_settings(settings), attempt, self.name)

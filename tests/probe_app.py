@@ -11,6 +11,7 @@ from pyramid_tasks import (
     RetryableTransactionTask,
     ScheduleOnCommitTask,
     TransactionalTask,
+    retryable,
     task,
 )
 
@@ -103,3 +104,21 @@ def conflicted(self, key):
     if request.transaction_attempt == 1:
         raise TransientError("conflict")
     return {"attempt": request.transaction_attempt, "task_id": self.request.id}
+
+
+@task(bind=True)
+def batch(self, key, items):
+    """``retryable`` on a worker: one transaction per item, the first conflicts."""
+    request = self.get_request()
+    client = _redis(request)
+    done = []
+
+    @retryable(tm=request.tm)
+    def one(item):
+        if client.incr(key) == 1:
+            raise TransientError("first attempt conflicts")
+        done.append((item, request.tm.get().status))
+
+    for item in items:
+        one(item)
+    return done

@@ -58,15 +58,18 @@ def test_celery_retry_and_autoretry_work_with_our_task_classes(
 ):
     worker = start_worker("-P", "solo")
     tasks = worker.celery_app.tasks
-    keys = [f"pyramid_tasks:runs:{uuid.uuid4().hex}" for _ in range(3)]
+    keys = [f"pyramid_tasks:runs:{uuid.uuid4().hex}" for _ in range(4)]
     try:
         retried = tasks["tests.probe_app.retry_once"].delay(keys[0])
         autoretried = tasks["tests.probe_app.autoretried"].delay(keys[1])
         conflicted = tasks["tests.probe_app.conflicted"].delay(keys[2])
+        batch = tasks["tests.probe_app.batch"].delay(keys[3], ["a", "b"])
         assert retried.get(timeout=60) == {"runs": 2, "retries": 1}
         assert autoretried.get(timeout=60) == 3
         assert conflicted.get(timeout=60) == {"attempt": 2, "task_id": conflicted.id}
         assert int(redis_client.get(keys[2])) == 2
+        assert batch.get(timeout=60) == [["a", "Active"], ["b", "Active"]]
+        assert int(redis_client.get(keys[3])) == 3  # a: 2 attempts, b: 1
     finally:
         redis_client.delete(*keys)
 
