@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 import sqlalchemy
+from pyramid.config import Configurator
 from pyramid.paster import get_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,3 +221,43 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class NullDataManager:
+    """A data manager that does nothing: subclass it to see a transaction's
+    phases (the way repoze.sendmail's tests use dummy data managers)."""
+
+    transaction_manager = None
+
+    def abort(self, txn):
+        pass
+
+    tpc_abort = abort
+
+    def tpc_begin(self, txn):
+        pass
+
+    def commit(self, txn):
+        pass
+
+    def tpc_vote(self, txn):
+        pass
+
+    def tpc_finish(self, txn):
+        pass
+
+    def sortKey(self):
+        return f"{type(self).__name__}:{id(self)}"
+
+
+def db_app(settings, *tasks, **extra):
+    """A committed configuration: demo models, pyramid_tasks and ``tasks``,
+    each ``(function, base class)``, registered under the function's name."""
+    config = Configurator(settings={**settings, **extra})
+    config.include("demo_app.models")
+    config.include("pyramid_tasks")
+    config.add_route("order", "/orders/{id}")
+    for body, base in tasks:
+        config.add_task(body, bind=True, base=base, name=body.__name__)
+    config.commit()
+    return config

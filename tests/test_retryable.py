@@ -8,7 +8,6 @@ import pytest
 import sqlalchemy
 import transaction
 import webtest
-from pyramid.config import Configurator
 from pyramid.scripting import prepare
 from sqlalchemy import text
 from transaction._transaction import Status
@@ -24,6 +23,8 @@ from pyramid_tasks import (
     retryable,
 )
 from pyramid_tasks.testing import get_task_capture
+
+from .conftest import db_app
 
 ITEMS = 50
 
@@ -58,16 +59,6 @@ def db(database_url, pg_schema):
     }
     yield settings, engine, pg_schema
     engine.dispose()
-
-
-def make_app(settings, *tasks, **extra):
-    config = Configurator(settings={**settings, **extra})
-    config.include("demo_app.models")
-    config.include("pyramid_tasks")
-    for body, base in tasks:
-        config.add_task(body, bind=True, base=base, name=body.__name__)
-    config.commit()
-    return config
 
 
 def rows(engine, schema):
@@ -167,7 +158,7 @@ def test_fifty_items_in_fifty_one_transactions_despite_a_concurrent_writer(db, c
             rebuild_one(item_id)
         return "done"
 
-    config = make_app(settings, (rebuild_all, PyramidTask))
+    config = db_app(settings, (rebuild_all, PyramidTask))
     with (
         caplog.at_level(logging.WARNING, logger="pyramid_tasks"),
         Writers(engine, schema) as writers,
@@ -203,7 +194,7 @@ def test_an_item_that_always_conflicts_exhausts_and_stops_the_task(db):
 
         list(map(one, range(1, 6)))  # stops at the item that exhausts
 
-    config = make_app(settings, (process, PyramidTask))
+    config = db_app(settings, (process, PyramidTask))
     with pytest.raises(RetryAttemptsExhausted) as info:
         config.registry.celery_app.tasks["process"].delay()
     assert info.value.attempts == 3
@@ -225,7 +216,7 @@ def test_nesting_inside_an_active_transaction_raises(db):
     def inside_transactional(self):
         retryable(tm=self.get_request().tm)(body)("ran")
 
-    config = make_app(
+    config = db_app(
         settings,
         (inside_with, PyramidTask),
         (inside_transactional, TransactionalTask),
@@ -267,7 +258,7 @@ def test_policy_comes_from_the_app_and_arguments_override_it(db):
     def policy_probe(self, overrides=None):
         return always_conflicting(self)
 
-    config = make_app(
+    config = db_app(
         settings, (policy_probe, PyramidTask), **{"tasks.retry.attempts": "5"}
     )
     task = config.registry.celery_app.tasks["policy_probe"]
@@ -294,7 +285,7 @@ def test_bad_policy_arguments_name_the_argument(arguments, message):
 
 def test_outside_tasks_the_current_app_or_the_default_policy_applies(db):
     settings, engine, schema = db
-    config = make_app(settings, **{"tasks.retry.attempts": "4"})
+    config = db_app(settings, **{"tasks.retry.attempts": "4"})
     config.include("pyramid_tm")
     config.commit()
 
@@ -343,7 +334,7 @@ def test_tasks_scheduled_in_a_call_go_out_once_it_commits(db):
 
         step()
 
-    config = make_app(
+    config = db_app(
         settings,
         (child, ScheduleOnCommitTask),
         (parent, PyramidTask),
@@ -375,7 +366,7 @@ def test_the_design_example_runs(db):
         for asset_id in ids():  # transaction 1
             rebuild_one(asset_id)  # transactions 2..N, each short, each retried
 
-    config = make_app(settings, (rebuild_all, PyramidTask))  # creates the tables
+    config = db_app(settings, (rebuild_all, PyramidTask))  # creates the tables
     with engine.begin() as connection:
         connection.execute(
             text(

@@ -18,30 +18,14 @@ from transaction.interfaces import DoomedTransaction
 
 from pyramid_tasks import NoActiveTransaction, ScheduleOnCommitTask
 
-from .conftest import free_port
+from .conftest import NullDataManager, free_port
 
 
-class FailingVote:
+class FailingVote(NullDataManager):
     """A data manager whose vote fails: the commit fails after our join."""
-
-    transaction_manager = None
-
-    def abort(self, txn):
-        pass
-
-    tpc_abort = abort
-
-    def tpc_begin(self, txn):
-        pass
-
-    def commit(self, txn):
-        pass
 
     def tpc_vote(self, txn):
         raise RuntimeError("vote failed")
-
-    def sortKey(self):
-        return "failing-vote"
 
 
 def echo(self, *args, **kwargs):

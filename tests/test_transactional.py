@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import sqlalchemy
 import transaction
-from pyramid.config import Configurator
 from sqlalchemy import text
 from transaction.interfaces import TransientError
 from zope.sqlalchemy import mark_changed
@@ -20,6 +19,7 @@ from pyramid_tasks import (
     TransactionalTask,
 )
 
+from .conftest import db_app
 from .test_schedule_on_commit import FailingVote, published
 
 
@@ -53,14 +53,7 @@ def db(database_url, pg_schema):
 
 
 def make_app(settings, *tasks, **extra):
-    config = Configurator(settings={**settings, **extra})
-    config.include("demo_app.models")
-    config.include("pyramid_tasks")
-    config.add_route("order", "/orders/{id}")
-    for body, base in tasks:
-        config.add_task(body, bind=True, base=base, name=body.__name__)
-    config.commit()
-    return config.registry.celery_app
+    return db_app(settings, *tasks, **extra).registry.celery_app
 
 
 def scalar(engine, sql):

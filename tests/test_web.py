@@ -11,36 +11,18 @@ from transaction.interfaces import TransientError
 
 from pyramid_tasks import NoActiveTransaction, ScheduleOnCommitTask
 
+from .conftest import NullDataManager
 from .test_schedule_on_commit import echo, published
 
 
-class Recorder:
+class Recorder(NullDataManager):
     """A data manager that records when the web transaction finished."""
-
-    transaction_manager = None
 
     def __init__(self, events):
         self.events = events
 
-    def abort(self, txn):
-        pass
-
-    tpc_abort = abort
-
-    def tpc_begin(self, txn):
-        pass
-
-    def commit(self, txn):
-        pass
-
-    def tpc_vote(self, txn):
-        pass
-
     def tpc_finish(self, txn):
         self.events.append("web transaction committed")
-
-    def sortKey(self):
-        return "recorder"
 
 
 def no_tm_under_static(request):
