@@ -1,23 +1,84 @@
-"""The demo's background tasks."""
+"""The demo's background tasks: one of each kind pyramid_tasks offers."""
 
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 
-from pyramid_tasks import RetryableTransactionTask, task
+from sqlalchemy import func, select, update
 
-from .models import Order
+from pyramid_tasks import (
+    RetryableTransactionTask,
+    ScheduleOnCommitTask,
+    retryable,
+    task,
+)
+
+from .models import Order, Report
 
 
 @task(bind=True, base=RetryableTransactionTask)
 def confirm_order(self, order_id):
-    """Confirm an order; the link in the confirmation is a real URL.
+    """Confirm an order, with a real link to it (``tasks.site_url``).
 
-    The body runs in its own transaction, retried on conflicts.
+    Scheduled by the order view on commit; the body runs in its own
+    transaction, retried on conflicts.
     """
     request = self.get_request()
     order = request.dbsession.get(Order, order_id)
-    if order is None:
+    if order is None or order.status != "new":
         return None
     order.status = "confirmed"
     order.confirmation_url = request.route_url("order", id=order.id)
     order.confirmed_at = datetime.now(UTC)
     return order.confirmation_url
+
+
+@task(bind=True, base=RetryableTransactionTask)
+def expire_stale_orders(self, older_than=60):
+    """Beat's job (``tasks.beat.expire.*`` in the INI): expire old new orders."""
+    request = self.get_request()
+    cutoff = datetime.now(UTC) - timedelta(seconds=older_than)
+    result = request.dbsession.execute(
+        update(Order)
+        .where(Order.status == "new", Order.created_at < cutoff)
+        .values(status="expired")
+    )
+    return result.rowcount
+
+
+@task(bind=True, base=ScheduleOnCommitTask)
+def build_report(self, report_id):
+    """A slow task in short transactions: mark it running, work, record it.
+
+    Not a transactional task: no transaction is held while it works.
+    """
+    request = self.get_request()
+    seconds = float(request.registry.settings.get("demo.report_seconds", 2))
+    started = time.monotonic()
+
+    @retryable(tm=request.tm)
+    def start():
+        report = request.dbsession.get(Report, report_id)
+        report.state = "running"
+        report.started_at = datetime.now(UTC)
+
+    @retryable(tm=request.tm)
+    def finish(counts):
+        report = request.dbsession.get(Report, report_id)
+        report.orders = sum(counts.values())
+        report.confirmed = counts.get("confirmed", 0)
+        report.expired = counts.get("expired", 0)
+        report.state = "done"
+        report.finished_at = datetime.now(UTC)
+        report.seconds = round(time.monotonic() - started, 2)
+
+    @retryable(tm=request.tm)
+    def count_orders():
+        rows = request.dbsession.execute(
+            select(Order.status, func.count()).group_by(Order.status)
+        )
+        return dict(rows.all())
+
+    start()
+    time.sleep(seconds)  # the slow part: no transaction is held meanwhile
+    finish(count_orders())
+    return report_id

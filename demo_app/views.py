@@ -1,39 +1,23 @@
-"""The demo's pages."""
-
-from html import escape
+"""The demo's pages: place orders, ask for reports, watch the tasks work."""
 
 from pyramid.httpexceptions import HTTPFound, HTTPNotFound
-from pyramid.response import Response
 from pyramid.view import view_config
 
-from .models import Order
-from .tasks import confirm_order
-
-PAGE = """<!doctype html><title>pyramid_tasks demo</title>
-<h1>Orders</h1>
-<form method="post"><input name="email" value="ann@example.com">
-<button>Place order</button></form>
-<table><tr><th>#</th><th>email</th><th>status</th><th>confirmation</th></tr>{rows}</table>
-"""
-ROW = "<tr><td>{id}</td><td>{email}</td><td>{status}</td><td>{url}</td></tr>"
+from .models import Order, Report
+from .tasks import build_report, confirm_order
 
 
-@view_config(route_name="home", request_method="GET")
+@view_config(route_name="home", request_method="GET", renderer="templates/home.jinja2")
 def home(request):
-    orders = request.dbsession.query(Order).order_by(Order.id.desc()).limit(50)
-    rows = "".join(
-        ROW.format(
-            id=o.id,
-            email=escape(o.email),
-            status=escape(o.status),
-            url=escape(o.confirmation_url or ""),
-        )
-        for o in orders
-    )
-    return Response(PAGE.format(rows=rows))
+    dbsession = request.dbsession
+    return {
+        "orders": dbsession.query(Order).order_by(Order.id.desc()).limit(20).all(),
+        "reports": dbsession.query(Report).order_by(Report.id.desc()).limit(5).all(),
+        "eager": request.celery_app.conf.task_always_eager,
+    }
 
 
-@view_config(route_name="home", request_method="POST")
+@view_config(route_name="orders", request_method="POST")
 def place_order(request):
     order = Order(email=request.POST.get("email") or "anonymous@example.com")
     request.dbsession.add(order)
@@ -41,6 +25,17 @@ def place_order(request):
     # Sent when this request's transaction commits, so the worker finds the
     # order; if the request fails, no confirmation goes out.
     confirm_order.apply_async((order.id,), tm=request.tm)
+    if request.POST.get("fail"):
+        raise RuntimeError("the order page failed after scheduling: nothing is sent")
+    return HTTPFound(request.route_url("home"))
+
+
+@view_config(route_name="reports", request_method="POST")
+def request_report(request):
+    report = Report()
+    request.dbsession.add(report)
+    request.dbsession.flush()
+    build_report.apply_async((report.id,), tm=request.tm)
     return HTTPFound(request.route_url("home"))
 
 
@@ -50,3 +45,10 @@ def show_order(request):
     if order is None:
         raise HTTPNotFound()
     return {"id": order.id, "status": order.status, "url": order.confirmation_url}
+
+
+@view_config(context=RuntimeError, renderer="templates/failed.jinja2")
+def failed(exc, request):
+    """The "fail the request" button: pyramid_tm aborts, nothing is sent."""
+    request.response.status = 500
+    return {"error": str(exc)}

@@ -1,5 +1,6 @@
 """Configurator directives and the deferred action that builds the Celery app."""
 
+import os
 from datetime import timedelta
 
 from celery import Celery
@@ -9,6 +10,7 @@ from pyramid.exceptions import ConfigurationError
 from .decorator import TaskHandle
 from .schedule import parse_beat_settings, parse_schedule
 from .settings import (
+    bad_setting,
     check_serializers,
     parse_celery_settings,
     parse_tasks_settings,
@@ -47,6 +49,7 @@ def build_celery_app(registry):
     task_queues = {}
     conf["task_routes"] = (task_queues, *_as_routes(conf.get("task_routes")))
 
+    _make_filesystem_folders(conf)
     app = Celery(
         registry.package_name,
         loader=LOADER,
@@ -59,6 +62,32 @@ def build_celery_app(registry):
     registry.pyramid_tasks_settings = options
     registry.celery_app = app
     return app
+
+
+# kombu's filesystem:// transport raises FileNotFoundError for a missing folder.
+_FILESYSTEM_FOLDERS = {
+    "data_folder_in": "data_in",
+    "data_folder_out": "data_out",
+    "processed_folder": "processed",
+    "control_folder": "control",
+}
+
+
+def _make_filesystem_folders(conf):
+    """Create the folders of a ``filesystem://`` broker (one host, no server)."""
+    if not str(conf.get("broker_url", "")).startswith("filesystem://"):
+        return
+    options = conf.get("broker_transport_options", {})
+    for key, default in _FILESYSTEM_FOLDERS.items():
+        folder = options.get(key, default)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise bad_setting(
+                f"celery.broker_transport_options.{key}",
+                folder,
+                "a folder that can be created",
+            ) from exc
 
 
 def _as_routes(routes):

@@ -86,6 +86,15 @@ class PyramidTask(Task):
         return execution.get_request()
 
     def apply_async(self, args=None, kwargs=None, task_id=None, **options):
+        if "tm" in options:
+            # Sending at once what the caller meant to send on commit would
+            # break the promise silently; Celery would also try to put the
+            # manager in the message.
+            raise TypeError(
+                f"{self.name} cannot send on commit: its base class sends at "
+                "once. Declare it with base=ScheduleOnCommitTask (or a "
+                "transactional task class) to use apply_async(..., tm=...)."
+            )
         registry = self.app.pyramid_registry
         queue = options.get("queue")
         if isinstance(queue, str):

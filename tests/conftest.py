@@ -158,7 +158,8 @@ def overlay_ini(path, section, values):
 class Worker:
     """A ``tasks-celery conf/test.ini -- worker`` subprocess."""
 
-    def __init__(self, process, node, log_path, celery_app):
+    def __init__(self, process, node, log_path, celery_app, ini_path=None):
+        self.ini_path = ini_path
         self.process = process
         self.node = node
         self.log_path = log_path
@@ -206,7 +207,7 @@ def start_worker(ini_vars, tmp_path):
             process = subprocess.Popen(
                 command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
             )
-        worker = Worker(process, node, log_path, app.registry.celery_app)
+        worker = Worker(process, node, log_path, app.registry.celery_app, ini)
         workers.append(worker)
         wait_for(worker.ping, timeout=60, message=f"worker {node} to answer ping")
         return worker

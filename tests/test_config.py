@@ -281,3 +281,39 @@ def test_inside_an_app_that_lacks_the_task_the_last_registration_is_used():
         assert scanned.add._resolve().app is app
     finally:
         manager.pop()
+
+
+def test_filesystem_broker_folders_are_created(tmp_path):
+    folders = {
+        "data_folder_in": tmp_path / "broker",
+        "data_folder_out": tmp_path / "broker",
+        "processed_folder": tmp_path / "done",
+        "control_folder": tmp_path / "control",
+    }
+    config = make_config(
+        **{
+            "celery.broker_url": "filesystem://",
+            **{
+                f"celery.broker_transport_options.{key}": str(folder)
+                for key, folder in folders.items()
+            },
+        }
+    )
+    app = config.get_celery_app()
+    assert all(folder.is_dir() for folder in folders.values())
+    # Publishing works across the folders kombu would otherwise refuse.
+    app.send_task("anything", args=(1,))
+    assert len(list((tmp_path / "broker").iterdir())) == 1
+
+
+def test_an_uncreatable_filesystem_folder_names_its_setting(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    config = make_config(
+        **{
+            "celery.broker_url": "filesystem://",
+            "celery.broker_transport_options.data_folder_in": str(blocker / "in"),
+        }
+    )
+    error = commit_error(config)
+    assert "celery.broker_transport_options.data_folder_in" in str(error)

@@ -189,3 +189,20 @@ def test_a_nested_direct_call_gets_its_own_request():
     add_body(config, outer).delay().get()
     assert [name for name, _ in seen] == ["inner", "outer"]
     assert seen[0][1] is not seen[1][1]
+
+
+def test_a_plain_pyramid_task_refuses_tm_instead_of_sending_at_once():
+    config = make_app(**{"celery.task_always_eager": "false"})
+
+    def immediate(self):
+        """Never sent."""
+
+    task = add_body(config, immediate)
+    tm = transaction.TransactionManager(explicit=True)
+    with (
+        tm,
+        pytest.raises(
+            TypeError, match=r"immediate cannot send on commit.*ScheduleOnCommit"
+        ),
+    ):
+        task.apply_async(tm=tm)

@@ -9,8 +9,16 @@ from sqlalchemy.orm import sessionmaker
 
 from .meta import Base
 from .order import Order
+from .report import Report
 
-__all__ = ["Base", "Order", "get_engine", "get_session_factory", "get_tm_session"]
+__all__ = [
+    "Base",
+    "Order",
+    "Report",
+    "get_engine",
+    "get_session_factory",
+    "get_tm_session",
+]
 
 
 def get_engine(settings, prefix="sqlalchemy."):
