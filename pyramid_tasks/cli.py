@@ -3,6 +3,7 @@
 import argparse
 import configparser
 import os
+import re
 import sys
 
 from celery.bin.celery import celery as celery_command
@@ -50,6 +51,8 @@ def _parser():
 
 def parse_args(argv):
     """``(config_uri, vars, celery_args)`` from the command line."""
+    if not argv:
+        raise UsageError("missing CONFIG_URI, for example: " + EXAMPLE)
     if "--" not in argv:
         if {"-h", "--help"} & set(argv):
             _parser().print_help()
@@ -97,11 +100,15 @@ def load(config_uri, variables):
 
 
 def _describe(exc):
-    """The error in one line, passwords masked; our own errors need no type."""
-    text = mask_secrets(exc)
+    """The error in one paragraph, secrets masked; our own errors need no type."""
+    text = _SQLALCHEMY_LINK.sub("", mask_secrets(exc))
+    text = " ".join(text.split())
     if isinstance(exc, ConfigurationError):
         return text
     return f"{type(exc).__name__}: {text}"
+
+
+_SQLALCHEMY_LINK = re.compile(r"\(Background on this error at: [^)]*\)")
 
 
 def main(argv=None):

@@ -62,7 +62,7 @@ class TaskHandle:
         return f"<@task {self.__module__}.{self.__qualname__}>"
 
 
-def task(**options):
+def task(func=None, /, **options):
     """Declare a Celery task, registered when ``config.scan()`` finds it.
 
     The keyword arguments are Celery's task options (``name``, ``bind``,
@@ -76,6 +76,8 @@ def task(**options):
         def send_welcome(self, user_id):
             request = self.get_request()
             ...
+
+    ``@task`` without parentheses works too, as with Celery's ``shared_task``.
     """
 
     def decorate(func):
@@ -86,7 +88,11 @@ def task(**options):
             config.add_task(ob, **options)
 
         # venusian matches callbacks by identity: attach to what we return.
-        venusian.attach(handle, callback, category="pyramid")
+        venusian.attach(handle, callback, category="pyramid", depth=depth)
         return handle
 
+    if func is not None:  # bare @task
+        depth = 2
+        return decorate(func)
+    depth = 1
     return decorate

@@ -51,9 +51,17 @@ _SERIALIZER_KEYS = (
 _PICKLE_WORDS = ("pickle", "application/x-python-serialize")
 
 
+# ``"password": "..."`` and the like inside JSON values (transport options).
+_JSON_SECRET = re.compile(
+    r'(?P<head>"[^"]*(?:password|passwd|secret|token)[^"]*"\s*:\s*)"(?:[^"\\]|\\.)*"',
+    re.IGNORECASE,
+)
+
+
 def mask_secrets(value):
-    """Return ``value`` as text with every password inside a URL replaced."""
-    return _URL_PASSWORD.sub(r"\g<head>***@", str(value))
+    """``value`` as text, with passwords in URLs and secrets in JSON replaced."""
+    text = _URL_PASSWORD.sub(r"\g<head>***@", str(value))
+    return _JSON_SECRET.sub(r'\g<head>"***"', text)
 
 
 def bad_setting(key, value, expected):
@@ -144,8 +152,31 @@ def _loose_json(value):
         return value.strip()
 
 
-def _coerce_celery(key, option, value):
-    kind = option.type
+# Where Celery's table says less than Celery accepts or needs: "any" settings
+# that want a number, and bool settings that also take a dict of TLS options.
+_KIND_OVERRIDES = {
+    "worker_concurrency": "int_or_auto",
+    "broker_use_ssl": "bool_or_dict",
+    "redis_backend_use_ssl": "bool_or_dict",
+}
+
+
+def _kind(name, option):
+    return _KIND_OVERRIDES.get(name, option.type)
+
+
+def _coerce_celery(key, kind, value):
+    if kind == "int_or_auto":
+        if str(value).strip() == "auto":
+            return "auto"
+        try:
+            return as_int(key, value, minimum=1)
+        except ConfigurationError as exc:
+            raise bad_setting(key, value, "an integer >= 1 or auto") from exc
+    if kind == "bool_or_dict":
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            return as_json(key, value, dict)
+        return as_bool(key, value)
     if kind == "bool":
         return as_bool(key, value)
     if kind in ("int", int):
@@ -159,8 +190,18 @@ def _coerce_celery(key, option, value):
     if kind == "tuple":
         return tuple(_as_words(value))
     if kind == "any":
-        return _loose_json(value)
+        return _any_value(key, value)
     return value.strip() if isinstance(value, str) else value
+
+
+def _any_value(key, value):
+    """JSON for what looks like JSON (an error if it is broken), else the text."""
+    if isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
+        try:
+            return json.loads(value)
+        except (ValueError, RecursionError) as exc:
+            raise bad_setting(key, value, "valid JSON") from exc
+    return _loose_json(value)
 
 
 def parse_celery_settings(settings, prefix=CELERY_PREFIX):
@@ -184,17 +225,19 @@ def parse_celery_settings(settings, prefix=CELERY_PREFIX):
                 f"Setting {key} is not supported: declare each beat entry as "
                 f"tasks.beat.<name>.task and tasks.beat.<name>.schedule instead."
             )
+        kind = _kind(head, option)
         if sub:
-            if option.type != "dict":
+            if kind not in ("dict", "bool_or_dict"):
                 raise ConfigurationError(
                     f"Invalid setting {key}: {prefix}{head} is not a dict "
                     "setting, so it takes no dotted sub-keys."
                 )
             sub_keys.setdefault(head, {})[sub] = _loose_json(value)
         else:
-            conf[head] = _coerce_celery(key, option, value)
+            conf[head] = _coerce_celery(key, kind, value)
     for head, extra in sub_keys.items():
-        conf[head] = {**conf.get(head, {}), **extra}
+        base = conf.get(head)
+        conf[head] = {**(base if isinstance(base, dict) else {}), **extra}
     return conf
 
 

@@ -17,7 +17,7 @@ from celery.bin.celery import celery as celery_command
 
 from pyramid_tasks.cli import EXAMPLE, USAGE, UsageError, load, main, parse_args
 
-from .conftest import ROOT, TEST_INI, tasks_celery
+from .conftest import ROOT, TEST_INI, free_port, tasks_celery
 
 INI_DIR = Path(__file__).resolve().parent / "ini"
 APPS_INI = INI_DIR / "apps.ini"
@@ -331,3 +331,24 @@ def test_script_sends_through_the_ini_broker_with_var_values(
     headers = json.loads(raw)["headers"]
     assert headers["task"] == "tests.pkgs.cli_app.ping"
     assert headers["id"] == task_id
+
+
+def test_main_without_arguments_asks_for_the_config(capsys):
+    err = fails([], capsys)
+    assert "missing CONFIG_URI" in err
+
+
+def test_main_database_down_is_one_paragraph(capsys, tmp_path):
+    ini = tmp_path / "down.ini"
+    ini.write_text(
+        "[app:main]\n"
+        "use = egg:demo_app\n"
+        "demo.create_tables = true\n"  # so it connects at start-up
+        f"sqlalchemy.url = postgresql+psycopg://postgres:pw@127.0.0.1:{free_port()}/x\n"
+        "celery.broker_url = memory://\n"
+    )
+    err = fails([str(ini), "--", "report"], capsys)
+    assert "OperationalError" in err
+    assert "Background on this error" not in err
+    assert err.count("\n") == 2  # the paragraph and the usage line
+    assert ":pw@" not in err

@@ -108,6 +108,8 @@ def test_scan_registers_decorated_tasks_on_the_app():
     assert isinstance(where, PyramidTask)
     assert "tests.pkgs.scanned.not_a_task" not in app.tasks
     assert scanned.add(2, 3) == 5
+    assert app.tasks["tests.pkgs.scanned.bare"] is scanned.bare._resolve()
+    assert scanned.bare(7) == 7
     assert scanned.add.s(1, 2).task == "tests.pkgs.scanned.add"
 
 

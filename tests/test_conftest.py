@@ -6,7 +6,14 @@ import sys
 import pytest
 
 from . import conftest
-from .conftest import Worker, check_postgres, check_redis, free_port, wait_for
+from .conftest import (
+    NullDataManager,
+    Worker,
+    check_postgres,
+    check_redis,
+    free_port,
+    wait_for,
+)
 
 
 @pytest.mark.parametrize("in_ci, outcome", [(False, "skip"), (True, "fail")])
@@ -55,3 +62,12 @@ def test_a_worker_ignoring_sigterm_is_killed():
 def test_wait_for_fails_at_its_deadline():
     with pytest.raises(pytest.fail.Exception, match="waiting for the impossible"):
         wait_for(lambda: False, timeout=0.05, message="the impossible")
+
+
+def test_the_null_data_manager_takes_part_in_a_commit():
+    import transaction
+
+    tm = transaction.TransactionManager(explicit=True)
+    with tm as txn:
+        txn.join(NullDataManager())
+    assert txn.status == "Committed"

@@ -107,14 +107,14 @@ def test_a_real_worker_confirms_what_the_page_shows(start_worker, ini_vars):
 
 
 def _descendants(pid):
-    """Every process below ``pid`` (from /proc)."""
+    """Every process below ``pid``, from one ``ps`` snapshot."""
+    table = subprocess.run(
+        ["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True, check=True
+    ).stdout
     children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    for line in table.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):

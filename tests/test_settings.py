@@ -745,3 +745,51 @@ def test_list_settings_also_take_a_json_list():
     # Not JSON after all: the words of the text.
     conf = parse_celery_settings({"celery.accept_content": "[json"})
     assert conf["accept_content"] == ["[json"]
+
+
+@pytest.mark.parametrize("value, expected", [("4", 4), ("auto", "auto"), (" 2 ", 2)])
+def test_worker_concurrency_is_a_number_or_auto(value, expected):
+    conf = parse_celery_settings({"celery.worker_concurrency": value})
+    assert conf["worker_concurrency"] == expected
+
+
+@pytest.mark.parametrize("value", ["two", "0", "-1"])
+def test_worker_concurrency_refuses_what_celery_would_ignore(value):
+    with pytest.raises(ConfigurationError, match="integer >= 1 or auto"):
+        parse_celery_settings({"celery.worker_concurrency": value})
+
+
+def test_broken_json_in_a_loosely_typed_setting_is_an_error():
+    with pytest.raises(ConfigurationError, match=r"celery\.task_routes.*valid JSON"):
+        parse_celery_settings({"celery.task_routes": '{"myapp.*": {"queue": "x"}'})
+    conf = parse_celery_settings({"celery.task_routes": "myapp.routers.route"})
+    assert conf["task_routes"] == "myapp.routers.route"
+
+
+def test_tls_settings_take_a_bool_or_a_dict():
+    assert parse_celery_settings({"celery.broker_use_ssl": "true"}) == {
+        "broker_use_ssl": True
+    }
+    conf = parse_celery_settings(
+        {"celery.broker_use_ssl": '{"ssl_cert_reqs": "required"}'}
+    )
+    assert conf["broker_use_ssl"] == {"ssl_cert_reqs": "required"}
+    conf = parse_celery_settings(
+        {
+            "celery.broker_use_ssl": "true",
+            "celery.broker_use_ssl.ssl_ca_certs": "/etc/ssl/ca.pem",
+        }
+    )
+    assert conf["broker_use_ssl"] == {"ssl_ca_certs": "/etc/ssl/ca.pem"}
+    with pytest.raises(ConfigurationError, match=r"celery\.broker_use_ssl"):
+        parse_celery_settings({"celery.broker_use_ssl": "maybe"})
+
+
+def test_secrets_inside_json_values_are_masked():
+    text = '{"sentinel_kwargs": {"password": "hunter2"}, "api_token": "t0k"}'
+    masked = mask_secrets(text)
+    assert "hunter2" not in masked and "t0k" not in masked
+    assert '"password": "***"' in masked
+    with pytest.raises(ConfigurationError) as info:
+        parse_celery_settings({"celery.broker_transport_options": text[:-1]})
+    assert "hunter2" not in str(info.value)
