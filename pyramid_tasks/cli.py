@@ -60,6 +60,12 @@ def parse_args(argv):
         raise UsageError("the Celery command must follow '--', for example: " + EXAMPLE)
     split = argv.index("--")
     ours, celery_args = argv[:split], argv[split + 1 :]
+    if celery_args[:1] == ["multi"]:
+        raise UsageError(
+            "celery multi starts workers with `celery -A`, which does not know "
+            "the INI file: run one `tasks-celery CONFIG -- worker` per worker "
+            "under your process supervisor instead"
+        )
     options = _parser().parse_args(ours)
     variables = {}
     for item in options.var:

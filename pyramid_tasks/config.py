@@ -122,6 +122,8 @@ def add_task(config, func, **options):
     func = config.maybe_dotted(func)
     handle = func if isinstance(func, TaskHandle) else None
     body = handle.__wrapped__ if handle is not None else func
+    if handle is not None:
+        options = {**handle._options, **options}
     if not callable(body) or getattr(body, "__name__", "") == "<lambda>":
         # Celery builds the task's signature from the function's name.
         raise ConfigurationError(f"add_task() needs a named function, got {func!r}")
@@ -149,14 +151,14 @@ def add_task(config, func, **options):
 
 
 def add_periodic_task(
-    config, schedule, task, args=(), kwargs=None, name=None, **options
+    config, schedule, task_name_or_func, args=(), kwargs=None, name=None, **options
 ):
     """Add a beat entry, as ``tasks.beat.<name>.*`` settings do.
 
     ``schedule`` is seconds, a :class:`~datetime.timedelta`, a
     :class:`~celery.schedules.crontab` or a string in the INI grammar;
-    ``task`` a ``@task`` handle, function or task name.  ``name`` defaults to
-    the task name; ``options`` are ``apply_async`` options.
+    ``task_name_or_func`` a ``@task`` handle, function or task name.  ``name``
+    defaults to the task name; ``options`` are ``apply_async`` options.
     """
     if isinstance(schedule, str):
         schedule = parse_schedule(schedule, key="add_periodic_task(schedule)")
@@ -166,7 +168,7 @@ def add_periodic_task(
                 f"add_periodic_task(schedule={schedule!r}): expected seconds > 0"
             )
         schedule = timedelta(seconds=schedule)
-    task_name = _task_name(task)
+    task_name = _task_name(task_name_or_func)
     name = name or task_name
     registry = config.registry
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from dateutil.parser import isoparse
 from kombu.exceptions import EncodeError, OperationalError
 from kombu.serialization import dumps, loads
-from transaction._transaction import Status
 
 from .settings import mask_secrets
 
@@ -26,6 +25,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# ``Transaction.status`` values (transaction's Status is not public).
+_ACTIVE, _DOOMED, _COMMITTING = "Active", "Doomed", "Committing"
 
 # Key of the PendingSends in ``Transaction.data()``: one per transaction.
 _DATA_KEY = object()
@@ -60,7 +62,7 @@ def current_transaction(tm):
 def active_transaction(tm, task_name):
     """The open transaction of ``tm``, or :class:`NoActiveTransaction`."""
     txn = current_transaction(tm)
-    if txn is None or txn.status not in (Status.ACTIVE, Status.DOOMED):
+    if txn is None or txn.status not in (_ACTIVE, _DOOMED, _COMMITTING):
         state = (
             "no transaction" if txn is None else f"a {txn.status.lower()} transaction"
         )
@@ -82,9 +84,15 @@ def schedule(tm, send, publish):
         pending = txn.data(_DATA_KEY)
     except KeyError:
         pending = PendingSends(tm)
-        txn.join(pending)
         txn.set_data(_DATA_KEY, pending)
         txn.addAfterCommitHook(pending.after_commit, (publish,))
+    # Rolling back a savepoint aborts and unjoins a data manager that joined
+    # after it: join again, or later savepoints would not truncate the list.
+    # During the commit (an ORM flush in zope.sqlalchemy's tpc_begin) nothing
+    # can join, nor roll back to a savepoint: the after-commit hook suffices.
+    if not pending.joined and txn.status != _COMMITTING:
+        txn.join(pending)
+        pending.joined = True
     pending.sends.append(send)
 
 
@@ -98,6 +106,7 @@ class PendingSends:
 
     transaction_manager: object
     sends: list = field(default_factory=list)
+    joined: bool = False
 
     def after_commit(self, committed, publish):
         sends, self.sends = self.sends, []
@@ -106,6 +115,7 @@ class PendingSends:
 
     def abort(self, txn):
         self.sends.clear()
+        self.joined = False
 
     tpc_abort = abort
 

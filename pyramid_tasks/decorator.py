@@ -34,8 +34,14 @@ class TaskHandle:
         app = getattr(registry, "celery_app", None)
         if app is not None and self._task is not None:
             found = app.tasks.get(self._task.name)
-            if found is not None:
-                return found
+            if found is None:
+                # Never another app's task: its broker, registry and database.
+                raise TaskNotRegistered(
+                    f"Task {self._task.name} is not registered on the Celery app "
+                    f"of the current app ({registry.package_name}): scan "
+                    f"{self.__module__!r} in that app's configuration."
+                )
+            return found
         if self._task is None:
             raise TaskNotRegistered(
                 f"Task {self.__module__}.{self.__qualname__} is not registered on "

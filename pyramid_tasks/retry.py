@@ -32,9 +32,12 @@ class RetryAttemptsExhausted(Exception):
     """Every attempt failed with a retryable error; chained from the last one."""
 
     def __init__(self, name, attempts):
-        super().__init__(f"{name} failed {attempts} times with retryable errors")
+        super().__init__(name, attempts)  # args rebuild it (pickle, result backends)
         self.name = name
         self.attempts = attempts
+
+    def __str__(self):
+        return f"{self.name} failed {self.attempts} times with retryable errors"
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def is_retryable(tm, error):
         return False
     if isinstance(error, TransientError):
         return True
-    return bool(getattr(tm, "manager", tm)._retryable(type(error), error))
+    return bool(tm.get().isRetryableError(error))
 
 
 def _outcome_unknown(error):

@@ -120,6 +120,8 @@ class ScheduleOnCommitTask(PyramidTask):
     def apply_async(self, args=None, kwargs=None, task_id=None, tm=None, **options):
         if tm is None:
             return super().apply_async(args, kwargs, task_id, **options)
+        if self.typing:  # what Celery's apply_async checks, now, not after commit
+            self.__header__(*(args or ()), **(kwargs or {}))
         task_id = task_id or uuid()
         args, kwargs = snapshot(self, args, kwargs, options)
         send = Send(self, args, kwargs, options, task_id, tm)

@@ -352,3 +352,8 @@ def test_main_database_down_is_one_paragraph(capsys, tmp_path):
     assert "Background on this error" not in err
     assert err.count("\n") == 2  # the paragraph and the usage line
     assert ":pw@" not in err
+
+
+def test_main_refuses_multi(capsys):
+    err = fails([str(TEST_INI), "--", "multi", "start", "w1"], capsys)
+    assert "celery multi" in err and "process supervisor" in err

@@ -272,15 +272,17 @@ def test_task_queue_option_comes_before_the_apps_routes():
     assert queue_of(config.get_celery_app(), "tests.pkgs.scanned.add") == "routed"
 
 
-def test_inside_an_app_that_lacks_the_task_the_last_registration_is_used():
+def test_inside_an_app_that_lacks_the_task_the_handle_refuses():
+    """Never another app's task: that would be its broker and its database."""
     config = make_config()
     config.scan("tests.pkgs.scanned")
-    app = config.get_celery_app()
+    config.commit()
     bare = make_config()
     bare.commit()
     manager.push({"registry": bare.registry, "request": None})
     try:
-        assert scanned.add._resolve().app is app
+        with pytest.raises(TaskNotRegistered, match=r"scanned\.add.*current app"):
+            scanned.add.delay(1, 2)
     finally:
         manager.pop()
 
@@ -319,3 +321,21 @@ def test_an_uncreatable_filesystem_folder_names_its_setting(tmp_path):
     )
     error = commit_error(config)
     assert "celery.broker_transport_options.data_folder_in" in str(error)
+
+
+def test_add_task_of_a_handle_keeps_its_options():
+    handle = task(bind=True, name="kept.name", queue="mail")(scanned.where.__wrapped__)
+    config = make_config()
+    config.add_route("home", "/")
+    config.add_task(handle)
+    app = config.get_celery_app()
+    assert handle.name == "kept.name"
+    assert queue_of(app, "kept.name") == "mail"
+    assert app.tasks["kept.name"]()["same"] is True  # bound: self is the task
+
+
+def test_add_periodic_task_takes_the_documented_keyword():
+    config = make_config()
+    config.scan("tests.pkgs.scanned")
+    config.add_periodic_task(schedule=5, task_name_or_func=scanned.add, args=(1, 2))
+    assert "tests.pkgs.scanned.add" in config.get_celery_app().conf.beat_schedule

@@ -284,3 +284,36 @@ def test_good_time_options_are_kept(app, redis_client, queue):
     [raw] = redis_client.lrange(queue, 0, -1)
     headers = json.loads(raw)["headers"]
     assert headers["eta"] and headers["expires"].startswith("2099-01-01")
+
+
+def test_a_rolled_back_savepoint_keeps_later_savepoints_working(
+    app, redis_client, queue
+):
+    """The pending list joins again after a savepoint rollback unjoined it."""
+    tm = transaction.TransactionManager(explicit=True)
+    echo_task = app.tasks["t.echo"]
+    with tm:
+        first = tm.savepoint()
+        echo_task.apply_async(("A",), tm=tm)
+        first.rollback()
+        echo_task.apply_async(("B",), tm=tm)
+        second = tm.savepoint()
+        echo_task.apply_async(("C",), tm=tm)
+        second.rollback()
+    assert [args for _, _, args in published(redis_client, queue)] == [["B"]]
+
+
+def test_wrong_arguments_fail_at_the_call_not_after_the_commit(app):
+    tm = transaction.TransactionManager(explicit=True)
+    with tm, pytest.raises(TypeError, match="positional argument"):
+        app.tasks["t.other"].apply_async((1, 2, 3), tm=tm)
+
+
+def test_retry_exhaustion_survives_the_result_backend_round_trip():
+    import pickle
+
+    from pyramid_tasks import RetryAttemptsExhausted
+
+    error = pickle.loads(pickle.dumps(RetryAttemptsExhausted("t.echo", 4)))
+    assert (error.name, error.attempts) == ("t.echo", 4)
+    assert str(error) == "t.echo failed 4 times with retryable errors"

@@ -18,6 +18,7 @@ from pyramid_tasks import (
     ScheduleOnCommitTask,
     TransactionalTask,
 )
+from pyramid_tasks.testing import get_task_capture
 
 from .conftest import db_app
 from .test_schedule_on_commit import FailingVote, published
@@ -353,3 +354,35 @@ def test_a_body_that_dooms_its_transaction_is_rolled_back_quietly(db):
     app = make_app(settings, (dry_run, TransactionalTask))
     assert app.tasks["dry_run"].delay("dry@example.com").get() == "would have placed it"
     assert scalar(engine, f'SELECT count(*) FROM "{schema}".orders') == 0
+
+
+def test_a_task_scheduled_by_a_flush_at_commit_is_sent(db):
+    """An ORM listener scheduling during zope.sqlalchemy's flush in tpc_begin."""
+    settings, engine, schema = db
+
+    def index(self, order_id):
+        """Captured, not run."""
+
+    def place(self, email):
+        request = self.get_request()
+        session = request.dbsession
+
+        def schedule_indexing(session, flush_context):
+            for order in [o for o in session.new if isinstance(o, Order)]:
+                request.celery_app.tasks["index"].apply_async(
+                    (order.id,), tm=request.tm
+                )
+
+        sqlalchemy.event.listen(session, "after_flush", schedule_indexing)
+        session.add(Order(email=email))  # flushed only when the task commits
+
+    config = db_app(
+        settings,
+        (index, ScheduleOnCommitTask),
+        (place, TransactionalTask),
+        **{"pyramid.includes": "pyramid_tasks.testing"},
+    )
+    config.registry.celery_app.tasks["place"]("late@example.com")
+    order_id = scalar(engine, f'SELECT id FROM "{schema}".orders')
+    capture = get_task_capture(config.registry)
+    assert [(t.name, t.args) for t in capture.sent] == [("index", (order_id,))]
