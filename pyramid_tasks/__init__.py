@@ -3,7 +3,7 @@
 from pyramid.tweens import INGRESS
 
 from .config import add_periodic_task, add_task, declare, get_celery_app
-from .datamanager import NoActiveTransaction
+from .datamanager import EagerTaskFailed, NoActiveTransaction
 from .decorator import TaskNotRegistered, task
 from .events import WorkerProcessInit
 from .retry import RetryAttemptsExhausted, retryable
@@ -15,6 +15,7 @@ from .task import (
 )
 
 __all__ = [
+    "EagerTaskFailed",
     "NoActiveTransaction",
     "PyramidTask",
     "RetryAttemptsExhausted",
@@ -41,7 +42,5 @@ def includeme(config):
     config.add_request_method(
         lambda request: request.registry.celery_app, "celery_app", reify=True
     )
-    config.add_tween(
-        "pyramid_tasks.datamanager.eager_errors_tween_factory", under=INGRESS
-    )
+    config.add_tween("pyramid_tasks.tween.eager_errors_tween_factory", under=INGRESS)
     declare(config)

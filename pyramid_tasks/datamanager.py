@@ -5,6 +5,7 @@ one after-commit hook publishes the whole batch through one producer.
 """
 
 import logging
+import traceback
 import weakref
 from dataclasses import dataclass, field
 
@@ -15,8 +16,10 @@ from kombu.serialization import dumps, loads
 from .settings import mask_secrets
 
 __all__ = [
+    "EagerTaskFailed",
     "NoActiveTransaction",
     "PendingSends",
+    "forget_eager_errors",
     "pending_sends",
     "publish",
     "raise_eager_errors",
@@ -243,12 +246,15 @@ def publish(app, sends):
 
 
 def _log_unsent(send, exc):
+    # The traceback goes in as masked text: exc_info would print the raw
+    # exception, broker password included.
+    trace = mask_secrets("".join(traceback.format_exception(exc)))
     log.error(
-        "Task %s[%s] was committed but could not be sent: %s",
+        "Task %s[%s] was committed but could not be sent: %s\n%s",
         send.task.name,
         send.task_id,
         mask_secrets(exc),
-        exc_info=exc,
+        trace,
     )
 
 
@@ -258,7 +264,7 @@ _eager_errors = weakref.WeakKeyDictionary()
 
 
 def _run_eagerly(app, sends):
-    errors = []
+    failures = []
     for send in sends:
         try:
             send.task.apply(
@@ -276,33 +282,32 @@ def _run_eagerly(app, sends):
                 send.task_id,
                 exc_info=exc,
             )
-            errors.append(exc)
-    if errors:
+            failures.append((send, exc))
+    if failures:
         # Replaces what an earlier commit left unraised (pshell, scripts).
-        _eager_errors[getattr(sends[0].tm, "manager", sends[0].tm)] = errors
+        _eager_errors[getattr(sends[0].tm, "manager", sends[0].tm)] = failures
+
+
+class EagerTaskFailed(Exception):
+    """An eager task sent on commit failed (``task_eager_propagates``).
+
+    Chained from the task's exception.  A type of its own, so pyramid_retry
+    never re-runs the view whose transaction already committed.
+    """
+
+
+def forget_eager_errors(tm):
+    """Drop what an earlier commit of ``tm`` left unraised (pshell, scripts)."""
+    _eager_errors.pop(getattr(tm, "manager", tm), None)
 
 
 def raise_eager_errors(tm):
-    """Raise the first exception of eager tasks sent by ``tm``'s last commit."""
-    errors = _eager_errors.pop(getattr(tm, "manager", tm), None)
-    if errors:
-        raise errors[0]
-
-
-def eager_errors_tween_factory(handler, registry):
-    """In eager mode with ``task_eager_propagates``, fail the response.
-
-    Sits above pyramid_tm: after the request's commit ran its eager tasks,
-    the first exception they raised is raised here, so development servers
-    answer 500 with that traceback.  Elsewhere it is not in the chain at all.
-    """
-    conf = registry.celery_app.conf
-    if not (conf.task_always_eager and conf.task_eager_propagates):
-        return handler
-
-    def eager_errors_tween(request):
-        response = handler(request)
-        raise_eager_errors(request.tm)
-        return response
-
-    return eager_errors_tween
+    """Raise :class:`EagerTaskFailed` for the first eager task of ``tm``'s
+    last commit that failed."""
+    failures = _eager_errors.pop(getattr(tm, "manager", tm), None)
+    if failures:
+        send, exc = failures[0]
+        raise EagerTaskFailed(
+            f"Eager task {send.task.name}[{send.task_id}] failed after the "
+            f"commit: {exc!r}"
+        ) from exc

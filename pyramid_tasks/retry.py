@@ -11,7 +11,11 @@ from dataclasses import dataclass
 from pyramid.threadlocal import get_current_registry
 from transaction.interfaces import AlreadyInTransaction, TransientError
 
-from .datamanager import current_transaction, raise_eager_errors
+from .datamanager import (
+    current_transaction,
+    forget_eager_errors,
+    raise_eager_errors,
+)
 
 __all__ = [
     "RetryAttemptsExhausted",
@@ -217,6 +221,8 @@ def retryable(tm, *, attempts=None, backoff=None, backoff_max=None):
                     "transaction of its own, so call it outside `with tm:` and "
                     "outside TransactionalTask bodies and pyramid_tm views."
                 )
+
+            forget_eager_errors(tm)
 
             def attempt(number):
                 result = in_transaction(tm, lambda: func(*args, **kwargs), retry=True)

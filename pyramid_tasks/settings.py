@@ -58,9 +58,14 @@ _JSON_SECRET = re.compile(
 )
 
 
+# ``?password=...`` in URL queries and ``password=...`` in libpq DSNs.
+_KEYWORD_SECRET = re.compile(r"(?P<head>\b(?:password|passwd)=)[^&\s]+", re.IGNORECASE)
+
+
 def mask_secrets(value):
-    """``value`` as text, with passwords in URLs and secrets in JSON replaced."""
+    """``value`` as text, with passwords in URLs, DSNs and JSON replaced."""
     text = _URL_PASSWORD.sub(r"\g<head>***@", str(value))
+    text = _KEYWORD_SECRET.sub(r"\g<head>***", text)
     return _JSON_SECRET.sub(r'\g<head>"***"', text)
 
 

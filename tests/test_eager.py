@@ -7,7 +7,12 @@ import transaction
 from celery.exceptions import Retry
 from pyramid.config import Configurator
 
-from pyramid_tasks import ScheduleOnCommitTask, TransactionalTask
+from pyramid_tasks import (
+    EagerTaskFailed,
+    ScheduleOnCommitTask,
+    TransactionalTask,
+    retryable,
+)
 from pyramid_tasks.datamanager import raise_eager_errors
 
 
@@ -50,8 +55,9 @@ def make_app(propagate=True, **settings):
 def test_a_transactional_task_fails_when_its_eager_child_fails():
     app, runs = make_app()
     assert app.tasks["parent"].delay("ok").get() is None
-    with pytest.raises(LookupError, match="child failed"):
+    with pytest.raises(EagerTaskFailed, match=r"child\[.*LookupError") as info:
         app.tasks["parent"].delay("boom")
+    assert isinstance(info.value.__cause__, LookupError)
     assert runs == ["parent ok", "ok", "parent boom", "boom"]
 
 
@@ -62,9 +68,22 @@ def test_scripts_get_the_error_logged(caplog):
         app.tasks["child"].apply_async(("boom",), tm=tm)
     assert runs == ["boom"]
     assert "child failed" in caplog.text
-    with pytest.raises(LookupError):
+    with pytest.raises(EagerTaskFailed):
         raise_eager_errors(tm)  # and kept for whoever raises them
     raise_eager_errors(tm)  # once
+
+
+def test_an_old_eager_error_is_not_raised_by_a_later_call():
+    app, _ = make_app()
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:  # a script: the error is logged and kept, nobody raises it
+        app.tasks["child"].apply_async(("boom",), tm=tm)
+
+    @retryable(tm=tm)
+    def unrelated():
+        return "fine"
+
+    assert unrelated() == "fine"
 
 
 def test_the_thread_local_manager_works_as_tm():

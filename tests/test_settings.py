@@ -793,3 +793,16 @@ def test_secrets_inside_json_values_are_masked():
     with pytest.raises(ConfigurationError) as info:
         parse_celery_settings({"celery.broker_transport_options": text[:-1]})
     assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "postgresql://u@db/app?password=s3cret&sslmode=require",
+        "host=db user=app password=s3cret dbname=app",
+    ],
+)
+def test_passwords_in_queries_and_dsns_are_masked(text):
+    masked = mask_secrets(text)
+    assert "s3cret" not in masked
+    assert "password=***" in masked

@@ -9,7 +9,7 @@ from pyramid.response import Response
 from pyramid.threadlocal import get_current_request
 from transaction.interfaces import TransientError
 
-from pyramid_tasks import NoActiveTransaction, ScheduleOnCommitTask
+from pyramid_tasks import EagerTaskFailed, NoActiveTransaction, ScheduleOnCommitTask
 
 from .conftest import NullDataManager
 from .test_schedule_on_commit import echo, published
@@ -167,8 +167,9 @@ def test_eager_task_runs_after_the_commit_in_its_own_request():
 def test_eager_exception_reaches_the_caller_when_propagating():
     events = []
     app = eager_app(events, propagate=True)
-    with pytest.raises(LookupError, match="eager task failed"):
+    with pytest.raises(EagerTaskFailed, match="eager task failed") as info:
         app.get("/fail-eagerly")
+    assert isinstance(info.value.__cause__, LookupError)
     # The web transaction itself committed before the task ran.
     assert events[0] == "web transaction committed"
 
@@ -180,3 +181,25 @@ def test_eager_exception_is_logged_when_not_propagating(caplog):
         app.get("/fail-eagerly", status=200)
     assert "eager task failed" in caplog.text
     assert any(record.exc_info for record in caplog.records)
+
+
+def test_an_eager_transient_error_does_not_rerun_the_committed_view():
+    """pyramid_retry retries TransientError: the view must still run once."""
+    events = []
+
+    def conflicted(self, value):
+        raise TransientError("the eager task conflicted")
+
+    settings = {**EAGER, "celery.task_eager_propagates": "true"}
+    app = make_app(settings, events, body=conflicted)
+    with pytest.raises(EagerTaskFailed):
+        app.get("/ok")
+    assert events == ["web transaction committed"]
+
+
+def test_the_eager_tween_lets_apps_without_pyramid_tm_be():
+    config = Configurator(settings={**EAGER, "celery.task_eager_propagates": "true"})
+    config.include("pyramid_tasks")
+    config.add_route("plain", "/")
+    config.add_view(lambda request: Response("no pyramid_tm"), route_name="plain")
+    assert webtest.TestApp(config.make_wsgi_app()).get("/").text == "no pyramid_tm"
