@@ -1,0 +1,197 @@
+"""Scenarios 1, 2, 6 and 7: real workers, plain Celery against pyramid_tasks."""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import redis
+import sqlalchemy
+from celery import Celery
+
+from .apps import metadata
+from .dispatch import REDIS_URL
+from .harness import Scenario, alternate
+
+ROOT = Path(__file__).resolve().parent.parent
+DATABASE_URL = os.environ.get(
+    "PYRAMID_TASKS_BENCH_DATABASE_URL",
+    "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+)
+FLAGS = ["-P", "solo", "--without-mingle", "--without-gossip", "--without-heartbeat"]
+
+
+class Worker:
+    def __init__(self, variant, queue, schema):
+        self.node = f"bench-{variant}-{uuid.uuid4().hex[:6]}@localhost"
+        bin_dir = Path(sys.executable).parent
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "BENCH_REDIS_URL": REDIS_URL,
+            "BENCH_DATABASE_URL": DATABASE_URL,
+            "BENCH_SCHEMA": schema,
+            "BENCH_QUEUE": queue,
+        }
+        if variant == "plain":
+            command = [str(bin_dir / "celery"), "-A", "bench.apps:plain", "worker"]
+        else:
+            variables = {
+                "redis_url": REDIS_URL,
+                "database_url": DATABASE_URL,
+                "schema": schema,
+                "queue": queue,
+            }
+            command = [str(bin_dir / "tasks-celery"), str(ROOT / "bench" / "bench.ini")]
+            for name, value in variables.items():
+                command += ["--var", f"{name}={value}"]
+            command += ["--", "worker"]
+        command += [*FLAGS, "-Q", queue, "-n", self.node, "-l", "warning"]
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def rss_kb(self):
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def wait_for(predicate, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the benchmark waited too long")
+        time.sleep(0.001)
+
+
+class Bench:
+    def __init__(self):
+        self.redis = redis.Redis.from_url(REDIS_URL)
+        self.sender = Celery("bench_sender", broker=REDIS_URL, set_as_current=False)
+        self.schema = f"bench_{uuid.uuid4().hex[:8]}"
+        self.engine = sqlalchemy.create_engine(DATABASE_URL)
+        with self.engine.begin() as connection:
+            connection.execute(sqlalchemy.text(f'CREATE SCHEMA "{self.schema}"'))
+            connection.execute(sqlalchemy.text(f'SET search_path TO "{self.schema}"'))
+            metadata.create_all(connection)
+
+    def close(self):
+        with self.engine.begin() as connection:
+            connection.execute(sqlalchemy.text(f'DROP SCHEMA "{self.schema}" CASCADE'))
+        self.engine.dispose()
+
+    def fill(self, queue, task, count):
+        """``count`` messages of ``task`` then a marker; returns the marker key."""
+        key = f"bench:done:{uuid.uuid4().hex}"
+        with self.sender.producer_or_acquire() as producer:
+            for n in range(count):
+                self.sender.send_task(
+                    task,
+                    (n,) if task == "bench.insert" else (),
+                    queue=queue,
+                    producer=producer,
+                )
+            self.sender.send_task("bench.done", (key,), queue=queue, producer=producer)
+        return key
+
+    def done(self, key):
+        return self.redis.exists(key)
+
+    def ping(self, worker):
+        assert worker.process.poll() is None, "worker died"
+        return self.sender.control.ping(destination=[worker.node], timeout=0.2)
+
+    def drain(self, worker, task, count):
+        """Milliseconds per task to drain a queue of ``count`` tasks."""
+        queue = f"bench_q_{uuid.uuid4().hex[:8]}"
+        key = self.fill(queue, task, count)
+        start = time.perf_counter()
+        self.sender.control.add_consumer(queue, destination=[worker.node], reply=True)
+        wait_for(lambda: self.done(key))
+        elapsed = time.perf_counter() - start
+        self.sender.control.cancel_consumer(
+            queue, destination=[worker.node], reply=True
+        )
+        self.redis.delete(queue, key)
+        return elapsed * 1000 / count
+
+    def startup(self, variant):
+        """Seconds from launching a worker to its first task done."""
+        queue = f"bench_q_{uuid.uuid4().hex[:8]}"
+        key = self.fill(queue, "bench.noop", 0)
+        worker = Worker(variant, queue, self.schema)
+        wait_for(lambda: self.done(key))
+        elapsed = time.perf_counter() - worker.started
+        worker.stop()
+        self.redis.delete(queue, key)
+        return elapsed
+
+
+def run(quick):
+    rounds, count, memory_count = (3, 300, 2000) if quick else (7, 2000, 10000)
+    bench = Bench()
+    idle = f"bench_idle_{uuid.uuid4().hex[:8]}"
+    workers = {v: Worker(v, idle, bench.schema) for v in ("plain", "ours")}
+    try:
+        for worker in workers.values():
+            wait_for(lambda w=worker: bench.ping(w))
+        scenarios = []
+        for number, task, title, target in (
+            ("1", "bench.noop", "worker drain, no-op task (tasks/s)", ">= 0.95"),
+            ("2", "bench.insert", "worker drain, one INSERT (tasks/s)", ">= 0.90"),
+        ):
+            scenario = Scenario(
+                f"{number}. {title}", target, unit="ms/task", higher_is_better=True
+            )
+            for side in workers.values():  # warm-up
+                bench.drain(side, task, 20)
+            scenario.baseline, scenario.ours = alternate(
+                rounds,
+                lambda t=task: bench.drain(workers["plain"], t, count),
+                lambda t=task: bench.drain(workers["ours"], t, count),
+            )
+            scenarios.append(scenario)
+
+        memory = Scenario(
+            f"7. worker RSS growth over {memory_count} tasks (MB)",
+            "< 5 MB growth",
+            unit="MB",
+            absolute=True,
+        )
+        for variant in ("plain", "ours"):
+            worker = workers[variant]
+            before = worker.rss_kb()
+            bench.drain(worker, "bench.noop", memory_count)
+            growth = (worker.rss_kb() - before) / 1024
+            (memory.baseline if variant == "plain" else memory.ours).append(growth)
+        memory.note = (
+            f"ours grew {memory.ours[0]:.2f} MB, "
+            f"plain Celery {memory.baseline[0]:.2f} MB"
+        )
+        scenarios.append(memory)
+    finally:
+        for worker in workers.values():
+            worker.stop()
+
+    startup = Scenario("6. worker start-up to first task done (s)", "<= 1.2", unit="s")
+    startup.baseline, startup.ours = alternate(
+        max(3, rounds // 2),
+        lambda: bench.startup("plain"),
+        lambda: bench.startup("ours"),
+    )
+    scenarios.append(startup)
+    bench.close()
+    return scenarios
