@@ -1,18 +1,11 @@
-"""Celery as a first-class part of Pyramid apps."""
+"""Celery as a first-class part of Pyramid apps.
 
-from pyramid.tweens import INGRESS
+The public names are imported on first use (PEP 562), so that importing the
+package, as the ``tasks-celery`` script does, loads neither Celery's app
+machinery nor Pyramid: gevent and eventlet pools must patch first.
+"""
 
-from .config import add_periodic_task, add_task, declare, get_celery_app
-from .datamanager import EagerTaskFailed, NoActiveTransaction
-from .decorator import TaskNotRegistered, task
-from .events import WorkerProcessInit
-from .retry import RetryAttemptsExhausted, retryable
-from .task import (
-    PyramidTask,
-    RetryableTransactionTask,
-    ScheduleOnCommitTask,
-    TransactionalTask,
-)
+import importlib
 
 __all__ = [
     "EagerTaskFailed",
@@ -29,6 +22,33 @@ __all__ = [
     "task",
 ]
 
+_EXPORTS = {
+    "EagerTaskFailed": "datamanager",
+    "NoActiveTransaction": "datamanager",
+    "PyramidTask": "task_classes",
+    "RetryAttemptsExhausted": "retry",
+    "RetryableTransactionTask": "task_classes",
+    "ScheduleOnCommitTask": "task_classes",
+    "TaskNotRegistered": "decorator",
+    "TransactionalTask": "task_classes",
+    "WorkerProcessInit": "events",
+    "retryable": "retry",
+    "task": "decorator",
+}
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyramid_tasks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])
+
 
 def includeme(config):
     """Declare the directives, ``request.celery_app`` and the deferred Celery app.
@@ -36,6 +56,10 @@ def includeme(config):
     Nothing is built here: the Celery app is made from the settings when the
     configuration is committed, as ``registry.celery_app``.
     """
+    from pyramid.tweens import INGRESS
+
+    from .config import add_periodic_task, add_task, declare, get_celery_app
+
     config.add_directive("add_task", add_task)
     config.add_directive("add_periodic_task", add_periodic_task)
     config.add_directive("get_celery_app", get_celery_app, action_wrap=False)

@@ -15,7 +15,7 @@ from .settings import (
     parse_celery_settings,
     parse_tasks_settings,
 )
-from .task import PyramidTask
+from .task_classes import PyramidTask
 
 __all__ = ["add_periodic_task", "add_task", "build_celery_app", "get_celery_app"]
 

@@ -4,6 +4,7 @@ import os
 
 import redis
 from pyramid.config import Configurator
+from pyramid.threadlocal import get_current_request
 from sqlalchemy import text
 from transaction.interfaces import TransientError
 
@@ -122,3 +123,14 @@ def batch(self, key, items):
     for item in items:
         one(item)
     return done
+
+
+@task(bind=True)
+def rendezvous(self, key, parties):
+    """Wait until ``parties`` executions run at once (greenlets under gevent)."""
+    request = self.get_request()
+    client = _redis(request)
+    if client.incr(key) == parties:
+        client.rpush(f"{key}:go", *["go"] * parties)
+    released = client.blpop([f"{key}:go"], timeout=15) is not None
+    return {"released": released, "own_request": get_current_request() is request}

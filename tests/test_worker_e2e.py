@@ -1,5 +1,7 @@
 """End to end: real ``tasks-celery ... -- worker`` subprocesses on Redis/PostgreSQL."""
 
+import subprocess
+import sys
 import uuid
 
 import sqlalchemy
@@ -93,3 +95,30 @@ def test_embedded_beat_fires_the_ini_entry_repeatedly(
         message="the ticks' tocks, sent on commit",
     )
     redis_client.delete(key, key + ":tock")
+
+
+def test_a_gevent_pool_is_patched_and_keeps_requests_apart(start_worker, redis_client):
+    worker = start_worker("-P", "gevent", "-c", "4")
+    key = f"pyramid_tasks:rendezvous:{uuid.uuid4().hex}"
+    rendezvous = worker.celery_app.tasks["tests.probe_app.rendezvous"]
+    try:
+        results = [rendezvous.delay(key, 4) for _ in range(4)]
+        reports = [result.get(timeout=60) for result in results]
+    finally:
+        redis_client.delete(key, f"{key}:go")
+    # Unpatched, the first BLPOP would block the whole worker: no release.
+    assert all(report["released"] for report in reports), reports
+    assert all(report["own_request"] for report in reports), reports
+
+
+def test_importing_the_package_loads_nothing_heavy():
+    """So the console script can patch for gevent/eventlet first."""
+    code = (
+        "import sys, pyramid_tasks, pyramid_tasks.script;"
+        "print([m for m in ('pyramid', 'sqlalchemy', 'celery.app')"
+        " if m in sys.modules])"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert output.strip() == "[]"
