@@ -3,6 +3,7 @@
 from datetime import timedelta
 
 import pytest
+import transaction
 from celery import Celery
 from celery.schedules import crontab
 from pyramid.config import Configurator
@@ -339,3 +340,24 @@ def test_add_periodic_task_takes_the_documented_keyword():
     config.scan("tests.pkgs.scanned")
     config.add_periodic_task(schedule=5, task_name_or_func=scanned.add, args=(1, 2))
     assert "tests.pkgs.scanned.add" in config.get_celery_app().conf.beat_schedule
+
+
+def test_the_package_lists_and_refuses_names_lazily():
+    import pyramid_tasks
+
+    assert {"task", "PyramidTask", "retryable", "includeme"} <= set(dir(pyramid_tasks))
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        pyramid_tasks.nothing_here  # noqa: B018
+
+
+def test_without_typing_celery_does_not_check_arguments():
+    def loose(x):
+        """Never runs."""
+
+    config = make_config()
+    config.add_task(loose, typing=False, base="pyramid_tasks.ScheduleOnCommitTask")
+    task = config.get_celery_app().tasks["tests.test_config.loose"]
+    tm = transaction.TransactionManager(explicit=True)
+    tm.begin()
+    assert task.apply_async((1, 2, 3), tm=tm).id  # as Celery would accept it
+    tm.abort()
