@@ -4,6 +4,8 @@ import os
 from datetime import timedelta
 
 from celery import Celery
+from celery.app.routes import prepare as prepare_routes
+from celery.utils.functional import maybe_evaluate
 from pyramid.config import PHASE2_CONFIG
 from pyramid.exceptions import ConfigurationError
 
@@ -45,9 +47,12 @@ def build_celery_app(registry):
         _prefix_queue(options, entry.get("options", {}))
     # ``@task(queue=...)`` becomes a route of our own, consulted before the
     # app's ``task_routes`` (the precedence Celery gives the deprecated
-    # ``Task.queue`` attribute).  Filled in by add_task before any publish.
-    task_queues = {}
-    conf["task_routes"] = (task_queues, *_as_routes(conf.get("task_routes")))
+    # ``Task.queue`` attribute).  Filled in by add_task.
+    task_queues = _TaskQueues()
+    routes = (task_queues, *_as_routes(conf.get("task_routes")))
+    if options.queue_prefix:
+        routes = (_PrefixedRoutes(routes, options.queue_name),)
+    conf["task_routes"] = routes
 
     _make_filesystem_folders(conf)
     app = Celery(
@@ -88,6 +93,45 @@ def _make_filesystem_folders(conf):
                 folder,
                 "a folder that can be created",
             ) from exc
+
+
+class _TaskQueues:
+    """A Celery router: the queue of each task declared with ``queue=``.
+
+    A live lookup, not a dict: Celery copies mappings when it builds its
+    router, which may happen before every task is registered.
+    """
+
+    def __init__(self):
+        self.queues = {}
+
+    def __call__(self, name, args, kwargs, options, task=None, **kw):
+        return self.queues.get(name)
+
+
+class _PrefixedRoutes:
+    """A Celery router: the app's routes, their queue names prefixed.
+
+    ``tasks.queue_prefix`` must reach every route, the app's own
+    ``celery.task_routes`` (maps and router functions) included, or two sites
+    on one broker would share a queue.
+    """
+
+    def __init__(self, routes, queue_name):
+        self.routers = prepare_routes(routes)
+        self.queue_name = queue_name
+
+    def __call__(self, name, args, kwargs, options, task=None, **kw):
+        for router in self.routers:
+            route = maybe_evaluate(router)(name, args, kwargs, options, task=task)
+            if route is None:
+                continue
+            if isinstance(route, str):
+                return self.queue_name(route)
+            if isinstance(route.get("queue"), str):
+                return {**route, "queue": self.queue_name(route["queue"])}
+            return route
+        return None
 
 
 def _as_routes(routes):
@@ -139,7 +183,7 @@ def add_task(config, func, **options):
         celery_task = app.task(shared=False, lazy=False, **task_options)(body)
         if queue:
             queue_name = registry.pyramid_tasks_settings.queue_name(queue)
-            app.pyramid_task_queues[celery_task.name] = {"queue": queue_name}
+            app.pyramid_task_queues.queues[celery_task.name] = {"queue": queue_name}
         if handle is not None:
             handle._bind(celery_task)
         intr["task"] = celery_task

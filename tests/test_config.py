@@ -361,3 +361,40 @@ def test_without_typing_celery_does_not_check_arguments():
     tm.begin()
     assert task.apply_async((1, 2, 3), tm=tm).id  # as Celery would accept it
     tm.abort()
+
+
+def route_maintenance(name, args, kwargs, options, task=None, **kw):
+    """An app's router function (``celery.task_routes``)."""
+    if name.endswith(".add"):
+        return {"queue": "maint"}
+    return None
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        '{"tests.pkgs.scanned.add": {"queue": "maint"}}',
+        '{"tests.pkgs.scanned.add": "maint"}',
+        "tests.test_config.route_maintenance",
+    ],
+)
+def test_queue_prefix_reaches_the_apps_own_routes(routes):
+    config = make_config(
+        **{"tasks.queue_prefix": "siteA", "celery.task_routes": routes}
+    )
+    config.scan("tests.pkgs.scanned")
+    app = config.get_celery_app()
+    assert queue_of(app, "tests.pkgs.scanned.add") == "siteA.maint"
+    assert queue_of(app, "scanned.where") == "siteA.reports"
+    assert queue_of(app, "tests.pkgs.scanned.bare") == "siteA.celery"
+
+
+def test_a_route_to_a_queue_object_is_left_as_it_is():
+    from kombu import Queue
+
+    special = Queue("exact")
+    config = make_config(**{"tasks.queue_prefix": "siteA"})
+    app = config.get_celery_app()
+    router = app.conf.task_routes[0]
+    router.routers.append(lambda *a, **k: {"queue": special})
+    assert router("x", (), {}, {}) == {"queue": special}
