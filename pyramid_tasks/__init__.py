@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 _EXPORTS = {
-    "EagerTaskFailed": "datamanager",
+    "EagerTaskFailed": "publish",
     "NoActiveTransaction": "datamanager",
     "PyramidTask": "task_classes",
     "RetryAttemptsExhausted": "retry",

@@ -11,7 +11,7 @@ from pyramid.exceptions import ConfigurationError, ConfigurationExecutionError
 from sqlalchemy.exc import SQLAlchemyError
 
 from .loader import load_celery_app
-from .settings import mask_secrets
+from .masking import mask_secrets
 
 __all__ = ["main"]
 

@@ -4,30 +4,21 @@ The pending list is a savepoint-aware data manager joined to the transaction;
 one after-commit hook publishes the whole batch through one producer.
 """
 
-import logging
-import traceback
-import weakref
 from dataclasses import dataclass, field
 
 from dateutil.parser import isoparse
-from kombu.exceptions import EncodeError, OperationalError
+from kombu.exceptions import EncodeError
 from kombu.serialization import dumps, loads
 
-from .settings import mask_secrets
-
 __all__ = [
-    "EagerTaskFailed",
     "NoActiveTransaction",
     "PendingSends",
-    "forget_eager_errors",
+    "current_transaction",
     "pending_sends",
-    "publish",
-    "raise_eager_errors",
     "schedule",
     "snapshot",
 ]
 
-log = logging.getLogger(__name__)
 
 # ``Transaction.status`` values (transaction's Status is not public).
 _ACTIVE, _DOOMED, _COMMITTING = "Active", "Doomed", "Committing"
@@ -201,113 +192,3 @@ def _check_times(task, options):
         raise TypeError(
             f"{task.name}.apply_async(countdown={countdown!r}): expected seconds"
         )
-
-
-def publish(app, sends):
-    """Send a committed batch: eagerly in eager mode, else through one producer.
-
-    Never raises: a committed transaction is not undone by a failed send.
-    Each failure is logged at ERROR with the task name and id.
-    """
-    capture = getattr(app.pyramid_registry, "pyramid_tasks_capture", None)
-    if capture is not None:
-        for send in sends:
-            capture.record(
-                send.task, send.args, send.kwargs, send.options, send.task_id
-            )
-        return
-    if app.conf.task_always_eager:
-        _run_eagerly(app, sends)
-        return
-    remaining = list(sends)
-    try:
-        with app.producer_or_acquire() as producer:
-            fatal = (OperationalError, *producer.connection.connection_errors)
-            while remaining:
-                send = remaining[0]
-                try:
-                    send.task.apply_async(
-                        send.args,
-                        send.kwargs,
-                        task_id=send.task_id,
-                        producer=producer,
-                        **send.options,
-                    )
-                except fatal:
-                    raise
-                except Exception as exc:
-                    _log_unsent(send, exc)
-                del remaining[0]
-    except Exception as exc:
-        # The broker is unreachable (after Celery's publish retry policy):
-        # the rest would each wait as long, so they are reported, not tried.
-        for send in remaining:
-            _log_unsent(send, exc)
-
-
-def _log_unsent(send, exc):
-    # The traceback goes in as masked text: exc_info would print the raw
-    # exception, broker password included.
-    trace = mask_secrets("".join(traceback.format_exception(exc)))
-    log.error(
-        "Task %s[%s] was committed but could not be sent: %s\n%s",
-        send.task.name,
-        send.task_id,
-        mask_secrets(exc),
-        trace,
-    )
-
-
-# Eager tasks run from an after-commit hook, whose exceptions ``transaction``
-# swallows; with task_eager_propagates they wait here for raise_eager_errors().
-_eager_errors = weakref.WeakKeyDictionary()
-
-
-def _run_eagerly(app, sends):
-    failures = []
-    for send in sends:
-        try:
-            send.task.apply(
-                send.args,
-                send.kwargs,
-                task_id=send.task_id,
-                link=send.options.get("link"),
-                link_error=send.options.get("link_error"),
-            )
-        except Exception as exc:
-            # Only with task_eager_propagates, where Celery does not log it.
-            log.error(
-                "Eager task %s[%s] failed after the commit",
-                send.task.name,
-                send.task_id,
-                exc_info=exc,
-            )
-            failures.append((send, exc))
-    if failures:
-        # Replaces what an earlier commit left unraised (pshell, scripts).
-        _eager_errors[getattr(sends[0].tm, "manager", sends[0].tm)] = failures
-
-
-class EagerTaskFailed(Exception):
-    """An eager task sent on commit failed (``task_eager_propagates``).
-
-    Chained from the task's exception.  A type of its own, so pyramid_retry
-    never re-runs the view whose transaction already committed.
-    """
-
-
-def forget_eager_errors(tm):
-    """Drop what an earlier commit of ``tm`` left unraised (pshell, scripts)."""
-    _eager_errors.pop(getattr(tm, "manager", tm), None)
-
-
-def raise_eager_errors(tm):
-    """Raise :class:`EagerTaskFailed` for the first eager task of ``tm``'s
-    last commit that failed."""
-    failures = _eager_errors.pop(getattr(tm, "manager", tm), None)
-    if failures:
-        send, exc = failures[0]
-        raise EagerTaskFailed(
-            f"Eager task {send.task.name}[{send.task_id}] failed after the "
-            f"commit: {exc!r}"
-        ) from exc

@@ -11,11 +11,8 @@ from dataclasses import dataclass
 from pyramid.threadlocal import get_current_registry
 from transaction.interfaces import AlreadyInTransaction, TransientError
 
-from .datamanager import (
-    current_transaction,
-    forget_eager_errors,
-    raise_eager_errors,
-)
+from .datamanager import current_transaction
+from .publish import forget_eager_errors, raise_eager_errors
 
 __all__ = [
     "RetryAttemptsExhausted",

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 from celery.app.defaults import NAMESPACES, flatten
 from pyramid.exceptions import ConfigurationError
 
+from .masking import mask_secrets
+
 __all__ = [
     "TasksSettings",
     "bad_setting",
@@ -31,11 +33,6 @@ TASKS_PREFIX = "tasks."
 _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
 
-# ``scheme://user:password@host`` and ``scheme://:password@host``.  The password
-# runs to the *last* ``@`` (as urllib and kombu read it: ``redis://:p@ss@host``),
-# stopping only at whitespace or the next ``scheme://`` of a failover list.
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/@\s]*:)(?:(?!://)\S)*@")
-
 # Celery's own option table: lowercase name -> Option (its type drives coercion).
 _CELERY_OPTIONS = dict(flatten(NAMESPACES))
 
@@ -49,24 +46,6 @@ _SERIALIZER_KEYS = (
 )
 # Pickle by name, or by the content type kombu registers it under.
 _PICKLE_WORDS = ("pickle", "application/x-python-serialize")
-
-
-# ``"password": "..."`` and the like inside JSON values (transport options).
-_JSON_SECRET = re.compile(
-    r'(?P<head>"[^"]*(?:password|passwd|secret|token)[^"]*"\s*:\s*)"(?:[^"\\]|\\.)*"',
-    re.IGNORECASE,
-)
-
-
-# ``?password=...`` in URL queries and ``password=...`` in libpq DSNs.
-_KEYWORD_SECRET = re.compile(r"(?P<head>\b(?:password|passwd)=)[^&\s]+", re.IGNORECASE)
-
-
-def mask_secrets(value):
-    """``value`` as text, with passwords in URLs, DSNs and JSON replaced."""
-    text = _URL_PASSWORD.sub(r"\g<head>***@", str(value))
-    text = _KEYWORD_SECRET.sub(r"\g<head>***", text)
-    return _JSON_SECRET.sub(r'\g<head>"***"', text)
 
 
 def bad_setting(key, value, expected):

@@ -6,7 +6,8 @@ from celery import Task
 from celery.utils import uuid
 from celery.utils.threads import LocalStack
 
-from .datamanager import Send, publish, raise_eager_errors, schedule, snapshot
+from .datamanager import Send, schedule, snapshot
+from .publish import publish, raise_eager_errors
 from .request import close_request, make_request
 from .retry import RetryPolicy, in_transaction, run_attempts, set_policy
 

@@ -1,6 +1,6 @@
 """Web side: eager task failures reach the response in development."""
 
-from .datamanager import forget_eager_errors, raise_eager_errors
+from .publish import forget_eager_errors, raise_eager_errors
 
 __all__ = ["eager_errors_tween_factory"]
 

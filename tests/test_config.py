@@ -370,12 +370,18 @@ def route_maintenance(name, args, kwargs, options, task=None, **kw):
     return None
 
 
+def route_maintenance_by_name(name, args, kwargs, options, task=None, **kw):
+    """A router function may answer with just the queue's name."""
+    return "maint" if name.endswith(".add") else None
+
+
 @pytest.mark.parametrize(
     "routes",
     [
         '{"tests.pkgs.scanned.add": {"queue": "maint"}}',
         '{"tests.pkgs.scanned.add": "maint"}',
         "tests.test_config.route_maintenance",
+        "tests.test_config.route_maintenance_by_name",
     ],
 )
 def test_queue_prefix_reaches_the_apps_own_routes(routes):

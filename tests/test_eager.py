@@ -13,7 +13,7 @@ from pyramid_tasks import (
     TransactionalTask,
     retryable,
 )
-from pyramid_tasks.datamanager import raise_eager_errors
+from pyramid_tasks.publish import raise_eager_errors
 
 
 def make_app(propagate=True, **settings):

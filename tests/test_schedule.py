@@ -507,8 +507,7 @@ def outcome(text):
         assert str(exc).startswith(f"Invalid setting {KEY} = ")
         return None
     assert isinstance(result, timedelta | crontab)
-    if isinstance(result, timedelta):
-        assert result > timedelta(0)
+    assert not isinstance(result, timedelta) or result > timedelta(0)
     return result
 
 
