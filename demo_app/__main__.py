@@ -52,13 +52,16 @@ def _commands(config, host, port):
 
 
 def _stop(children, timeout=15):
-    """SIGTERM each child's process group; wait until every process in it is gone.
+    """Stop each child, then wait until no process of its group is left.
 
-    Each child leads its own group, so the worker's pool and beat processes
-    are waited for too, not just the processes we started.
+    Only the leaders get SIGTERM: the worker stops its own pool and beat
+    (signalling those directly would race its warm shutdown).  Each child
+    leads its own group, so what they started is waited for too, and killed
+    if it outlives the timeout.
     """
     for process in children.values():
-        _signal_group(process.pid, signal.SIGTERM)
+        if process.poll() is None:
+            process.terminate()
     deadline = time.monotonic() + timeout
     for name, process in children.items():
         while _group_alive(process):

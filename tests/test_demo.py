@@ -163,4 +163,5 @@ def test_the_one_command_demo_runs_and_stops_cleanly(tmp_path):
         assert demo.wait(timeout=60) == 0, log_path.read_text()
     left = [pid for pid in processes if Path(f"/proc/{pid}").exists()]
     assert left == [], f"processes left behind: {left}"
+    assert "did not stop" not in log_path.read_text()  # stopped, not killed
     assert (tmp_path / "var" / "local.sqlite").exists()
