@@ -15,8 +15,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     scenarios = []
     print(header())
-    for module in (dispatch, worker):
-        for scenario in module.run(args.quick):
+    for run in (dispatch.run, worker.run, worker.run_peer):
+        for scenario in run(args.quick):
             scenarios.append(scenario)
             print(scenario.row(), flush=True)
     print(f"\nresults: {save(scenarios, args.quick)}")

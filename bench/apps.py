@@ -11,18 +11,12 @@ import redis
 import zope.sqlalchemy
 from celery import Celery
 from pyramid.config import Configurator
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, insert
+from sqlalchemy import create_engine, insert
 from sqlalchemy.orm import sessionmaker
 
 from pyramid_tasks import PyramidTask, RetryableTransactionTask
 
-metadata = MetaData()
-rows = Table(
-    "bench_rows",
-    metadata,
-    Column("id", Integer, primary_key=True),
-    Column("n", Integer),
-)
+from .schema import rows
 
 
 def _engine(url, schema):

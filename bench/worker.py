@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -11,9 +12,9 @@ import redis
 import sqlalchemy
 from celery import Celery
 
-from .apps import metadata
 from .dispatch import REDIS_URL
 from .harness import Scenario, alternate
+from .schema import metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 DATABASE_URL = os.environ.get(
@@ -21,6 +22,37 @@ DATABASE_URL = os.environ.get(
     "postgresql+psycopg://postgres@127.0.0.1:5432/test",
 )
 FLAGS = ["-P", "solo", "--without-mingle", "--without-gossip", "--without-heartbeat"]
+PEER_VENV = ROOT / "bench" / ".peer-venv"
+PEER_PACKAGES = [
+    "pyramid_celery>=4,<5",
+    "celery[redis]",
+    "SQLAlchemy>=2",
+    "psycopg[binary]",
+]
+
+
+def ensure_peer_venv():
+    """``bench/.peer-venv`` with pyramid_celery 4 (it cannot share our venv)."""
+    celery = PEER_VENV / "bin" / "celery"
+    if not celery.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+        pip = [str(PEER_VENV / "bin" / "pip"), "install", "-q", *PEER_PACKAGES]
+        subprocess.run(pip, check=True)
+    return celery
+
+
+def _peer_ini(queue, schema):
+    path = Path(tempfile.mkdtemp(prefix="bench-peer-")) / "peer.ini"
+    path.write_text(
+        "[app:main]\n"
+        "use = call:bench.peer_app:main\n"
+        f"bench.database_url = {DATABASE_URL}\n"
+        f"bench.schema = {schema}\n\n"
+        "[celery]\n"
+        f"broker_url = {REDIS_URL}\n"
+        f"task_default_queue = {queue}\n"
+    )
+    return path
 
 
 class Worker:
@@ -37,6 +69,9 @@ class Worker:
         }
         if variant == "plain":
             command = [str(bin_dir / "celery"), "-A", "bench.apps:plain", "worker"]
+        elif variant == "peer":
+            command = [str(ensure_peer_venv()), "-A", "pyramid_celery.celery_app"]
+            command += ["worker", "--ini", str(_peer_ini(queue, schema))]
         else:
             variables = {
                 "redis_url": REDIS_URL,
@@ -194,4 +229,40 @@ def run(quick):
     )
     scenarios.append(startup)
     bench.close()
+    return scenarios
+
+
+def run_peer(quick):
+    """Scenario 8: the same drains against pyramid_celery 4 (its own venv)."""
+    rounds, count = (3, 300) if quick else (7, 2000)
+    ensure_peer_venv()
+    bench = Bench()
+    idle = f"bench_idle_{uuid.uuid4().hex[:8]}"
+    workers = {v: Worker(v, idle, bench.schema) for v in ("peer", "ours")}
+    scenarios = []
+    try:
+        for worker in workers.values():
+            wait_for(lambda w=worker: bench.ping(w))
+        for task, title in (
+            ("bench.noop", "no-op"),
+            ("bench.insert", "one INSERT"),
+        ):
+            scenario = Scenario(
+                f"8. vs pyramid_celery 4.0: drain, {title}",
+                "report",
+                unit="ms/task",
+                higher_is_better=True,
+            )
+            for side in workers.values():  # warm-up
+                bench.drain(side, task, 20)
+            scenario.baseline, scenario.ours = alternate(
+                rounds,
+                lambda t=task: bench.drain(workers["peer"], t, count),
+                lambda t=task: bench.drain(workers["ours"], t, count),
+            )
+            scenarios.append(scenario)
+    finally:
+        for worker in workers.values():
+            worker.stop()
+        bench.close()
     return scenarios
