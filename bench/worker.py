@@ -163,6 +163,18 @@ class Bench:
         self.redis.delete(queue, key)
         return elapsed * 1000 / count
 
+    def compare_drains(self, workers, baseline, task, title, target, rounds, count):
+        """A throughput scenario: ``workers[baseline]`` against ``workers["ours"]``."""
+        scenario = Scenario(title, target, unit="ms/task", higher_is_better=True)
+        for worker in workers.values():  # warm-up
+            self.drain(worker, task, 20)
+        scenario.baseline, scenario.ours = alternate(
+            rounds,
+            lambda: self.drain(workers[baseline], task, count),
+            lambda: self.drain(workers["ours"], task, count),
+        )
+        return scenario
+
     def startup(self, variant):
         """Seconds from launching a worker to its first task done."""
         queue = f"bench_q_{uuid.uuid4().hex[:8]}"
@@ -183,22 +195,13 @@ def run(quick):
     try:
         for worker in workers.values():
             wait_for(lambda w=worker: bench.ping(w))
-        scenarios = []
-        for number, task, title, target in (
-            ("1", "bench.noop", "worker drain, no-op task (tasks/s)", ">= 0.95"),
-            ("2", "bench.insert", "worker drain, one INSERT (tasks/s)", ">= 0.90"),
-        ):
-            scenario = Scenario(
-                f"{number}. {title}", target, unit="ms/task", higher_is_better=True
+        scenarios = [
+            bench.compare_drains(workers, "plain", task, title, target, rounds, count)
+            for task, title, target in (
+                ("bench.noop", "1. worker drain, no-op task (tasks/s)", ">= 0.95"),
+                ("bench.insert", "2. worker drain, one INSERT (tasks/s)", ">= 0.90"),
             )
-            for side in workers.values():  # warm-up
-                bench.drain(side, task, 20)
-            scenario.baseline, scenario.ours = alternate(
-                rounds,
-                lambda t=task: bench.drain(workers["plain"], t, count),
-                lambda t=task: bench.drain(workers["ours"], t, count),
-            )
-            scenarios.append(scenario)
+        ]
 
         memory = Scenario(
             f"7. worker RSS growth over {memory_count} tasks (MB)",
@@ -239,28 +242,21 @@ def run_peer(quick):
     bench = Bench()
     idle = f"bench_idle_{uuid.uuid4().hex[:8]}"
     workers = {v: Worker(v, idle, bench.schema) for v in ("peer", "ours")}
-    scenarios = []
     try:
         for worker in workers.values():
             wait_for(lambda w=worker: bench.ping(w))
-        for task, title in (
-            ("bench.noop", "no-op"),
-            ("bench.insert", "one INSERT"),
-        ):
-            scenario = Scenario(
+        scenarios = [
+            bench.compare_drains(
+                workers,
+                "peer",
+                task,
                 f"8. vs pyramid_celery 4.0: drain, {title}",
                 "report",
-                unit="ms/task",
-                higher_is_better=True,
-            )
-            for side in workers.values():  # warm-up
-                bench.drain(side, task, 20)
-            scenario.baseline, scenario.ours = alternate(
                 rounds,
-                lambda t=task: bench.drain(workers["peer"], t, count),
-                lambda t=task: bench.drain(workers["ours"], t, count),
+                count,
             )
-            scenarios.append(scenario)
+            for task, title in (("bench.noop", "no-op"), ("bench.insert", "one INSERT"))
+        ]
     finally:
         for worker in workers.values():
             worker.stop()

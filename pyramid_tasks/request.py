@@ -1,9 +1,10 @@
 """Build and close the Pyramid request a task execution works with."""
 
+import io
 import logging
 
 import transaction
-from pyramid.interfaces import IRequestFactory
+from pyramid.interfaces import IRequestExtensions, IRequestFactory
 from pyramid.request import Request, apply_request_extensions
 from pyramid.threadlocal import manager as threadlocal_manager
 from transaction.interfaces import NoTransaction
@@ -13,7 +14,7 @@ __all__ = ["close_request", "make_request"]
 log = logging.getLogger(__name__)
 
 
-def make_request(registry, site_url, path="/"):
+def make_request(registry, site_url):
     """A request from ``registry`` as a view would get one, and push it.
 
     The app's request factory and request extensions (``request.dbsession``)
@@ -23,13 +24,37 @@ def make_request(registry, site_url, path="/"):
     :func:`close_request`.
     """
     factory = registry.queryUtility(IRequestFactory, default=Request)
-    request = factory.blank(path, base_url=site_url)
-    request.registry = registry
-    apply_request_extensions(request)
+    extensions = registry.queryUtility(IRequestExtensions)
+    if isinstance(factory, type):
+        request = _from_prototype(registry, factory, extensions, site_url)
+    else:  # a factory object: Pyramid's own, slower way
+        request = factory.blank("/", base_url=site_url)
+        request.registry = registry
+        apply_request_extensions(request, extensions=extensions)
     # Set after the extensions: pyramid_tm's ``tm`` is reified, so the
     # instance attribute wins over the thread-local default manager.
     request.tm = transaction.TransactionManager(explicit=True)
     threadlocal_manager.push({"registry": registry, "request": request})
+    return request
+
+
+def _from_prototype(registry, factory, extensions, site_url):
+    # Pyramid's apply_request_extensions makes a new class for every request
+    # (most of a request's cost); a task's requests all have the same shape,
+    # so the class with the app's request properties and the environ of
+    # ``factory.blank("/", base_url=site_url)`` are made once per shape.
+    descriptors = tuple(extensions.descriptors.items()) if extensions else ()
+    key = (factory, site_url, descriptors)
+    cache = registry.__dict__.setdefault("_pyramid_tasks_prototypes", {})
+    prototype = cache.get(key)
+    if prototype is None:
+        cls = type(factory.__name__, (factory,), dict(descriptors))
+        prototype = cache[key] = (cls, factory.blank("/", base_url=site_url).environ)
+    cls, environ = prototype
+    request = cls({**environ, "wsgi.input": io.BytesIO()})
+    request.registry = registry
+    for name, method in extensions.methods.items() if extensions else ():
+        setattr(request, name, method.__get__(request, cls))
     return request
 
 

@@ -17,7 +17,7 @@ class ShopRequest(Request):
     shop = "ours"
 
 
-def make_app(**settings):
+def make_app(request_factory=ShopRequest, **settings):
     config = Configurator(
         settings={
             "celery.broker_url": "memory://",
@@ -28,7 +28,7 @@ def make_app(**settings):
     )
     config.include("pyramid_tm")
     config.include("pyramid_tasks")
-    config.set_request_factory(ShopRequest)
+    config.set_request_factory(request_factory)
     config.add_request_method(
         lambda request: f"session for {request.url}", "dbsession", reify=True
     )
@@ -206,3 +206,46 @@ def test_a_plain_pyramid_task_refuses_tm_instead_of_sending_at_once():
         ),
     ):
         task.apply_async(tm=tm)
+
+
+def test_request_properties_added_later_reach_new_requests():
+    """The cached request class follows the app's request extensions."""
+    config = make_app()
+    seen = []
+
+    def look(self):
+        request = self.get_request()
+        seen.append((getattr(request, "late", None), request.body))
+
+    task = add_body(config, look)
+    task.delay().get()
+    config.add_request_method(lambda request: "added later", "late", reify=True)
+    config.commit()
+    task.delay().get()
+    assert seen == [(None, b""), ("added later", b"")]
+
+
+class RequestFactory:
+    """A request factory that is an object, not a class: Pyramid's slow path."""
+
+    def __call__(self, environ):
+        return ShopRequest(environ)
+
+    def blank(self, path, base_url=None):
+        return ShopRequest.blank(path, base_url=base_url)
+
+
+def test_a_request_factory_object_is_honoured():
+    config = make_app(
+        RequestFactory(), **{"tasks.site_url": "https://example.com/shop"}
+    )
+    seen = []
+
+    def look(self):
+        request = self.get_request()
+        seen.append((request.shop, request.dbsession, request.route_url("home")))
+
+    add_body(config, look).delay().get()
+    assert seen == [
+        ("ours", "session for https://example.com/shop/", "https://example.com/shop/")
+    ]
