@@ -32,6 +32,7 @@ def make_app(request_factory=ShopRequest, **settings):
     config.add_request_method(
         lambda request: f"session for {request.url}", "dbsession", reify=True
     )
+    config.add_request_method(lambda request, n: n * 2, "double")
     config.add_route("home", "/")
     config.add_route("order", "/orders/{id}")
     config.scan("tests.pkgs.scanned")
@@ -59,6 +60,7 @@ def test_eager_request_honours_site_url_factory_and_request_methods():
             registry=request.registry,
             current=(get_current_request() is request, get_current_registry()),
             same=request is self.get_request(),
+            double=request.double(21),
             tm=request.tm,
         )
         return seen["url"]
@@ -71,6 +73,7 @@ def test_eager_request_honours_site_url_factory_and_request_methods():
     assert seen["registry"] is config.registry
     assert seen["current"] == (True, config.registry)
     assert seen["same"] is True
+    assert seen["double"] == 42  # plain request methods are bound too
     assert isinstance(seen["tm"], transaction.TransactionManager)
     assert seen["tm"].explicit
     assert seen["tm"] is not transaction.manager
@@ -232,7 +235,7 @@ class RequestFactory:
         return ShopRequest(environ)
 
     def blank(self, path, base_url=None):
-        return ShopRequest.blank(path, base_url=base_url)
+        return self(ShopRequest.blank(path, base_url=base_url).environ)
 
 
 def test_a_request_factory_object_is_honoured():
