@@ -10,6 +10,7 @@ from pyramid.config import PHASE2_CONFIG
 from pyramid.exceptions import ConfigurationError
 
 from .decorator import TaskHandle
+from .retry import RetryPolicy
 from .schedule import parse_beat_settings, parse_schedule
 from .settings import (
     bad_setting,
@@ -65,6 +66,7 @@ def build_celery_app(registry):
     app.pyramid_registry = registry
     app.pyramid_task_queues = task_queues
     registry.pyramid_tasks_settings = options
+    registry.pyramid_tasks_retry_policy = RetryPolicy.from_settings(options)
     registry.celery_app = app
     return app
 

@@ -5,7 +5,6 @@ import logging
 import math
 import random
 import time
-import weakref
 from dataclasses import dataclass
 
 from pyramid.threadlocal import get_current_registry
@@ -145,22 +144,11 @@ def run_attempts(policy, attempt, name):
             number += 1
 
 
-# The app policy of each request.tm a task execution made (see task.py).
-_policies = weakref.WeakKeyDictionary()
-
-
-def set_policy(tm, policy):
-    """Make ``policy`` the default of :func:`retryable` for ``tm``."""
-    _policies[getattr(tm, "manager", tm)] = policy
-
-
 def _policy_for(tm):
-    policy = _policies.get(getattr(tm, "manager", tm))
-    if policy is None:
-        # pshell and scripts: the app whose registry is current, if any.
-        settings = getattr(get_current_registry(), "pyramid_tasks_settings", None)
-        policy = RetryPolicy.from_settings(settings) if settings else RetryPolicy()
-    return policy
+    # The app whose registry is current: a task execution pushes its own (as
+    # do pshell and bootstrap scripts); anywhere else, the defaults.
+    registry = get_current_registry()
+    return getattr(registry, "pyramid_tasks_retry_policy", None) or RetryPolicy()
 
 
 def _checked(name, value, kind, minimum):

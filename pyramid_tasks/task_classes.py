@@ -9,7 +9,7 @@ from celery.utils.threads import LocalStack
 from .datamanager import Send, schedule, snapshot
 from .publish import publish, raise_eager_errors
 from .request import close_request, make_request
-from .retry import RetryPolicy, in_transaction, run_attempts, set_policy
+from .retry import in_transaction, run_attempts
 
 __all__ = [
     "PyramidTask",
@@ -35,7 +35,6 @@ class _Execution:
             settings = registry.pyramid_tasks_settings
             self.request = make_request(registry, settings.site_url)
             self.request.transaction_attempt = self.attempt
-            set_policy(self.request.tm, RetryPolicy.from_settings(settings))
         return self.request
 
     def close(self):
@@ -169,5 +168,5 @@ class RetryableTransactionTask(TransactionalTask):
                 raise_eager_errors(tm)
                 return result
 
-        settings = self.app.pyramid_registry.pyramid_tasks_settings
-        return run_attempts(RetryPolicy.from_settings(settings), attempt, self.name)
+        policy = self.app.pyramid_registry.pyramid_tasks_retry_policy
+        return run_attempts(policy, attempt, self.name)
