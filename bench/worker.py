@@ -163,6 +163,14 @@ class Bench:
         self.redis.delete(queue, key)
         return elapsed * 1000 / count
 
+    def start_workers(self, *variants):
+        """Workers of ``variants`` on an idle queue, once each answers ping."""
+        idle = f"bench_idle_{uuid.uuid4().hex[:8]}"
+        workers = {v: Worker(v, idle, self.schema) for v in variants}
+        for worker in workers.values():
+            wait_for(lambda w=worker: self.ping(w))
+        return workers
+
     def compare_drains(self, workers, baseline, task, title, target, rounds, count):
         """A throughput scenario: ``workers[baseline]`` against ``workers["ours"]``."""
         scenario = Scenario(title, target, unit="ms/task", higher_is_better=True)
@@ -190,11 +198,8 @@ class Bench:
 def run(quick):
     rounds, count, memory_count = (3, 300, 2000) if quick else (7, 2000, 10000)
     bench = Bench()
-    idle = f"bench_idle_{uuid.uuid4().hex[:8]}"
-    workers = {v: Worker(v, idle, bench.schema) for v in ("plain", "ours")}
+    workers = bench.start_workers("plain", "ours")
     try:
-        for worker in workers.values():
-            wait_for(lambda w=worker: bench.ping(w))
         scenarios = [
             bench.compare_drains(workers, "plain", task, title, target, rounds, count)
             for task, title, target in (
@@ -240,11 +245,8 @@ def run_peer(quick):
     rounds, count = (3, 300) if quick else (7, 2000)
     ensure_peer_venv()
     bench = Bench()
-    idle = f"bench_idle_{uuid.uuid4().hex[:8]}"
-    workers = {v: Worker(v, idle, bench.schema) for v in ("peer", "ours")}
+    workers = bench.start_workers("peer", "ours")
     try:
-        for worker in workers.values():
-            wait_for(lambda w=worker: bench.ping(w))
         scenarios = [
             bench.compare_drains(
                 workers,
