@@ -8,14 +8,28 @@ import argparse
 from . import dispatch, worker
 from .harness import header, save
 
+GROUPS = {
+    "dispatch": dispatch.run,  # 3, 4
+    "worker": worker.run,  # 1, 2, 6, 7
+    "peer": worker.run_peer,  # 8
+}
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(GROUPS),
+        help="run only this group of scenarios (repeatable)",
+    )
     args = parser.parse_args(argv)
     scenarios = []
     print(header())
-    for run in (dispatch.run, worker.run, worker.run_peer):
+    for name, run in GROUPS.items():
+        if args.only and name not in args.only:
+            continue
         for scenario in run(args.quick):
             scenarios.append(scenario)
             print(scenario.row(), flush=True)

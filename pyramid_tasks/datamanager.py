@@ -162,6 +162,8 @@ def snapshot(task, args, kwargs, options):
     """
     _check_times(task, options)
     serializer = options.get("serializer") or task.serializer
+    if serializer == "json" and _plain_json(args, kwargs):
+        return tuple(args or ()), dict(kwargs or {})
     try:
         content_type, encoding, data = dumps(
             (args or (), kwargs or {}), serializer=serializer
@@ -173,6 +175,23 @@ def snapshot(task, args, kwargs, options):
         ) from exc
     args, kwargs = loads(data, content_type, encoding, accept={content_type})
     return tuple(args), kwargs
+
+
+# JSON gives these back unchanged, and they cannot change after the call.
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
+def _plain_json(args, kwargs):
+    """Whether the JSON round trip of ``(args, kwargs)`` is a copy of them."""
+    return (
+        type(args) in (tuple, list, type(None))
+        and type(kwargs) in (dict, type(None))
+        and all(type(value) in _PLAIN for value in args or ())
+        and all(
+            type(key) is str and type(value) in _PLAIN
+            for key, value in (kwargs or {}).items()
+        )
+    )
 
 
 def _check_times(task, options):

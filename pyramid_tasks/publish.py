@@ -6,10 +6,13 @@ code that owns the commit (:func:`raise_eager_errors`).
 """
 
 import logging
+import sys
 import traceback
 import weakref
+from collections import deque
+from itertools import islice
 
-from kombu.exceptions import OperationalError
+from kombu.exceptions import BatchPublishError, OperationalError
 
 from .masking import mask_secrets
 
@@ -24,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def publish(app, sends):
-    """Send a committed batch: eagerly in eager mode, else through one producer.
+    """Send a committed batch: eagerly in eager mode, else through one producer,
+    pipelined where the transport allows it.
 
     Never raises: a committed transaction is not undone by a failed send.
     Each failure is logged at ERROR with the task name and id.
@@ -39,30 +43,73 @@ def publish(app, sends):
     if app.conf.task_always_eager:
         _run_eagerly(app, sends)
         return
-    remaining = list(sends)
+    unsent = _Unsent(sends)
+    if len(sends) == 1:  # nothing to share: Celery's own path
+        unsent.send(None, sends[0], fatal=())
+        return
     try:
         with app.producer_or_acquire() as producer:
             fatal = (OperationalError, *producer.connection.connection_errors)
-            while remaining:
-                send = remaining[0]
+            while unsent.sends:
+                chunk = list(islice(unsent.sends, _BATCH_SIZE))
                 try:
-                    send.task.apply_async(
-                        send.args,
-                        send.kwargs,
-                        task_id=send.task_id,
-                        producer=producer,
-                        **send.options,
+                    # Where the transport allows (Redis), the chunk's pushes
+                    # go out in one pipeline when the block ends.
+                    with producer.batch(max_size=sys.maxsize):
+                        for send in chunk:
+                            unsent.send(producer, send, fatal)
+                except BatchPublishError as exc:
+                    # Some pushes of the pipeline may have landed: send the
+                    # chunk again one at a time, at least once, never lost.
+                    log.warning(
+                        "Sending %d committed tasks again one at a time: %s",
+                        len(chunk),
+                        mask_secrets(exc.__cause__ or exc),
                     )
-                except fatal:
-                    raise
-                except Exception as exc:
-                    _log_unsent(send, exc)
-                del remaining[0]
+                    for send in chunk:
+                        unsent.send(producer, send, fatal)
+                        unsent.sends.popleft()
+                else:
+                    for _ in chunk:
+                        unsent.sends.popleft()
     except Exception as exc:
         # The broker is unreachable (after Celery's publish retry policy):
         # the rest would each wait as long, so they are reported, not tried.
-        for send in remaining:
+        unsent.report(exc)
+
+
+# Sends per pipeline: bounds what one failed pipeline sends again.
+_BATCH_SIZE = 1000
+
+
+class _Unsent:
+    """The sends of a batch not yet known to be sent or reported, in order."""
+
+    def __init__(self, sends):
+        self.sends = deque(sends)
+        self._refused = set()  # id()s of sends already reported
+
+    def send(self, producer, send, fatal):
+        if id(send) in self._refused:
+            return
+        try:
+            send.task.apply_async(
+                send.args,
+                send.kwargs,
+                task_id=send.task_id,
+                producer=producer,
+                **send.options,
+            )
+        except fatal:
+            raise
+        except Exception as exc:  # this message only: a router, an encoder
+            self._refused.add(id(send))
             _log_unsent(send, exc)
+
+    def report(self, exc):
+        for send in self.sends:
+            if id(send) not in self._refused:
+                _log_unsent(send, exc)
 
 
 def _log_unsent(send, exc):

@@ -224,6 +224,29 @@ def free_port():
         return sock.getsockname()[1]
 
 
+@pytest.fixture
+def private_redis(tmp_path):
+    """The URL of a ``redis-server`` of this test's own, free to reconfigure."""
+    port = free_port()
+    arguments = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+    arguments += ["--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    process = subprocess.Popen(arguments, stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+
+    def answers():
+        try:
+            return client.ping()
+        except redis.ConnectionError:
+            return False
+
+    wait_for(answers, timeout=10, message=f"redis-server on port {port}")
+    yield url
+    client.close()
+    process.terminate()
+    process.wait(timeout=10)
+
+
 class NullDataManager:
     """A data manager that does nothing: subclass it to see a transaction's
     phases (the way repoze.sendmail's tests use dummy data managers)."""

@@ -11,7 +11,9 @@ import time
 import uuid
 
 import pytest
+import redis
 import transaction
+from celery.signals import before_task_publish
 from kombu.exceptions import EncodeError
 from pyramid.config import Configurator
 from transaction.interfaces import DoomedTransaction
@@ -216,21 +218,73 @@ def test_one_producer_for_the_whole_batch(app, redis_client, queue):
     assert len(acquired) == 1
 
 
+def test_a_large_batch_arrives_whole_in_order(app, redis_client, queue):
+    """Pipelined in chunks: every task once, in the order of the calls."""
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:
+        ids = [app.tasks["t.echo"].apply_async((n,), tm=tm).id for n in range(2500)]
+    messages = published(redis_client, queue)
+    assert [task_id for _, task_id, _ in messages] == ids
+    assert [args for _, _, args in messages] == [[n] for n in range(2500)]
+
+
+def test_a_failed_pipeline_is_sent_again_one_at_a_time(private_redis, queue, caplog):
+    """Redis refuses the pipeline's pushes (out of memory); once it accepts
+    writes again, each task is sent on its own, none lost, none twice, and a
+    task the app's router refused is reported once, not tried again."""
+    app = make_app(
+        private_redis,
+        queue,
+        **{"celery.task_routes": "tests.test_schedule_on_commit.refuse_two"},
+    )
+    client = redis.Redis.from_url(private_redis)
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:  # declares the queue, a write of its own
+        app.tasks["t.echo"].apply_async(("warm-up",), tm=tm)
+    client.delete(queue)
+    client.config_set("maxmemory", 1)  # every push refused: OOM
+    publishes = []
+
+    def writable_again_on_the_fifth(sender=None, headers=None, **kwargs):
+        publishes.append(headers["id"])
+        if len(publishes) == 5:  # the four of the pipeline, then a resend
+            client.config_set("maxmemory", 0)
+
+    before_task_publish.connect(writable_again_on_the_fifth, weak=False)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pyramid_tasks"), tm:
+            ids = [app.tasks["t.echo"].apply_async((n,), tm=tm).id for n in range(5)]
+    finally:
+        before_task_publish.disconnect(writable_again_on_the_fifth)
+    sent = ids[:2] + ids[3:]
+    assert [task_id for _, task_id, _ in published(client, queue)] == sent
+    assert publishes == sent + sent
+    refused, warning = caplog.records
+    assert refused.args[:2] == ("t.echo", ids[2])
+    assert "Sending 5 committed tasks again one at a time" in warning.getMessage()
+    assert "maxmemory" in warning.getMessage()
+    app.close()
+
+
 def test_broker_down_logs_each_task_and_keeps_the_commit(queue, caplog):
     app = make_app(
         f"redis://:s3cret@127.0.0.1:{free_port()}/0",
         queue,
-        **{"celery.broker_connection_timeout": "1"},
+        **{
+            "celery.broker_connection_timeout": "1",
+            "celery.task_routes": "tests.test_schedule_on_commit.refuse_two",
+        },
     )
     tm = transaction.TransactionManager(explicit=True)
     ids = []
     started = time.monotonic()
     with caplog.at_level(logging.ERROR, logger="pyramid_tasks"), tm:
-        for number in range(20):
+        for number in [2, *range(20)]:  # the router refuses the first: logged once
             ids.append(app.tasks["t.echo"].apply_async((number,), tm=tm).id)
     held = time.monotonic() - started
     unsent = [r for r in caplog.records if "could not be sent" in r.getMessage()]
     assert [r.args[1] for r in unsent] == ids
+    assert "the router refused it" in unsent[0].getMessage()
     assert all(r.args[0] == "t.echo" for r in unsent)
     assert "s3cret" not in caplog.text  # nor in the traceback logged with it
     assert "Traceback" in unsent[0].getMessage()
