@@ -183,19 +183,23 @@ _PLAIN = frozenset({str, int, float, bool, type(None)})
 
 def _plain_json(args, kwargs):
     """Whether the JSON round trip of ``(args, kwargs)`` is a copy of them."""
-    return (
-        type(args) in (tuple, list, type(None))
-        and type(kwargs) in (dict, type(None))
-        and all(type(value) in _PLAIN for value in args or ())
-        and all(
-            type(key) is str and type(value) in _PLAIN
-            for key, value in (kwargs or {}).items()
-        )
-    )
+    if type(args) not in (tuple, list, type(None)):
+        return False
+    if type(kwargs) not in (dict, type(None)):
+        return False
+    for value in args or ():
+        if type(value) not in _PLAIN:
+            return False
+    for key, value in (kwargs or {}).items():
+        if type(key) is not str or type(value) not in _PLAIN:
+            return False
+    return True
 
 
 def _check_times(task, options):
     """Refuse at the call what Celery would only refuse when publishing."""
+    if not options:
+        return
     for key in ("eta", "expires"):
         value = options.get(key)
         if isinstance(value, str):

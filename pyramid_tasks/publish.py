@@ -12,6 +12,7 @@ import weakref
 from collections import deque
 from itertools import islice
 
+from celery import Task
 from kombu.exceptions import BatchPublishError, OperationalError
 
 from .masking import mask_secrets
@@ -93,7 +94,9 @@ class _Unsent:
         if id(send) in self._refused:
             return
         try:
-            send.task.apply_async(
+            # Celery's own apply_async: the task's ran at the call, with tm=.
+            Task.apply_async(
+                send.task,
                 send.args,
                 send.kwargs,
                 task_id=send.task_id,

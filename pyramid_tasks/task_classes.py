@@ -96,9 +96,7 @@ class PyramidTask(Task):
                 "transactional task class) to use apply_async(..., tm=...)."
             )
         registry = self.app.pyramid_registry
-        queue = options.get("queue")
-        if isinstance(queue, str):
-            options["queue"] = registry.pyramid_tasks_settings.queue_name(queue)
+        _prefix_queue(registry, options)
         capture = getattr(registry, "pyramid_tasks_capture", None)
         if capture is not None:  # pyramid_tasks.testing is included
             task_id = task_id or uuid()
@@ -106,6 +104,12 @@ class PyramidTask(Task):
             capture.record(self, args, kwargs, options, task_id)
             return self.AsyncResult(task_id)
         return super().apply_async(args, kwargs, task_id, **options)
+
+
+def _prefix_queue(registry, options):
+    queue = options.get("queue")
+    if isinstance(queue, str):
+        options["queue"] = registry.pyramid_tasks_settings.queue_name(queue)
 
 
 class ScheduleOnCommitTask(PyramidTask):
@@ -124,6 +128,8 @@ class ScheduleOnCommitTask(PyramidTask):
             self.__header__(*(args or ()), **(kwargs or {}))
         task_id = task_id or uuid()
         args, kwargs = snapshot(self, args, kwargs, options)
+        # The options are final now: publish() gives them to Celery as they are.
+        _prefix_queue(self.app.pyramid_registry, options)
         send = Send(self, args, kwargs, options, task_id, tm)
         schedule(tm, send, lambda sends: publish(self.app, sends))
         return self.AsyncResult(task_id)

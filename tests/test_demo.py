@@ -81,11 +81,9 @@ def test_beat_task_expires_stale_orders(eager_app):
         )
         connection.execute(sqlalchemy.insert(Order).values(email="new@example.com"))
     assert expire_stale_orders.delay(older_than=3600).get() == 1
-    statuses = dict(
-        eager_app.app.registry["dbsession_factory"]()
-        .execute(text("SELECT email, status FROM orders"))
-        .all()
-    )
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT email, status FROM orders"))
+        statuses = dict(rows.all())
     assert statuses == {"old@example.com": "expired", "new@example.com": "new"}
 
 

@@ -2,10 +2,11 @@
 
 import os
 
-import zope.sqlalchemy
 from pyramid.settings import asbool
 from sqlalchemy import engine_from_config, text
 from sqlalchemy.orm import sessionmaker
+
+from pyramid_tasks.sqlalchemy import get_tm_session, register_factory
 
 from .meta import Base
 from .order import Order
@@ -36,15 +37,9 @@ def get_engine(settings, prefix="sqlalchemy."):
 
 
 def get_session_factory(engine):
-    factory = sessionmaker()
-    factory.configure(bind=engine)
-    return factory
-
-
-def get_tm_session(session_factory, transaction_manager, request=None):
-    dbsession = session_factory(info={"request": request})
-    zope.sqlalchemy.register(dbsession, transaction_manager=transaction_manager)
-    return dbsession
+    # zope.sqlalchemy's listeners once on the factory, not on every session
+    # (the cookiecutter's get_tm_session registers each one: ~0.4 ms).
+    return register_factory(sessionmaker(bind=engine))
 
 
 def create_tables(engine, schema=None):
