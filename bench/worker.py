@@ -37,7 +37,10 @@ def ensure_peer_venv():
     if not celery.exists():
         subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
         pip = [str(PEER_VENV / "bin" / "pip"), "install", "-q", *PEER_PACKAGES]
-        subprocess.run(pip, check=True)
+        print(f"installing {' '.join(PEER_PACKAGES)} in {PEER_VENV}", flush=True)
+        done = subprocess.run(pip, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"installing the peer virtualenv failed:\n{done.stderr}")
     return celery
 
 
