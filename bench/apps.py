@@ -65,7 +65,7 @@ def main(global_config, **settings):
         engine = _engine(settings["bench.database_url"], settings["bench.schema"])
         # zope.sqlalchemy's listeners once on the factory; each session
         # carries its request's manager (the cookiecutter registers each
-        # session: about 0.4 ms a task).
+        # session: about 0.1 ms a task).
         factory = register_factory(sessionmaker(bind=engine))
 
         def dbsession(request):

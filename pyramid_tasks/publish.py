@@ -44,85 +44,103 @@ def publish(app, sends):
     if app.conf.task_always_eager:
         _run_eagerly(app, sends)
         return
-    unsent = _Unsent(sends)
     if len(sends) == 1:  # nothing to share: Celery's own path
-        unsent.send(None, sends[0], fatal=())
+        try:
+            _apply(sends[0], producer=None)
+        except Exception as exc:
+            _log_unsent(sends[0], exc)
         return
+    unsent = deque(sends)  # neither sent nor reported yet, in order
+    uncertain = set()  # id()s of sends a failed pipeline may have delivered
     try:
         with app.producer_or_acquire() as producer:
-            fatal = (OperationalError, *producer.connection.connection_errors)
-            while unsent.sends:
-                chunk = list(islice(unsent.sends, _BATCH_SIZE))
-                try:
-                    # Where the transport allows (Redis), the chunk's pushes
-                    # go out in one pipeline when the block ends.
-                    with producer.batch(max_size=sys.maxsize):
-                        for send in chunk:
-                            unsent.send(producer, send, fatal)
-                except BatchPublishError as exc:
-                    # Some pushes of the pipeline may have landed: send the
-                    # chunk again one at a time, at least once, never lost.
-                    log.warning(
-                        "Sending %d committed tasks again one at a time: %s",
-                        len(chunk),
-                        mask_secrets(exc.__cause__ or exc),
-                    )
-                    for send in chunk:
-                        unsent.send(producer, send, fatal)
-                        unsent.sends.popleft()
-                else:
+            connection_errors = producer.connection.connection_errors
+            pipelined = producer.supports_batch_publish
+            while unsent:
+                chunk = list(islice(unsent, _BATCH_SIZE))
+                if pipelined and _pipeline(producer, chunk, uncertain):
                     for _ in chunk:
-                        unsent.sends.popleft()
+                        unsent.popleft()
+                    continue
+                for send in chunk:
+                    try:
+                        _apply(send, producer)
+                    except Exception as exc:
+                        if _broker_down(exc, connection_errors):
+                            raise
+                        _log_unsent(send, exc)  # this message only
+                    unsent.popleft()
     except Exception as exc:
         # The broker is unreachable (after Celery's publish retry policy):
         # the rest would each wait as long, so they are reported, not tried.
-        unsent.report(exc)
+        for send in unsent:
+            _log_unsent(send, exc, id(send) in uncertain)
 
 
 # Sends per pipeline: bounds what one failed pipeline sends again.
 _BATCH_SIZE = 1000
 
 
-class _Unsent:
-    """The sends of a batch not yet known to be sent or reported, in order."""
-
-    def __init__(self, sends):
-        self.sends = deque(sends)
-        self._refused = set()  # id()s of sends already reported
-
-    def send(self, producer, send, fatal):
-        if id(send) in self._refused:
-            return
-        try:
-            # Celery's own apply_async: the task's ran at the call, with tm=.
-            Task.apply_async(
-                send.task,
-                send.args,
-                send.kwargs,
-                task_id=send.task_id,
-                producer=producer,
-                **send.options,
-            )
-        except fatal:
-            raise
-        except Exception as exc:  # this message only: a router, an encoder
-            self._refused.add(id(send))
-            _log_unsent(send, exc)
-
-    def report(self, exc):
-        for send in self.sends:
-            if id(send) not in self._refused:
-                _log_unsent(send, exc)
+def _apply(send, producer):
+    # Celery's own apply_async: the task's own ran at the call, with tm=.
+    Task.apply_async(
+        send.task,
+        send.args,
+        send.kwargs,
+        task_id=send.task_id,
+        producer=producer,
+        **send.options,
+    )
 
 
-def _log_unsent(send, exc):
+def _pipeline(producer, chunk, uncertain):
+    """Send ``chunk`` in one pipeline; False if it must go one at a time.
+
+    Nothing leaves before the pipeline runs, at the end of the block: an
+    error while filling it (a router, a declare, the broker) sends nothing,
+    and the chunk goes one at a time, where each error has its own answer.
+    A pipeline that fails may have delivered part of the chunk: sent again,
+    those arrive twice; none is lost.
+    """
+    try:
+        with producer.batch(max_size=sys.maxsize):
+            for send in chunk:
+                _apply(send, producer)
+    except BatchPublishError as exc:
+        uncertain.update(id(send) for send in chunk)
+        reason = exc.__cause__ or exc
+    except Exception as exc:
+        reason = exc
+    else:
+        return True
+    log.warning(
+        "Sending %d committed tasks one at a time, not in one pipeline: %s",
+        len(chunk),
+        mask_secrets(reason),
+    )
+    return False
+
+
+def _broker_down(exc, connection_errors):
+    """Whether ``exc`` is the broker connection failing, not this message.
+
+    kombu re-raises both connection and channel errors (a Redis WRONGTYPE on
+    one queue) as ``OperationalError``; its cause tells them apart.
+    """
+    if isinstance(exc, OperationalError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return isinstance(exc, (OperationalError, *connection_errors))
+
+
+def _log_unsent(send, exc, uncertain=False):
     # The traceback goes in as masked text: exc_info would print the raw
     # exception, broker password included.
     trace = mask_secrets("".join(traceback.format_exception(exc)))
     log.error(
-        "Task %s[%s] was committed but could not be sent: %s\n%s",
+        "Task %s[%s] was committed but could not be sent%s: %s\n%s",
         send.task.name,
         send.task_id,
+        " again (a failed pipeline may have delivered it)" if uncertain else "",
         mask_secrets(exc),
         trace,
     )

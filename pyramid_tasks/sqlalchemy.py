@@ -2,8 +2,8 @@
 
 The cookiecutter's ``get_tm_session`` calls ``zope.sqlalchemy.register`` on
 every new session: seven event listeners attached to that one session, about
-0.3 to 0.5 ms a request or task. Here they are attached to the factory once,
-and each session names its transaction manager in ``session.info``::
+0.1 ms a request or task. Here they are attached to the factory once, and each
+session names its transaction manager in ``session.info``::
 
     from pyramid_tasks.sqlalchemy import get_tm_session, register_factory
 
@@ -14,8 +14,10 @@ and each session names its transaction manager in ``session.info``::
 
 Each listener behaves exactly as zope.sqlalchemy's own, with the session's
 manager.  A session of a registered factory made without a manager raises
-:class:`NoTransactionManager` when it first touches the database.
+:class:`NoTransactionManager` on first use (a query, ``add()``).
 """
+
+import weakref
 
 from sqlalchemy import event
 from zope.sqlalchemy.datamanager import STATUS_ACTIVE, ZopeTransactionEvents
@@ -37,14 +39,25 @@ class NoTransactionManager(LookupError):
     """A session of a registered factory has no manager in ``session.info``."""
 
 
+# The listeners of each registered factory (a sessionmaker or a Session
+# subclass): registering twice would attach every listener twice.
+_registered = weakref.WeakKeyDictionary()
+
+# Where get_tm_session() leaves a session's listeners, for mark_changed().
+_EVENTS_KEY = "pyramid_tasks.sqlalchemy.events"
+
+
 def register_factory(factory, initial_state=STATUS_ACTIVE, keep_session=False):
     """Join every session ``factory`` makes to its own transaction manager.
 
-    ``factory`` is a ``sessionmaker`` (or ``scoped_session``, or a ``Session``
-    subclass); ``initial_state`` and ``keep_session`` mean what they mean to
-    ``zope.sqlalchemy.register``.  Returns ``factory``.
+    ``factory`` is a ``sessionmaker`` or a ``Session`` subclass;
+    ``initial_state`` and ``keep_session`` mean what they mean to
+    ``zope.sqlalchemy.register``.  Registering again does nothing.  Returns
+    ``factory``.
     """
-    events = _FactoryEvents(initial_state, keep_session)
+    if factory in _registered:
+        return factory
+    events = _registered[factory] = _FactoryEvents(initial_state, keep_session)
     for name in _EVENTS:
         event.listen(factory, name, getattr(events, name))
     return factory
@@ -54,18 +67,45 @@ def get_tm_session(session_factory, transaction_manager, request=None):
     """A new session of a registered factory, joined to ``transaction_manager``.
 
     The cookiecutter's ``get_tm_session``, with the same arguments, minus the
-    per-session registration.
+    per-session registration.  A factory nobody registered is refused: its
+    sessions would join no transaction and their writes would be lost.
     """
-    return session_factory(info={TM_KEY: transaction_manager, "request": request})
+    events = _events_of(session_factory)
+    if events is None:
+        raise TypeError(
+            f"get_tm_session() needs a session factory registered with "
+            f"pyramid_tasks.sqlalchemy.register_factory, not {session_factory!r}: "
+            "register it once, where it is made."
+        )
+    info = {TM_KEY: transaction_manager, "request": request, _EVENTS_KEY: events}
+    return session_factory(info=info)
 
 
-def mark_changed(session, keep_session=False):
+def mark_changed(session):
     """``zope.sqlalchemy.mark_changed`` with the session's own manager.
 
     Call it after writing with Core or ``text()``, which zope.sqlalchemy
     cannot see: without it the commit rolls those writes back.
     """
-    _mark_changed(session, _manager(session), keep_session)
+    events = session.info.get(_EVENTS_KEY)
+    if events is None:  # made without get_tm_session: zope's defaults
+        _mark_changed(session, _manager(session))
+    else:  # joins, if it must, with the factory's own keep_session
+        events.mark_changed(session)
+
+
+def _events_of(factory):
+    """The listeners registered for ``factory``, or for its Session class."""
+    class_ = getattr(factory, "class_", factory)  # a sessionmaker's class
+    candidates = (factory, *getattr(class_, "__mro__", ()))
+    for candidate in candidates:
+        try:
+            events = _registered.get(candidate)
+        except TypeError:  # not weakly referenceable: never registered
+            continue
+        if events is not None:
+            return events
+    return None
 
 
 def _manager(session):
@@ -103,6 +143,9 @@ class _FactoryEvents:
         return ZopeTransactionEvents(
             self.initial_state, _manager(session), self.keep_session
         )
+
+    def mark_changed(self, session):
+        self._events(session).mark_changed(session)
 
     def after_begin(self, session, transaction, connection):
         self._events(session).after_begin(session, transaction, connection)

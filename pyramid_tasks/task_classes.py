@@ -128,8 +128,12 @@ class ScheduleOnCommitTask(PyramidTask):
             self.__header__(*(args or ()), **(kwargs or {}))
         task_id = task_id or uuid()
         args, kwargs = snapshot(self, args, kwargs, options)
-        # The options are final now: publish() gives them to Celery as they are.
+        # The options are final now: publish() gives them to Celery as they
+        # are, with a producer of its own (a canvas passes the one it holds
+        # during this call, released long before the commit).
         _prefix_queue(self.app.pyramid_registry, options)
+        options.pop("producer", None)
+        options.pop("connection", None)
         send = Send(self, args, kwargs, options, task_id, tm)
         schedule(tm, send, lambda sends: publish(self.app, sends))
         return self.AsyncResult(task_id)

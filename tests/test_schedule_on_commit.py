@@ -13,6 +13,7 @@ import uuid
 import pytest
 import redis
 import transaction
+from celery import group
 from celery.signals import before_task_publish
 from kombu.exceptions import EncodeError
 from pyramid.config import Configurator
@@ -196,8 +197,15 @@ def test_canvas_signatures_take_tm(app, redis_client, queue):
     with tm:
         app.tasks["t.echo"].s(1).apply_async(tm=tm)
         (app.tasks["t.echo"].s(2) | app.tasks["t.other"].s()).apply_async(tm=tm)
+        # A group hands each task the producer it holds during the call.
+        group(app.tasks["t.echo"].s(3), app.tasks["t.echo"].s(4)).apply_async(tm=tm)
         assert published(redis_client, queue) == []
-    assert [args for _, _, args in published(redis_client, queue)] == [[1], [2]]
+    assert [args for _, _, args in published(redis_client, queue)] == [
+        [1],
+        [2],
+        [3],
+        [4],
+    ]
 
 
 def test_one_producer_for_the_whole_batch(app, redis_client, queue):
@@ -230,13 +238,8 @@ def test_a_large_batch_arrives_whole_in_order(app, redis_client, queue):
 
 def test_a_failed_pipeline_is_sent_again_one_at_a_time(private_redis, queue, caplog):
     """Redis refuses the pipeline's pushes (out of memory); once it accepts
-    writes again, each task is sent on its own, none lost, none twice, and a
-    task the app's router refused is reported once, not tried again."""
-    app = make_app(
-        private_redis,
-        queue,
-        **{"celery.task_routes": "tests.test_schedule_on_commit.refuse_two"},
-    )
+    writes again, each task is sent on its own: none lost, none twice."""
+    app = make_app(private_redis, queue)
     client = redis.Redis.from_url(private_redis)
     tm = transaction.TransactionManager(explicit=True)
     with tm:  # declares the queue, a write of its own
@@ -245,24 +248,134 @@ def test_a_failed_pipeline_is_sent_again_one_at_a_time(private_redis, queue, cap
     client.config_set("maxmemory", 1)  # every push refused: OOM
     publishes = []
 
-    def writable_again_on_the_fifth(sender=None, headers=None, **kwargs):
+    def writable_again_on_the_sixth(sender=None, headers=None, **kwargs):
         publishes.append(headers["id"])
-        if len(publishes) == 5:  # the four of the pipeline, then a resend
+        if len(publishes) == 6:  # the five of the pipeline, then a resend
             client.config_set("maxmemory", 0)
 
-    before_task_publish.connect(writable_again_on_the_fifth, weak=False)
+    before_task_publish.connect(writable_again_on_the_sixth, weak=False)
     try:
         with caplog.at_level(logging.WARNING, logger="pyramid_tasks"), tm:
             ids = [app.tasks["t.echo"].apply_async((n,), tm=tm).id for n in range(5)]
     finally:
-        before_task_publish.disconnect(writable_again_on_the_fifth)
-    sent = ids[:2] + ids[3:]
-    assert [task_id for _, task_id, _ in published(client, queue)] == sent
-    assert publishes == sent + sent
-    refused, warning = caplog.records
-    assert refused.args[:2] == ("t.echo", ids[2])
-    assert "Sending 5 committed tasks again one at a time" in warning.getMessage()
+        before_task_publish.disconnect(writable_again_on_the_sixth)
+    assert [task_id for _, task_id, _ in published(client, queue)] == ids
+    assert publishes == ids + ids
+    [warning] = caplog.records
+    assert "Sending 5 committed tasks one at a time" in warning.getMessage()
     assert "maxmemory" in warning.getMessage()
+    app.close()
+
+
+def test_a_queue_redis_refuses_costs_only_its_own_task(
+    app, redis_client, queue, caplog
+):
+    """A queue whose key is not a list (WRONGTYPE when declared): the pipeline
+    is never sent, each task goes alone, and only that one is reported."""
+    broken = f"{queue}_broken"
+    redis_client.set(broken, "not a list")
+    tm = transaction.TransactionManager(explicit=True)
+    echo_task = app.tasks["t.echo"]
+    with caplog.at_level(logging.WARNING, logger="pyramid_tasks"), tm:
+        good = [echo_task.apply_async((n,), tm=tm).id for n in range(2)]
+        bad = echo_task.apply_async((2,), tm=tm, queue=broken).id
+        good.append(echo_task.apply_async((3,), tm=tm).id)
+    assert [task_id for _, task_id, _ in published(redis_client, queue)] == good
+    warning, error = caplog.records
+    assert "Sending 4 committed tasks one at a time" in warning.getMessage()
+    assert error.args[:2] == ("t.echo", bad)
+    assert "WRONGTYPE" in error.getMessage()
+    redis_client.delete(broken)
+
+
+def test_a_failed_pipeline_then_no_broker_reports_each_as_uncertain(
+    private_redis, queue, caplog
+):
+    """The pipeline failed, then the broker went away before the resend:
+    each task is reported, saying the pipeline may have delivered it."""
+    app = make_app(private_redis, queue)
+    client = redis.Redis.from_url(private_redis)
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:  # declares the queue
+        app.tasks["t.echo"].apply_async(("warm-up",), tm=tm)
+    client.config_set("maxmemory", 1)
+    publishes = []
+
+    def broker_dies_before_the_resend(sender=None, headers=None, **kwargs):
+        publishes.append(headers["id"])
+        if len(publishes) == 4:  # the three of the pipeline, then a resend
+            client.shutdown(nosave=True)
+
+    before_task_publish.connect(broker_dies_before_the_resend, weak=False)
+    try:
+        with caplog.at_level(logging.ERROR, logger="pyramid_tasks"), tm:
+            ids = [app.tasks["t.echo"].apply_async((n,), tm=tm).id for n in range(3)]
+    finally:
+        before_task_publish.disconnect(broker_dies_before_the_resend)
+    assert [r.args[1] for r in caplog.records] == ids
+    assert all(
+        "a failed pipeline may have delivered it" in r.getMessage()
+        for r in caplog.records
+    )
+    app.close()
+
+
+@pytest.fixture
+def unpipelined_app(redis_url, queue, redis_client):
+    """Redis with retry_on_timeout: kombu will not pipeline (a retried
+    pipeline could run twice), so each task is sent as it comes."""
+    app = make_app(
+        redis_url,
+        queue,
+        **{"celery.broker_transport_options": '{"retry_on_timeout": true}'},
+    )
+    yield app
+    redis_client.delete(queue)
+    app.close()
+
+
+def test_one_at_a_time_a_refused_push_stops_nothing(
+    unpipelined_app, redis_client, queue, caplog
+):
+    broken = f"{queue}_broken"
+    redis_client.set(broken, "not a list")
+    tm = transaction.TransactionManager(explicit=True)
+    echo_task = unpipelined_app.tasks["t.echo"]
+    with caplog.at_level(logging.WARNING, logger="pyramid_tasks"), tm:
+        good = [echo_task.apply_async((n,), tm=tm).id for n in range(2)]
+        bad = echo_task.apply_async((2,), tm=tm, queue=broken).id
+        good.append(echo_task.apply_async((3,), tm=tm).id)
+    assert [task_id for _, task_id, _ in published(redis_client, queue)] == good
+    [error] = caplog.records
+    assert error.args[:2] == ("t.echo", bad)
+    assert "WRONGTYPE" in error.getMessage()
+    redis_client.delete(broken)
+
+
+def test_one_at_a_time_the_broker_dying_reports_only_the_unsent(
+    private_redis, queue, caplog
+):
+    app = make_app(
+        private_redis,
+        queue,
+        **{"celery.broker_transport_options": '{"retry_on_timeout": true}'},
+    )
+    client = redis.Redis.from_url(private_redis)
+    publishes = []
+
+    def broker_dies_before_the_third(sender=None, headers=None, **kwargs):
+        publishes.append(headers["id"])
+        if len(publishes) == 3:
+            client.shutdown(nosave=True)
+
+    tm = transaction.TransactionManager(explicit=True)
+    before_task_publish.connect(broker_dies_before_the_third, weak=False)
+    try:
+        with caplog.at_level(logging.ERROR, logger="pyramid_tasks"), tm:
+            ids = [app.tasks["t.echo"].apply_async((n,), tm=tm).id for n in range(5)]
+    finally:
+        before_task_publish.disconnect(broker_dies_before_the_third)
+    assert [r.args[1] for r in caplog.records] == ids[2:]
     app.close()
 
 
@@ -314,6 +427,21 @@ def test_one_failing_publish_does_not_stop_the_others(
     assert record.args[:2] == ("t.echo", ids[1])
     assert "the router refused it" in record.getMessage()
     redis_client.delete(queue)
+
+
+def test_a_lone_task_that_cannot_be_sent_is_logged(redis_url, queue, caplog):
+    app = make_app(
+        redis_url,
+        queue,
+        **{"celery.task_routes": "tests.test_schedule_on_commit.refuse_two"},
+    )
+    tm = transaction.TransactionManager(explicit=True)
+    with caplog.at_level(logging.ERROR, logger="pyramid_tasks"), tm:
+        task_id = app.tasks["t.echo"].apply_async((2,), tm=tm).id
+    [record] = caplog.records
+    assert record.args[:2] == ("t.echo", task_id)
+    assert "the router refused it" in record.getMessage()
+    app.close()
 
 
 @pytest.mark.parametrize(

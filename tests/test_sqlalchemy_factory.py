@@ -153,4 +153,34 @@ def test_a_session_subclass_can_be_registered(engine):
     tm = new_tm()
     with tm:
         AppSession(bind=engine, info={TM_KEY: tm}).add(Item(5))
-    assert landed(engine) == [5]
+        get_tm_session(sessionmaker(bind=engine, class_=AppSession), tm).add(Item(6))
+    assert landed(engine) == [5, 6]
+
+
+def test_registering_twice_attaches_nothing_more(factory, engine):
+    """Twice-attached listeners would join twice and fail at commit."""
+    assert register_factory(factory) is factory
+    tm = new_tm()
+    with tm:
+        get_tm_session(factory, tm).add(Item(1))
+    assert landed(engine) == [1]
+
+
+@pytest.mark.parametrize("unregistered", [sessionmaker(), None])
+def test_an_unregistered_factory_is_refused(unregistered):
+    """Its sessions would join nothing: every write silently lost."""
+    with pytest.raises(TypeError, match="register_factory"):
+        get_tm_session(unregistered, new_tm())
+
+
+def test_mark_changed_keeps_the_factorys_keep_session(engine):
+    factory = register_factory(sessionmaker(bind=engine), keep_session=True)
+    tm = new_tm()
+    with tm:
+        session = get_tm_session(factory, tm)
+        mark_changed(session)  # joins here, before any statement
+        item = Item(7)
+        session.add(item)
+    assert item in session  # kept (expired), not closed
+    session.close()
+    assert landed(engine) == [7]
