@@ -9,6 +9,8 @@ import json
 import logging
 import time
 import uuid
+from contextlib import contextmanager
+from functools import partial
 
 import pytest
 import redis
@@ -236,29 +238,64 @@ def test_a_large_batch_arrives_whole_in_order(app, redis_client, queue):
     assert [args for _, _, args in messages] == [[n] for n in range(2500)]
 
 
+@contextmanager
+def on_publish(number, action):
+    """Yield the ids Celery publishes; run ``action()`` before the ``number``th."""
+    publishes = []
+
+    def receiver(sender=None, headers=None, **kwargs):
+        publishes.append(headers["id"])
+        if len(publishes) == number:
+            action()
+
+    before_task_publish.connect(receiver, weak=False)
+    try:
+        yield publishes
+    finally:
+        before_task_publish.disconnect(receiver)
+
+
+def out_of_memory(private_redis, queue):
+    """An app on a private Redis with its queue declared (a write of its own),
+    then every push refused: ``(app, client)``."""
+    app = make_app(private_redis, queue)
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:
+        app.tasks["t.echo"].apply_async(("warm-up",), tm=tm)
+    client = redis.Redis.from_url(private_redis)
+    client.delete(queue)
+    client.config_set("maxmemory", 1)  # OOM
+    return app, client
+
+
+def send_around_a_broken_queue(app, redis_client, queue):
+    """Four tasks on commit, the third to a queue whose key is not a list
+    (WRONGTYPE when declared): ``(ids of the good ones, id of the bad one)``."""
+    broken = f"{queue}_broken"
+    redis_client.set(broken, "not a list")
+    tm = transaction.TransactionManager(explicit=True)
+    echo_task = app.tasks["t.echo"]
+    with tm:
+        good = [echo_task.apply_async((n,), tm=tm).id for n in range(2)]
+        bad = echo_task.apply_async((2,), tm=tm, queue=broken).id
+        good.append(echo_task.apply_async((3,), tm=tm).id)
+    redis_client.delete(broken)
+    return good, bad
+
+
 def test_a_failed_pipeline_is_sent_again_one_at_a_time(private_redis, queue, caplog):
     """Redis refuses the pipeline's pushes (out of memory); once it accepts
     writes again, each task is sent on its own: none lost, none twice."""
-    app = make_app(private_redis, queue)
-    client = redis.Redis.from_url(private_redis)
+    app, client = out_of_memory(private_redis, queue)
+    writable = partial(client.config_set, "maxmemory", 0)
     tm = transaction.TransactionManager(explicit=True)
-    with tm:  # declares the queue, a write of its own
-        app.tasks["t.echo"].apply_async(("warm-up",), tm=tm)
-    client.delete(queue)
-    client.config_set("maxmemory", 1)  # every push refused: OOM
-    publishes = []
-
-    def writable_again_on_the_sixth(sender=None, headers=None, **kwargs):
-        publishes.append(headers["id"])
-        if len(publishes) == 6:  # the five of the pipeline, then a resend
-            client.config_set("maxmemory", 0)
-
-    before_task_publish.connect(writable_again_on_the_sixth, weak=False)
-    try:
-        with caplog.at_level(logging.WARNING, logger="pyramid_tasks"), tm:
-            ids = [app.tasks["t.echo"].apply_async((n,), tm=tm).id for n in range(5)]
-    finally:
-        before_task_publish.disconnect(writable_again_on_the_sixth)
+    # The five of the pipeline, then the first resend: writable again.
+    with (
+        on_publish(6, writable) as publishes,
+        caplog.at_level(logging.WARNING, logger="pyramid_tasks"),
+        tm,
+    ):
+        ids = [app.tasks["t.echo"].apply_async((n,), tm=tm).id for n in range(5)]
     assert [task_id for _, task_id, _ in published(client, queue)] == ids
     assert publishes == ids + ids
     [warning] = caplog.records
@@ -270,22 +307,15 @@ def test_a_failed_pipeline_is_sent_again_one_at_a_time(private_redis, queue, cap
 def test_a_queue_redis_refuses_costs_only_its_own_task(
     app, redis_client, queue, caplog
 ):
-    """A queue whose key is not a list (WRONGTYPE when declared): the pipeline
-    is never sent, each task goes alone, and only that one is reported."""
-    broken = f"{queue}_broken"
-    redis_client.set(broken, "not a list")
-    tm = transaction.TransactionManager(explicit=True)
-    echo_task = app.tasks["t.echo"]
-    with caplog.at_level(logging.WARNING, logger="pyramid_tasks"), tm:
-        good = [echo_task.apply_async((n,), tm=tm).id for n in range(2)]
-        bad = echo_task.apply_async((2,), tm=tm, queue=broken).id
-        good.append(echo_task.apply_async((3,), tm=tm).id)
+    """The pipeline is never sent, each task goes alone, and only the one of
+    the broken queue is reported."""
+    with caplog.at_level(logging.WARNING, logger="pyramid_tasks"):
+        good, bad = send_around_a_broken_queue(app, redis_client, queue)
     assert [task_id for _, task_id, _ in published(redis_client, queue)] == good
     warning, error = caplog.records
     assert "Sending 4 committed tasks one at a time" in warning.getMessage()
     assert error.args[:2] == ("t.echo", bad)
     assert "WRONGTYPE" in error.getMessage()
-    redis_client.delete(broken)
 
 
 def test_a_failed_pipeline_then_no_broker_reports_each_as_uncertain(
@@ -293,25 +323,15 @@ def test_a_failed_pipeline_then_no_broker_reports_each_as_uncertain(
 ):
     """The pipeline failed, then the broker went away before the resend:
     each task is reported, saying the pipeline may have delivered it."""
-    app = make_app(private_redis, queue)
-    client = redis.Redis.from_url(private_redis)
+    app, client = out_of_memory(private_redis, queue)
     tm = transaction.TransactionManager(explicit=True)
-    with tm:  # declares the queue
-        app.tasks["t.echo"].apply_async(("warm-up",), tm=tm)
-    client.config_set("maxmemory", 1)
-    publishes = []
-
-    def broker_dies_before_the_resend(sender=None, headers=None, **kwargs):
-        publishes.append(headers["id"])
-        if len(publishes) == 4:  # the three of the pipeline, then a resend
-            client.shutdown(nosave=True)
-
-    before_task_publish.connect(broker_dies_before_the_resend, weak=False)
-    try:
-        with caplog.at_level(logging.ERROR, logger="pyramid_tasks"), tm:
-            ids = [app.tasks["t.echo"].apply_async((n,), tm=tm).id for n in range(3)]
-    finally:
-        before_task_publish.disconnect(broker_dies_before_the_resend)
+    # The three of the pipeline, then the first resend: the broker is gone.
+    with (
+        on_publish(4, partial(client.shutdown, nosave=True)),
+        caplog.at_level(logging.ERROR, logger="pyramid_tasks"),
+        tm,
+    ):
+        ids = [app.tasks["t.echo"].apply_async((n,), tm=tm).id for n in range(3)]
     assert [r.args[1] for r in caplog.records] == ids
     assert all(
         "a failed pipeline may have delivered it" in r.getMessage()
@@ -337,19 +357,12 @@ def unpipelined_app(redis_url, queue, redis_client):
 def test_one_at_a_time_a_refused_push_stops_nothing(
     unpipelined_app, redis_client, queue, caplog
 ):
-    broken = f"{queue}_broken"
-    redis_client.set(broken, "not a list")
-    tm = transaction.TransactionManager(explicit=True)
-    echo_task = unpipelined_app.tasks["t.echo"]
-    with caplog.at_level(logging.WARNING, logger="pyramid_tasks"), tm:
-        good = [echo_task.apply_async((n,), tm=tm).id for n in range(2)]
-        bad = echo_task.apply_async((2,), tm=tm, queue=broken).id
-        good.append(echo_task.apply_async((3,), tm=tm).id)
+    with caplog.at_level(logging.WARNING, logger="pyramid_tasks"):
+        good, bad = send_around_a_broken_queue(unpipelined_app, redis_client, queue)
     assert [task_id for _, task_id, _ in published(redis_client, queue)] == good
     [error] = caplog.records
     assert error.args[:2] == ("t.echo", bad)
     assert "WRONGTYPE" in error.getMessage()
-    redis_client.delete(broken)
 
 
 def test_one_at_a_time_the_broker_dying_reports_only_the_unsent(
@@ -361,20 +374,13 @@ def test_one_at_a_time_the_broker_dying_reports_only_the_unsent(
         **{"celery.broker_transport_options": '{"retry_on_timeout": true}'},
     )
     client = redis.Redis.from_url(private_redis)
-    publishes = []
-
-    def broker_dies_before_the_third(sender=None, headers=None, **kwargs):
-        publishes.append(headers["id"])
-        if len(publishes) == 3:
-            client.shutdown(nosave=True)
-
     tm = transaction.TransactionManager(explicit=True)
-    before_task_publish.connect(broker_dies_before_the_third, weak=False)
-    try:
-        with caplog.at_level(logging.ERROR, logger="pyramid_tasks"), tm:
-            ids = [app.tasks["t.echo"].apply_async((n,), tm=tm).id for n in range(5)]
-    finally:
-        before_task_publish.disconnect(broker_dies_before_the_third)
+    with (
+        on_publish(3, partial(client.shutdown, nosave=True)),
+        caplog.at_level(logging.ERROR, logger="pyramid_tasks"),
+        tm,
+    ):
+        ids = [app.tasks["t.echo"].apply_async((n,), tm=tm).id for n in range(5)]
     assert [r.args[1] for r in caplog.records] == ids[2:]
     app.close()
 
