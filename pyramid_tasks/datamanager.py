@@ -17,6 +17,7 @@ __all__ = [
     "pending_sends",
     "schedule",
     "snapshot",
+    "take_pending_sends",
 ]
 
 
@@ -145,11 +146,27 @@ class _Savepoint:
 
 def pending_sends(tm):
     """The sends waiting for the commit of ``tm``'s open transaction."""
+    return list(_pending_list(tm))
+
+
+def take_pending_sends(tm):
+    """Remove and return the sends waiting in ``tm``'s open transaction.
+
+    The commit will not send them (``pyramid_tasks.testing`` runs them in the
+    test's transaction instead).
+    """
+    sends = _pending_list(tm)
+    taken = list(sends)
+    sends.clear()  # the same list: savepoints of this transaction truncate it
+    return taken
+
+
+def _pending_list(tm):
     txn = current_transaction(tm)
     if txn is None:
         return []
     try:
-        return list(txn.data(_DATA_KEY).sends)
+        return txn.data(_DATA_KEY).sends
     except KeyError:
         return []
 

@@ -14,14 +14,14 @@ __all__ = ["close_request", "make_request"]
 log = logging.getLogger(__name__)
 
 
-def make_request(registry, site_url):
+def make_request(registry, site_url, tm=None):
     """A request from ``registry`` as a view would get one, and push it.
 
     The app's request factory and request extensions (``request.dbsession``)
     are honoured, ``site_url`` gives scheme, host, port and script name, and
-    ``request.tm`` is a new explicit :class:`transaction.TransactionManager`.
-    The registry and request are pushed on Pyramid's threadlocal stack until
-    :func:`close_request`.
+    ``request.tm`` is ``tm`` or else a new explicit
+    :class:`transaction.TransactionManager`.  The registry and request are
+    pushed on Pyramid's threadlocal stack until :func:`close_request`.
     """
     factory = registry.queryUtility(IRequestFactory, default=Request)
     extensions = registry.queryUtility(IRequestExtensions)
@@ -33,7 +33,7 @@ def make_request(registry, site_url):
         apply_request_extensions(request, extensions=extensions)
     # Set after the extensions: pyramid_tm's ``tm`` is reified, so the
     # instance attribute wins over the thread-local default manager.
-    request.tm = transaction.TransactionManager(explicit=True)
+    request.tm = transaction.TransactionManager(explicit=True) if tm is None else tm
     threadlocal_manager.push({"registry": registry, "request": request})
     return request
 
@@ -58,23 +58,27 @@ def _from_prototype(registry, factory, extensions, site_url):
     return request
 
 
-def close_request(request, task_name):
+def close_request(request, task_name, owns_tm=True):
     """End ``request``: abort a transaction left open, run finished callbacks, pop.
 
-    Safe to call when the body raised; the threadlocals are popped whatever
-    the callbacks do.
+    A transaction of a ``tm`` the request does not own (``owns_tm=False``: a
+    test's, lent to the task) is left as it is.  Safe to call when the body
+    raised; the threadlocals are popped whatever the callbacks do.
     """
     try:
-        try:
-            request.tm.get()
-        except NoTransaction:
-            pass
-        else:
-            log.warning(
-                "Task %s left a transaction open in request.tm; it was aborted.",
-                task_name,
-            )
-            request.tm.abort()
+        if owns_tm:
+            _abort_left_open(request.tm, task_name)
         request._process_finished_callbacks()
     finally:
         threadlocal_manager.pop()
+
+
+def _abort_left_open(tm, task_name):
+    try:
+        tm.get()
+    except NoTransaction:
+        return
+    log.warning(
+        "Task %s left a transaction open in request.tm; it was aborted.", task_name
+    )
+    tm.abort()

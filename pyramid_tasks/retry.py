@@ -4,7 +4,9 @@ import functools
 import logging
 import math
 import random
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from pyramid.threadlocal import get_current_registry
@@ -17,6 +19,7 @@ __all__ = [
     "RetryAttemptsExhausted",
     "RetryPolicy",
     "in_transaction",
+    "lent_transaction",
     "retryable",
     "run_attempts",
 ]
@@ -94,14 +97,42 @@ def _outcome_unknown(error):
     return False
 
 
+# The manager whose open transaction this thread has lent to a task run
+# (pyramid_tasks.testing runs a captured task inside the test's transaction).
+_lent = threading.local()
+
+
+@contextmanager
+def lent_transaction(tm):
+    """Lend ``tm``'s open transaction to the code run in this block.
+
+    Meanwhile :func:`in_transaction` and :func:`retryable` given ``tm`` run
+    their body inside that transaction: no begin, commit, abort or retry, as
+    the transaction belongs to the lender, who ends it.
+    """
+    previous = getattr(_lent, "tm", None)
+    _lent.tm = tm
+    try:
+        yield
+    finally:
+        _lent.tm = previous
+
+
+def _is_lent(tm):
+    return getattr(_lent, "tm", None) is tm
+
+
 def in_transaction(tm, body, retry=False):
     """Run ``body()`` in a new transaction of ``tm`` and commit it.
 
     On any error the transaction is aborted (a failed commit included: leaving
     ``with tm:`` through it would not abort).  With ``retry``, a retryable
     error is raised as :class:`_Retry` for :func:`run_attempts`.  A body that
-    dooms the transaction gets an abort, not an error.
+    dooms the transaction gets an abort, not an error.  In a transaction
+    lent by :func:`lent_transaction`, ``body()`` is only called.
     """
+    if _is_lent(tm):
+        return body()
     tm.begin()
     try:
         result = body()
@@ -176,6 +207,9 @@ def retryable(tm, *, attempts=None, backoff=None, backoff_max=None):
     pshell); ``attempts``, ``backoff`` and ``backoff_max`` override it.
     Calling it while ``tm`` has an active transaction raises
     :class:`transaction.interfaces.AlreadyInTransaction`: it never nests.
+    (A captured task run inside a test's transaction by
+    :mod:`pyramid_tasks.testing` is the exception: each call then runs in
+    that transaction, once.)
 
     .. code-block:: python
 
@@ -199,6 +233,8 @@ def retryable(tm, *, attempts=None, backoff=None, backoff_max=None):
 
         @functools.wraps(func)
         def call(*args, **kwargs):
+            if _is_lent(tm):
+                return func(*args, **kwargs)
             if current_transaction(tm) is not None:
                 raise AlreadyInTransaction(
                     f"retryable {name}() was called while its transaction manager "

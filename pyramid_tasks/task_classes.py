@@ -1,5 +1,6 @@
 """The task classes: each adds one thing to the one before."""
 
+import threading
 from contextlib import contextmanager
 
 from celery import Task
@@ -9,7 +10,7 @@ from celery.utils.threads import LocalStack
 from .datamanager import Send, schedule, snapshot
 from .publish import publish, raise_eager_errors
 from .request import close_request, make_request
-from .retry import in_transaction, run_attempts
+from .retry import in_transaction, lent_transaction, run_attempts
 
 __all__ = [
     "PyramidTask",
@@ -20,32 +21,63 @@ __all__ = [
 
 
 class _Execution:
-    """One run of a task body; builds its request on first use."""
+    """One run of a task body; builds its request on first use.
 
-    __slots__ = ("attempt", "request", "task")
+    ``join`` is ``(tm, attributes)`` when the run joins a transaction it does
+    not own (:func:`joining`): the request gets that ``tm`` and those
+    attributes, and closing it leaves the transaction open.
+    """
 
-    def __init__(self, task, attempt=1):
+    __slots__ = ("attempt", "join", "request", "task")
+
+    def __init__(self, task, attempt=1, join=None):
         self.task = task
         self.attempt = attempt
+        self.join = join
         self.request = None
 
     def get_request(self):
         if self.request is None:
             registry = self.task.app.pyramid_registry
             settings = registry.pyramid_tasks_settings
-            self.request = make_request(registry, settings.site_url)
+            tm, attributes = self.join or (None, {})
+            self.request = make_request(registry, settings.site_url, tm)
             self.request.transaction_attempt = self.attempt
+            for name, value in attributes.items():
+                setattr(self.request, name, value)
         return self.request
 
     def close(self):
         if self.request is not None:
-            close_request(self.request, self.task.name)
+            close_request(self.request, self.task.name, owns_tm=self.join is None)
 
 
 # A task object is shared by every thread/greenlet of a worker, so the current
 # execution lives on a per-thread stack (Celery's own LocalStack, the kind it
 # keeps ``self.request`` on), never on ``self``.
 _executions = LocalStack()
+
+# Set by joining(): taken by the next execution started on this thread and by
+# no other, so a task the body calls directly gets a transaction of its own.
+_next_join = threading.local()
+
+
+@contextmanager
+def joining(tm, attributes):
+    """Run the next task execution on this thread inside ``tm``'s open transaction.
+
+    Its request's ``tm`` is ``tm`` and ``attributes`` are set on it
+    (``dbsession=...``); transactional task bodies and ``retryable`` calls on
+    ``tm`` run in that transaction without begin, commit or retries
+    (:func:`~pyramid_tasks.retry.lent_transaction`).  Used by
+    :mod:`pyramid_tasks.testing`.
+    """
+    _next_join.value = (tm, attributes)
+    try:
+        with lent_transaction(tm):
+            yield
+    finally:
+        _next_join.value = None
 
 
 class PyramidTask(Task):
@@ -64,7 +96,8 @@ class PyramidTask(Task):
 
     @contextmanager
     def _execution(self, attempt=1):
-        execution = _Execution(self, attempt)
+        join, _next_join.value = getattr(_next_join, "value", None), None
+        execution = _Execution(self, attempt, join)
         _executions.push(execution)
         try:
             yield execution

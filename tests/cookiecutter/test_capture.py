@@ -1,0 +1,122 @@
+"""pyramid_tasks.testing with the cookiecutter's conftest, as generated: a
+doomed ``tm`` shared by the test and the app, that never commits."""
+
+import itertools
+import logging
+import textwrap
+from pathlib import Path
+
+import pytest
+import transaction
+
+from pyramid_tasks import NoActiveTransaction
+from pyramid_tasks.testing import get_task_capture
+from tests.pkgs.cookiecutter_app.models import Order
+from tests.pkgs.cookiecutter_app.tasks import count_receipts, pack_order
+from tests.pkgs.cookiecutter_app.views.default import checkout
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def docs_example():
+    """The code block of docs/transactions.rst holding ``test_receipt_page``."""
+    lines = (ROOT / "docs" / "transactions.rst").read_text().splitlines()
+    end = lines.index("    def test_receipt_page(testapp, app, tm, dbsession):")
+    start = max(i for i in range(end) if lines[i] == ".. code-block:: python")
+    block = itertools.takewhile(
+        lambda line: not line or line.startswith(" "), lines[start + 1 :]
+    )
+    return textwrap.dedent("\n".join(block)).strip()
+
+
+def test_the_docs_example_is_run_verbatim():
+    example = docs_example().replace("myapp.", "tests.pkgs.cookiecutter_app.")
+    imports, _, tests = example.partition("\n\n\ndef ")
+    mirror = (Path(__file__).parent / "test_docs_example.py").read_text()
+    assert "def " + tests + "\n" in mirror
+    for line in imports.splitlines():
+        assert not line or line + "\n" in mirror  # ruff sorts them into one block
+
+
+def test_run_sees_the_tests_rows_only_inside_its_transaction(
+    testapp, app, tm, dbsession
+):
+    order_id = testapp.post("/checkout", {"email": "bo@example.com"}).json["order"]
+    capture = get_task_capture(app.registry)
+    [receipt] = capture.pending(tm)
+
+    # Its own transaction, as on a worker: the test's rows are not committed.
+    assert receipt.run() is None
+    assert "no receipt yet" in testapp.get(f"/orders/{order_id}").text
+
+    url = receipt.run(tm=tm, dbsession=dbsession)
+    assert url == f"https://example.com/orders/{order_id}"
+    assert dbsession.get(Order, order_id).receipt_url == url
+    page = testapp.get(f"/orders/{order_id}").text
+    assert "receipt sent" in page
+    assert "not packed" in page
+    # What it scheduled on request.tm waits in the test's transaction, beside
+    # the receipt itself (run() does not take it off the list).
+    pending = capture.pending(tm)
+    assert [t.name for t in pending] == [receipt.name, pack_order.name]
+    assert pending[1].args == (order_id,)
+    assert pending[1].options == {}
+    assert tm.isDoomed()  # no commit, no abort: still the test's transaction
+
+
+def test_run_pending_runs_what_the_tasks_schedule(testapp, app, tm, dbsession):
+    order_id = testapp.post("/checkout").json["order"]
+    capture = get_task_capture(app.registry)
+    url = f"https://example.com/orders/{order_id}"
+    assert capture.run_pending(tm, dbsession=dbsession) == [url, None]
+    assert capture.pending(tm) == []
+    assert capture.run_pending(tm, dbsession=dbsession) == []
+    assert "packed." in testapp.get(f"/orders/{order_id}").text
+    testapp.get(f"/orders/{order_id + 1}", status=404)
+    assert capture.sent == []  # nothing committed, nothing sent at once
+
+
+def test_retryable_calls_run_in_the_lent_transaction(app, app_request, tm, dbsession):
+    capture = get_task_capture(app.registry)
+    capture.clear()
+    dbsession.add(Order(email="cy@example.com", receipt_url="https://x.test/"))
+    dbsession.flush()
+    result = count_receipts.delay()
+    [counting] = capture.sent
+    assert counting.task_id == result.id
+    assert (counting.args, counting.kwargs, counting.options) == ((), {}, {})
+
+    assert counting.run() == 0  # a transaction of its own: nothing committed
+    assert counting.run(tm=tm, dbsession=dbsession) == 1
+    assert tm.get().status == "Doomed"
+    capture.clear()
+
+
+def test_a_failing_body_leaves_the_tests_transaction_open(app, tm, dbsession, caplog):
+    capture = get_task_capture(app.registry)
+    pack_order.apply_async((404,), tm=tm)  # no such order
+    caplog.set_level(logging.WARNING, logger="pyramid_tasks")
+    with pytest.raises(AttributeError):
+        capture.run_pending(tm, dbsession=dbsession)
+    assert tm.get().status == "Doomed"
+    assert capture.pending(tm) == []
+    assert "left a transaction open" not in caplog.text
+
+
+def test_a_unit_test_with_the_dummy_request(app, dummy_config, dummy_request, tm):
+    dummy_request.params["email"] = "di@example.com"
+    info = checkout(dummy_request)
+    [receipt] = get_task_capture(app.registry).pending(tm)
+    assert receipt.args == (info["order"],)
+
+
+def test_run_needs_an_open_transaction(app, tm, dbsession):
+    pack_order.apply_async((1,), tm=tm)
+    [packing] = get_task_capture(app.registry).pending(tm)
+    with pytest.raises(TypeError, match=r"run\(dbsession=...\): request attributes"):
+        packing.run(dbsession=dbsession)
+    closed = transaction.TransactionManager(explicit=True)
+    with pytest.raises(NoActiveTransaction, match=r"pack_order.run\(tm=...\) runs"):
+        packing.run(tm=closed)
+    with pytest.raises(NoActiveTransaction, match=r"capture.run_pending\(tm\) runs"):
+        get_task_capture(app.registry).run_pending(closed)

@@ -1,0 +1,3 @@
+def includeme(config):
+    config.add_route("checkout", "/checkout")
+    config.add_route("order", "/orders/{id}")
