@@ -9,7 +9,7 @@ from pyramid.scripting import prepare
 from demo_app import main
 from demo_app.models import Order, get_tm_session
 from demo_app.views import place_order
-from pyramid_tasks import ScheduleOnCommitTask
+from pyramid_tasks import ScheduleOnCommitTask, TransactionalTask
 from pyramid_tasks.testing import get_task_capture
 
 
@@ -112,3 +112,33 @@ def test_capture_wins_over_eager_mode(settings):
     browser.post("/orders", {"email": "cy@example.com"}, status=302)
     assert browser.get("/orders/1").json["status"] == "new"
     assert len(get_task_capture(app.registry).sent) == 1
+
+
+def test_only_the_task_run_joins_the_tests_transaction(app):
+    """A task its body calls directly runs as it would on a worker: in a
+    request and transaction of its own."""
+    seen = {}
+
+    def inner(self):
+        seen["inner"] = self.get_request().tm
+        seen["inner active"] = self.get_request().tm.get().status
+
+    def outer(self, value):
+        request = self.get_request()
+        seen["outer"] = (request.tm, request.marker)
+        app.registry.celery_app.tasks["t.inner"]()
+        return value
+
+    config = Configurator(registry=app.registry)
+    config.add_task(inner, bind=True, base=TransactionalTask, name="t.inner")
+    config.add_task(outer, bind=True, base=TransactionalTask, name="t.outer")
+    config.commit()
+    capture = get_task_capture(app.registry)
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:
+        app.registry.celery_app.tasks["t.outer"].apply_async(("done",), tm=tm)
+        assert capture.run_pending(tm, marker="lent") == ["done"]
+        assert seen["outer"] == (tm, "lent")
+        assert seen["inner"] is not tm
+        assert seen["inner active"] == "Active"
+        assert tm.get().status == "Active"  # the test's, still open
