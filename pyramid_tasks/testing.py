@@ -74,7 +74,8 @@ class CapturedTask:
         begin, commit or retries: the test's transaction is rolled back at the
         test's end.  Tasks it schedules with ``tm=request.tm`` wait in
         ``capture.pending(tm)``.  A body that begins a transaction itself
-        (``with request.tm:``) raises ``AlreadyInTransaction``.
+        (``with request.tm:``) raises ``AlreadyInTransaction`` with an
+        explicit manager such as the cookiecutter's.
         """
         if tm is None:
             if request_attributes:
