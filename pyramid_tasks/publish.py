@@ -1,11 +1,13 @@
 """After the commit: publish a batch through one producer, or run it eagerly.
 
 Never raises into the committed transaction: a send that fails is logged at
-ERROR with the task name and id (secrets masked); eager failures wait for the
-code that owns the commit (:func:`raise_eager_errors`).
+ERROR, one line with the task name, id and cause (secrets masked), and its
+traceback at DEBUG; eager failures wait for the code that owns the commit
+(:func:`raise_eager_errors`).
 """
 
 import logging
+import os
 import sys
 import traceback
 import weakref
@@ -14,6 +16,7 @@ from itertools import islice
 
 from celery import Task
 from kombu.exceptions import BatchPublishError, OperationalError
+from kombu.pools import ProducerPool
 
 from .masking import mask_secrets
 
@@ -32,7 +35,9 @@ def publish(app, sends):
     pipelined where the transport allows it.
 
     Never raises: a committed transaction is not undone by a failed send.
-    Each failure is logged at ERROR with the task name and id.
+    Each failure is logged at ERROR with the task name and id.  A broker that
+    is down costs one run of Celery's publish retry policy for the whole
+    batch; a frozen one (Redis) at most ``tasks.publish_timeout`` a try.
     """
     capture = getattr(app.pyramid_registry, "pyramid_tasks_capture", None)
     if capture is not None:
@@ -44,18 +49,13 @@ def publish(app, sends):
     if app.conf.task_always_eager:
         _run_eagerly(app, sends)
         return
-    if len(sends) == 1:  # nothing to share: Celery's own path
-        try:
-            _apply(sends[0], producer=None)
-        except Exception as exc:
-            _log_unsent(sends[0], exc)
-        return
     unsent = deque(sends)  # neither sent nor reported yet, in order
-    uncertain = set()  # id()s of sends a failed pipeline may have delivered
+    uncertain = set()  # id()s of sends the broker may have received
     try:
-        with app.producer_or_acquire() as producer:
+        with _producers(app).acquire(block=True) as producer:
             connection_errors = producer.connection.connection_errors
-            pipelined = producer.supports_batch_publish
+            # One task has nothing to share: no pipeline, Celery's own send.
+            pipelined = producer.supports_batch_publish and len(sends) > 1
             while unsent:
                 chunk = list(islice(unsent, _BATCH_SIZE))
                 if pipelined and _pipeline(producer, chunk, uncertain):
@@ -66,19 +66,51 @@ def publish(app, sends):
                     try:
                         _apply(send, producer)
                     except Exception as exc:
+                        if _timed_out(exc):  # the command may have been written
+                            uncertain.add(id(send))
                         if _broker_down(exc, connection_errors):
                             raise
-                        _log_unsent(send, exc)  # this message only
+                        _log_unsent([send], exc, uncertain)  # this message only
                     unsent.popleft()
     except Exception as exc:
-        # The broker is unreachable (after Celery's publish retry policy):
-        # the rest would each wait as long, so they are reported, not tried.
-        for send in unsent:
-            _log_unsent(send, exc, id(send) in uncertain)
+        # The broker is unreachable (after Celery's publish retry policy) or
+        # does not answer: the rest would each wait as long, so they are
+        # reported, not tried.
+        _log_unsent(unsent, exc, uncertain)
 
 
 # Sends per pipeline: bounds what one failed pipeline sends again.
 _BATCH_SIZE = 1000
+
+# The Redis transport options that bound each socket operation of the
+# publishing connection.  Other transports ignore tasks.publish_timeout.
+_REDIS_TIMEOUTS = ("socket_timeout", "socket_connect_timeout")
+
+
+def _producers(app):
+    """The producer pool of the after-commit publish: the app's broker
+    connection, with ``tasks.publish_timeout`` as its socket timeouts.
+
+    A pool of its own, so the bound never reaches a worker's consumer
+    connection, whose BRPOP blocks on purpose.  One per process: a forked
+    child never shares the parent's sockets.
+    """
+    pid, pool = getattr(app, "pyramid_publish_pool", (None, None))
+    if pid != os.getpid():
+        timeout = app.pyramid_registry.pyramid_tasks_settings.publish_timeout
+        connection = app.connection_for_write()
+        if timeout is not None and connection.transport.driver_type == "redis":
+            options = connection.transport_options
+            bounds = {
+                n: min(options.get(n) or timeout, timeout) for n in _REDIS_TIMEOUTS
+            }
+            connection = app.connection_for_write(transport_options=bounds)
+        limit = app.conf.broker_pool_limit
+        pool = ProducerPool(
+            connection.Pool(limit), limit=limit, Producer=app.amqp.Producer
+        )
+        app.pyramid_publish_pool = (os.getpid(), pool)
+    return pool
 
 
 def _apply(send, producer):
@@ -97,26 +129,33 @@ def _pipeline(producer, chunk, uncertain):
     """Send ``chunk`` in one pipeline; False if it must go one at a time.
 
     Nothing leaves before the pipeline runs, at the end of the block: an
-    error while filling it (a router, a declare, the broker) sends nothing,
-    and the chunk goes one at a time, where each error has its own answer.
+    error while filling it (a router, a declare) sends nothing, and the chunk
+    goes one at a time, where each error has its own answer; but a broker
+    that is down after the retry policy raises, not to run the policy again.
     A pipeline that fails may have delivered part of the chunk: sent again,
-    those arrive twice; none is lost.
+    those arrive twice; none is lost.  One that timed out was written and not
+    answered: it raises, since sending again would wait as long.
     """
+    connection_errors = producer.connection.connection_errors
     try:
         with producer.batch(max_size=sys.maxsize):
             for send in chunk:
                 _apply(send, producer)
     except BatchPublishError as exc:
         uncertain.update(id(send) for send in chunk)
+        if _timed_out(exc):
+            raise
         reason = exc.__cause__ or exc
     except Exception as exc:
+        if _broker_down(exc, connection_errors):
+            raise
         reason = exc
     else:
         return True
     log.warning(
         "Sending %d committed tasks one at a time, not in one pipeline: %s",
         len(chunk),
-        mask_secrets(reason),
+        _one_line(reason),
     )
     return False
 
@@ -132,18 +171,44 @@ def _broker_down(exc, connection_errors):
     return isinstance(exc, (OperationalError, *connection_errors))
 
 
-def _log_unsent(send, exc, uncertain=False):
-    # The traceback goes in as masked text: exc_info would print the raw
-    # exception, broker password included.
-    trace = mask_secrets("".join(traceback.format_exception(exc)))
-    log.error(
-        "Task %s[%s] was committed but could not be sent%s: %s\n%s",
-        send.task.name,
-        send.task_id,
-        " again (a failed pipeline may have delivered it)" if uncertain else "",
-        mask_secrets(exc),
-        trace,
-    )
+def _timed_out(exc):
+    """Whether a socket timed out anywhere in ``exc``'s chain: a command may
+    have been written and not answered, so the broker may have it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, TimeoutError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _one_line(exc):
+    """``Type: message`` of the root kombu error, masked, on one line."""
+    if isinstance(exc, (OperationalError, BatchPublishError)) and exc.__cause__:
+        exc = exc.__cause__
+    return " ".join(mask_secrets(f"{type(exc).__name__}: {exc}").split())
+
+
+def _log_unsent(sends, exc, uncertain):
+    """One ERROR line a task; the traceback once, at DEBUG, masked (exc_info
+    would print the raw exception, broker password included)."""
+    cause = _one_line(exc)
+    for send in sends:
+        if id(send) in uncertain:
+            template = (
+                "Task %s[%s] was committed and may have been delivered, "
+                "but the broker did not confirm it: %s"
+            )
+        else:
+            template = "Task %s[%s] was committed but could not be sent: %s"
+        log.error(template, send.task.name, send.task_id, cause)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "Why %d committed task(s) were not sent:\n%s",
+            len(sends),
+            mask_secrets("".join(traceback.format_exception(exc))).rstrip(),
+        )
 
 
 # Eager tasks run from an after-commit hook, whose exceptions ``transaction``

@@ -250,6 +250,7 @@ class TasksSettings:
     retry_backoff: float = 0.1
     retry_backoff_max: float = 2.0
     allow_pickle: bool = False
+    publish_timeout: float | None = 2.0
 
     def queue_name(self, name):
         """``name`` with ``tasks.queue_prefix`` applied (idempotent)."""
@@ -281,6 +282,23 @@ def _queue_prefix(key, value):
     return prefix
 
 
+_PUBLISH_TIMEOUT = "a number of seconds > 0 (2, 2.5, 2s), or none for no bound"
+
+
+def _publish_timeout(key, value):
+    """Seconds (``2``, ``2.5``, ``2s``) above zero; ``none`` turns the bound off."""
+    text = str(value).strip().lower()
+    if value is None or text == "none":
+        return None
+    try:
+        seconds = float(text.removesuffix("s"))
+    except ValueError as exc:
+        raise bad_setting(key, value, _PUBLISH_TIMEOUT) from exc
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise bad_setting(key, value, _PUBLISH_TIMEOUT)
+    return seconds
+
+
 _TASKS_KEYS = {
     "site_url": ("site_url", _site_url),
     "queue_prefix": ("queue_prefix", _queue_prefix),
@@ -288,6 +306,7 @@ _TASKS_KEYS = {
     "retry.backoff": ("retry_backoff", lambda k, v: as_float(k, v, minimum=0)),
     "retry.backoff_max": ("retry_backoff_max", lambda k, v: as_float(k, v, minimum=0)),
     "allow_pickle": ("allow_pickle", as_bool),
+    "publish_timeout": ("publish_timeout", _publish_timeout),
 }
 
 

