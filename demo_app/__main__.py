@@ -6,12 +6,15 @@ on Ctrl+C, SIGTERM or SIGHUP, or as soon as one of them exits, stops them all
 and waits until none of their processes is left.  It serves where the INI's
 ``tasks.site_url`` says unless ``--host`` or ``--port`` say otherwise; the
 tasks' links then follow (``SITE_URL`` in the children's environment).
+Exits 0 when stopped by a signal, 1 when a child exited on its own or had
+to be killed, 2 when it could not start (a bad argument, a port in use).
 """
 
 import argparse
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -93,13 +96,36 @@ def _commands(config, host, port):
 
 
 def _address(config, host, port):
-    """Where to serve, and the environment telling the tasks' links so."""
+    """Where to serve, its URL, and the environment telling the tasks' links so."""
     site = urlsplit(get_settings(config, "app:main").get("tasks.site_url", ""))
     host = host or site.hostname or "127.0.0.1"
     port = port or site.port or 6543
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     # The demo_app's own environment override (demo_app.ENVIRONMENT); one the
     # user exported wins.
-    return host, port, {"SITE_URL": f"http://{host}:{port}", **os.environ}
+    return host, port, url, {"SITE_URL": url, **os.environ}
+
+
+def _port(text):
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1 to 65535)")
+    return int(text)
+
+
+def _bind_error(host, port):
+    """Why the web server could not listen on ``host:port``, or None.
+
+    Checked before anything starts: the demo then stops with one line, not
+    the web server's traceback and a worker started for nothing.
+    """
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # waitress's
+            probe.bind((host, port))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _stop(children, timeout):
@@ -151,8 +177,12 @@ def _group_alive(process):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m demo_app", description=__doc__)
     parser.add_argument("config", nargs="?", default="conf/local.ini")
-    parser.add_argument("--host", help="default: the host of tasks.site_url")
-    parser.add_argument("--port", type=int, help="default: the port of tasks.site_url")
+    parser.add_argument(
+        "--host", help="default: the host of tasks.site_url, else 127.0.0.1"
+    )
+    parser.add_argument(
+        "--port", type=_port, help="default: the port of tasks.site_url, else 6543"
+    )
     parser.add_argument(
         "--stop-timeout",
         type=float,
@@ -165,7 +195,10 @@ def main(argv=None):
     config = os.path.abspath(args.config)
     if not os.path.isfile(config):
         parser.error(f"config file {args.config} not found")
-    host, port, environ = _address(config, args.host, args.port)
+    host, port, url, environ = _address(config, args.host, args.port)
+    error = _bind_error(host, port)
+    if error:
+        parser.error(f"cannot serve on {url}/: {error} (see --host and --port)")
 
     signals = _Signals()
     children = {}
@@ -176,8 +209,7 @@ def main(argv=None):
                 command, start_new_session=True, env=environ
             )
         print(
-            f"demo: http://{host}:{port}/ (Ctrl+C stops the web server, "
-            "the worker and beat)",
+            f"demo: {url}/ (Ctrl+C stops the web server, the worker and beat)",
             flush=True,
         )
         signals.arm()

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -153,6 +154,34 @@ def test_a_real_worker_confirms_what_the_page_shows(start_worker, ini_vars):
     assert "lost@example.com" not in page
 
 
+def _local_ini(tmp_path):
+    """A copy of ``conf/local.ini`` whose ``var/`` is under ``tmp_path``."""
+    (tmp_path / "conf").mkdir()
+    return shutil.copy(ROOT / "conf" / "local.ini", tmp_path / "conf" / "local.ini")
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(tmp_path):
+    config = _local_ini(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        demo = subprocess.run(
+            [sys.executable, "-m", "demo_app", config, "--port", str(port)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert demo.returncode == 2
+    assert demo.stderr.splitlines()[-1] == (
+        f"python -m demo_app: error: cannot serve on http://127.0.0.1:{port}/: "
+        "Address already in use (see --host and --port)"
+    )
+    assert demo.stdout == ""  # no URL, no worker started
+    assert not (tmp_path / "var").exists()
+
+
 class _Proc(NamedTuple):
     ppid: int
     pgid: int
@@ -190,9 +219,7 @@ class _Demo:
     """
 
     def __init__(self, tmp_path, *arguments, ignore_sigint=False):
-        (tmp_path / "conf").mkdir()
-        config = tmp_path / "conf" / "local.ini"
-        shutil.copy(ROOT / "conf" / "local.ini", config)
+        config = _local_ini(tmp_path)
         self.tmp_path = tmp_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
