@@ -182,6 +182,30 @@ def test_a_port_in_use_is_refused_before_anything_starts(tmp_path):
     assert not (tmp_path / "var").exists()
 
 
+def test_the_web_server_alone_stops_on_sigint_even_if_it_was_ignored(tmp_path):
+    config, port = _local_ini(tmp_path), free_port()
+    web = subprocess.Popen(
+        [sys.executable, "-m", "demo_app.web", config, "--port", str(port)],
+        cwd=tmp_path,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+
+        def answers():
+            with contextlib.suppress(urllib.error.URLError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
+                return True
+
+        wait_for(answers, timeout=30, message="the demo's web server")
+        web.send_signal(signal.SIGINT)
+        assert web.wait(timeout=10) == 0
+    finally:
+        web.kill()  # nothing if it stopped
+        web.wait()
+
+
 class _Proc(NamedTuple):
     ppid: int
     pgid: int
