@@ -8,6 +8,7 @@ from pyramid.config import Configurator
 ENVIRONMENT = {
     "DATABASE_URL": ("sqlalchemy.url",),
     "REDIS_URL": ("celery.broker_url", "celery.result_backend"),
+    "SITE_URL": ("tasks.site_url",),
 }
 
 

@@ -1,21 +1,65 @@
-"""``python -m demo_app [CONFIG] [--port N]``: the demo's web server, worker and beat.
+"""``python -m demo_app [CONFIG] [--host H] [--port N]``: web server, worker and beat.
 
 A small supervisor: it starts ``tasks-celery CONFIG -- worker -B`` and the web
 server as child processes (each in its own process group), prints the URL, and
-on Ctrl+C or SIGTERM, or as soon as one of them exits, stops them all and waits
-until none of their processes is left.
+on Ctrl+C, SIGTERM or SIGHUP, or as soon as one of them exits, stops them all
+and waits until none of their processes is left.  It serves where the INI's
+``tasks.site_url`` says unless ``--host`` or ``--port`` say otherwise; the
+tasks' links then follow (``SITE_URL`` in the children's environment).
+Exits 0 when stopped by a signal, 1 when a child exited on its own or had
+to be killed, 2 when it could not start (a bad argument, a port in use).
 """
 
 import argparse
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from plaster import get_settings
+
+# Each of these stops the demo, whatever disposition we inherited: a shell
+# starting us in the background with ``&`` leaves SIGINT ignored (and Python
+# then installs no handler of its own); a closed terminal sends SIGHUP, which
+# would kill only us and leave the children (in their own groups) running.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _Stop(Exception):
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Signals:
+    """Turns the first stop signal into :class:`_Stop`, once, when armed.
+
+    Until :meth:`arm` a signal is only remembered, so a child is never started
+    without being recorded; after the first one, further signals are only
+    remembered, so stopping the children is never cut short.
+    """
+
+    def __init__(self):
+        self.received = []
+        self.armed = False
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received.append(signum)
+        if self.armed:
+            self.armed = False
+            raise _Stop(signum)
+
+    def arm(self):
+        if self.received:
+            raise _Stop(self.received[0])
+        self.armed = True
 
 
 def _commands(config, host, port):
@@ -51,25 +95,69 @@ def _commands(config, host, port):
     return {"worker and beat": worker, "web server": web}
 
 
-def _stop(children, timeout=15):
+def _address(config, host, port):
+    """Where to serve, its URL, and the environment telling the tasks' links so."""
+    site = urlsplit(get_settings(config, "app:main").get("tasks.site_url", ""))
+    host = host or site.hostname or "127.0.0.1"
+    port = port or site.port or 6543
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    # The demo_app's own environment override (demo_app.ENVIRONMENT); one the
+    # user exported wins.
+    return host, port, url, {"SITE_URL": url, **os.environ}
+
+
+def _port(text):
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1 to 65535)")
+    return int(text)
+
+
+def _bind_error(host, port):
+    """Why the web server could not listen on ``host:port``, or None.
+
+    Checked before anything starts: the demo then stops with one line, not
+    the web server's traceback and a worker started for nothing.
+    """
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # waitress's
+            probe.bind((host, port))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _stop(children, timeout):
     """Stop each child, then wait until no process of its group is left.
 
     Only the leaders get SIGTERM: the worker stops its own pool and beat
     (signalling those directly would race its warm shutdown).  Each child
     leads its own group, so what they started is waited for too, and killed
-    if it outlives the timeout.
+    if it outlives the timeout.  Returns the names of the children killed.
     """
     for process in children.values():
         if process.poll() is None:
             process.terminate()
-    deadline = time.monotonic() + timeout
+    killed = []
+    deadline = time.monotonic() + timeout  # all were sent SIGTERM at once
     for name, process in children.items():
         while _group_alive(process):
             if time.monotonic() > deadline:
-                print(f"demo: the {name} did not stop; killing it", file=sys.stderr)
+                print(
+                    f"demo: the {name} did not stop within {timeout:g} s of SIGTERM; "
+                    "killing its process group",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 _signal_group(process.pid, signal.SIGKILL)
-                deadline = time.monotonic() + timeout
+                process.wait()
+                # No waiting for the rest of the group: SIGKILL cannot be
+                # refused, and orphans linger as zombies until init reaps them.
+                killed.append(name)
+                break
             time.sleep(0.05)
+    return killed
 
 
 def _signal_group(pgid, signum):
@@ -89,33 +177,58 @@ def _group_alive(process):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m demo_app", description=__doc__)
     parser.add_argument("config", nargs="?", default="conf/local.ini")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=6543)
+    parser.add_argument(
+        "--host", help="default: the host of tasks.site_url, else 127.0.0.1"
+    )
+    parser.add_argument(
+        "--port", type=_port, help="default: the port of tasks.site_url, else 6543"
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=30,
+        metavar="SECONDS",
+        help="how long each child may take to stop before it is killed "
+        "(default: %(default)s; the worker's warm shutdown takes about 6 s)",
+    )
     args = parser.parse_args(argv)
     config = os.path.abspath(args.config)
     if not os.path.isfile(config):
         parser.error(f"config file {args.config} not found")
+    host, port, url, environ = _address(config, args.host, args.port)
+    error = _bind_error(host, port)
+    if error:
+        parser.error(f"cannot serve on {url}/: {error} (see --host and --port)")
 
-    # SIGTERM stops us the way Ctrl+C does.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signals = _Signals()
     children = {}
     status = 0
     try:
-        for name, command in _commands(config, args.host, args.port).items():
-            children[name] = subprocess.Popen(command, start_new_session=True)
+        for name, command in _commands(config, host, port).items():
+            children[name] = subprocess.Popen(
+                command, start_new_session=True, env=environ
+            )
         print(
-            f"demo: http://{args.host}:{args.port}/ (Ctrl+C stops the web server, "
-            "the worker and beat)",
+            f"demo: {url}/ (Ctrl+C stops the web server, the worker and beat)",
             flush=True,
         )
-        pid, _ = os.wait()  # until one of them ends, or Ctrl+C
+        signals.arm()
+        pid, _ = os.wait()  # until one of them ends, or a stop signal
+        signals.armed = False
         ended = next(name for name, p in children.items() if p.pid == pid)
         print(f"demo: the {ended} exited; stopping the others", file=sys.stderr)
         status = 1
-    except KeyboardInterrupt:
-        print("demo: stopping", flush=True)
+    except _Stop as stop:
+        print(
+            f"demo: {signal.Signals(stop.signum).name}: stopping the web server, "
+            "the worker and beat",
+            flush=True,
+        )
     finally:
-        _stop(children)
+        signals.armed = False
+        if _stop(children, args.stop_timeout):
+            status = 1
+    print("demo: stopped", flush=True)
     return status
 
 

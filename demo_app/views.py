@@ -1,6 +1,7 @@
 """The demo's pages: place orders, ask for reports, watch the tasks work."""
 
 from pyramid.httpexceptions import HTTPFound, HTTPNotFound
+from pyramid.renderers import render_to_response
 from pyramid.view import view_config
 
 from .models import Order, Report
@@ -14,12 +15,31 @@ def home(request):
         "orders": dbsession.query(Order).order_by(Order.id.desc()).limit(20).all(),
         "reports": dbsession.query(Report).order_by(Report.id.desc()).limit(5).all(),
         "eager": request.celery_app.conf.task_always_eager,
+        "email": "ann@example.com",
+        "error": None,
     }
+
+
+def _email_error(email):
+    """Why ``email`` cannot be an order's address, or None if it can."""
+    if not email:
+        return "Enter an email address: the order needs one."
+    if "@" not in email:
+        return f"{email!r} is not an email address (it has no @)."
+    return None
 
 
 @view_config(route_name="orders", request_method="POST")
 def place_order(request):
-    order = Order(email=request.POST.get("email") or "anonymous@example.com")
+    email = request.POST.get("email", "").strip()
+    error = _email_error(email)
+    if error:
+        # The form again, with the message and what was typed: nothing saved.
+        values = {**home(request), "email": email, "error": error}
+        response = render_to_response("templates/home.jinja2", values, request)
+        response.status = 400
+        return response
+    order = Order(email=email)
     request.dbsession.add(order)
     request.dbsession.flush()
     # Sent when this request's transaction commits, so the worker finds the
@@ -41,6 +61,7 @@ def request_report(request):
 
 @view_config(route_name="order", renderer="json")
 def show_order(request):
+    # The route admits ASCII digits only (routes.py): int() cannot fail.
     order = request.dbsession.get(Order, int(request.matchdict["id"]))
     if order is None:
         raise HTTPNotFound()

@@ -16,6 +16,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     setup_logging(args.config)
     app = get_app(args.config)
+    # Both stop the server, whatever disposition was inherited (a shell's
+    # ``&`` leaves SIGINT ignored, and Python then keeps it so).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with contextlib.suppress(KeyboardInterrupt):
         waitress.serve(app, host=args.host, port=args.port, threads=4)

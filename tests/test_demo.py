@@ -1,9 +1,11 @@
 """The demo app: eagerly, against a real worker, and its one-command supervisor."""
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -11,7 +13,9 @@ import urllib.parse
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import NamedTuple
 
+import bs4
 import pytest
 import sqlalchemy
 import webtest
@@ -45,7 +49,8 @@ def test_eager_orders_are_confirmed_after_the_commit(eager_app):
     eager_app.post("/orders", {"email": "ann@example.com"}, status=302)
     page = eager_app.get("/")
     assert "ann@example.com" in page.text
-    assert "https://shop.example.com/orders/1" in page.text
+    (link,) = page.html.select("td a")  # the confirmation link, a link
+    assert link["href"] == link.text == "https://shop.example.com/orders/1"
     assert eager_app.get("/orders/1").json == {
         "id": 1,
         "status": "confirmed",
@@ -60,6 +65,51 @@ def test_a_failed_request_saves_and_sends_nothing(eager_app):
     assert "was never sent" in page.text
     assert "lost@example.com" not in eager_app.get("/").text
     eager_app.get("/orders/1", status=404)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/orders/abc",
+        "/orders/1x",
+        "/orders/-1",
+        "/orders/%EF%BC%91",  # a fullwidth 1: int() takes it, the route does not
+        "/orders/99999999999999999999",  # past 64 bits: SQLite would raise
+    ],
+)
+def test_an_order_path_that_is_no_id_is_not_found(eager_app, path):
+    eager_app.post("/orders", {"email": "ann@example.com"}, status=302)
+    eager_app.get(path, status=404)
+    eager_app.get("/orders/1", status=200)
+    eager_app.get("/orders/999999999999999999", status=404)  # 18 digits: no row
+
+
+def _count_orders(app):
+    engine = app.app.registry["dbsession_factory"].kw["bind"]
+    with engine.connect() as connection:
+        return connection.execute(text("SELECT count(*) FROM orders")).scalar()
+
+
+@pytest.mark.parametrize(
+    ("email", "message"),
+    [
+        ("", "Enter an email address: the order needs one."),
+        ("   ", "Enter an email address: the order needs one."),
+        ("ann", "'ann' is not an email address (it has no @)."),
+    ],
+)
+def test_an_order_without_an_email_is_refused(eager_app, email, message):
+    eager_app.post("/orders", {"email": "ann@example.com"}, status=302)
+    assert _count_orders(eager_app) == 1
+    page = eager_app.post("/orders", {"email": email}, status=400)
+    assert _count_orders(eager_app) == 1  # nothing created, nothing sent
+    (alert,) = page.html.select("p.error")
+    assert alert.text == f"{message} No order was placed."
+    assert page.html.select_one("input[name=email]")["value"] == email.strip()
+    # The form stays put: no refresh to re-request the POST's URL.
+    assert page.html.select("meta[http-equiv=refresh]") == []
+    assert eager_app.get("/").html.select("meta[http-equiv=refresh]") != []
+    assert "anonymous" not in eager_app.get("/").text
 
 
 def test_a_report_counts_the_orders(eager_app):
@@ -104,62 +154,285 @@ def test_a_real_worker_confirms_what_the_page_shows(start_worker, ini_vars):
     assert "lost@example.com" not in page
 
 
-def _descendants(pid):
-    """Every process below ``pid``, from one ``ps`` snapshot."""
-    table = subprocess.run(
-        ["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True, check=True
-    ).stdout
-    children = {}
-    for line in table.splitlines():
-        child, parent = map(int, line.split())
-        children.setdefault(parent, []).append(child)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+def _local_ini(tmp_path):
+    """A copy of ``conf/local.ini`` whose ``var/`` is under ``tmp_path``."""
+    (tmp_path / "conf").mkdir()
+    return shutil.copy(ROOT / "conf" / "local.ini", tmp_path / "conf" / "local.ini")
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(tmp_path):
+    config = _local_ini(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        demo = subprocess.run(
+            [sys.executable, "-m", "demo_app", config, "--port", str(port)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert demo.returncode == 2
+    assert demo.stderr.splitlines()[-1] == (
+        f"python -m demo_app: error: cannot serve on http://127.0.0.1:{port}/: "
+        "Address already in use (see --host and --port)"
+    )
+    assert demo.stdout == ""  # no URL, no worker started
+    assert not (tmp_path / "var").exists()
+
+
+def test_the_web_server_alone_stops_on_sigint_even_if_it_was_ignored(tmp_path):
+    config, port = _local_ini(tmp_path), free_port()
+    web = subprocess.Popen(
+        [sys.executable, "-m", "demo_app.web", config, "--port", str(port)],
+        cwd=tmp_path,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    try:
+
+        def answers():
+            with contextlib.suppress(urllib.error.URLError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
+                return True
+
+        wait_for(answers, timeout=30, message="the demo's web server")
+        web.send_signal(signal.SIGINT)
+        assert web.wait(timeout=10) == 0
+    finally:
+        web.kill()  # nothing if it stopped
+        web.wait()
+
+
+class _Proc(NamedTuple):
+    ppid: int
+    pgid: int
+    start: str  # clock ticks after boot: with the PID, names one process
+    state: str
+    command: str
+
+
+def _process_table():
+    """Every process, from one pass over ``/proc``."""
+    table = {}
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            stat = stat_path.read_text()
+            command = (stat_path.parent / "cmdline").read_bytes()
+            # After "pid (comm) ": state ppid pgrp ... and the 20th, starttime.
+            fields = stat[stat.rindex(")") + 2 :].split()
+            table[int(stat_path.parent.name)] = _Proc(
+                ppid=int(fields[1]),
+                pgid=int(fields[2]),
+                start=fields[19],
+                state=fields[0],
+                command=command.replace(b"\0", b" ").decode(errors="replace"),
+            )
+    return table
+
+
+class _Demo:
+    """``python -m demo_app`` run by a test, and every process seen below it.
+
+    The supervisor leads a session of its own and each of its children
+    another, so no signal to the test's group reaches them.  Each process is
+    remembered with its start time: a PID since given to some other process
+    is never signalled.
+    """
+
+    def __init__(self, tmp_path, *arguments, ignore_sigint=False):
+        config = _local_ini(tmp_path)
+        self.tmp_path = tmp_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log_path = tmp_path / "demo.log"
+        # What a shell's ``cmd &`` does to a background job: SIGINT ignored,
+        # a disposition exec keeps.
+        ignore = signal.SIG_IGN if ignore_sigint else signal.SIG_DFL
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "demo_app", config),
+                    *("--port", str(self.port), *arguments),
+                ],
+                cwd=tmp_path,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                start_new_session=True,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, ignore),
+            )
+        self.seen = {self.process.pid: _process_table()[self.process.pid].start}
+        self.killed = None
+
+    def log(self):
+        return self.log_path.read_text()
+
+    def record(self):
+        """Remember every process now below those seen; return those running."""
+        table = _process_table()
+        below = {}
+        for pid, proc in table.items():
+            below.setdefault(proc.ppid, []).append(pid)
+        todo = self._alive(table)
+        while todo:
+            pid = todo.pop()
+            self.seen[pid] = table[pid].start
+            todo.extend(child for child in below.get(pid, []) if child not in self.seen)
+        return {pid: table[pid] for pid in self._alive(table)}
+
+    def _alive(self, table):
+        # A zombie runs nothing: it is gone, only not yet reaped.
+        return [
+            pid
+            for pid, start in self.seen.items()
+            if pid in table and table[pid].start == start and table[pid].state != "Z"
+        ]
+
+    def alive(self):
+        """PIDs seen whose processes still run."""
+        return sorted(self._alive(_process_table()))
+
+    def page(self, path=""):
+        assert self.process.poll() is None, self.log()
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=2) as response:
+                return response.read().decode()
+        except urllib.error.URLError:
+            return None
+
+    def wait_ready(self):
+        """Until the web server answers and the worker (with beat) is ready."""
+        wait_for(self.page, timeout=60, message="the demo's web server")
+        wait_for(
+            lambda: " ready." in self.log(), timeout=60, message="the demo's worker"
+        )
+
+    def kill(self):
+        """SIGKILL whatever of this demo still runs; return the PIDs it had.
+
+        The groups led by those processes go too, so a child forked since the
+        last record is not missed.
+        """
+        self.record()
+        table = _process_table()
+        left = self._alive(table)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                if table[pid].pgid == pid:
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+        self.process.wait(timeout=10)  # reaped: the others' new parent reaps them
+        wait_for(lambda: not self.alive(), timeout=10, message="killed processes")
+        return sorted(left)
+
+
+@contextlib.contextmanager
+def _running_demo(tmp_path, *arguments, **options):
+    """A :class:`_Demo` that outlives the test in no case: what runs is killed."""
+    demo = _Demo(tmp_path, *arguments, **options)
+    try:
+        yield demo
+    finally:
+        demo.killed = demo.kill()
+
+
+def _tree(demo, processes):
+    """The web server's PID, the worker's, and those of the worker's children."""
+    below = {}
+    for pid, proc in processes.items():
+        below.setdefault(proc.ppid, []).append(pid)
+    children = below[demo.process.pid]
+    (web,) = [pid for pid in children if "-m demo_app.web" in processes[pid].command]
+    (worker,) = [pid for pid in children if "tasks-celery" in processes[pid].command]
+    return web, worker, below[worker]
+
+
+def _confirmed(order):
+    return order if order["status"] == "confirmed" else None
+
+
+def _order(demo, email):
+    data = urllib.parse.urlencode({"email": email}).encode()
+    urllib.request.urlopen(demo.url + "orders", data=data, timeout=5).close()
 
 
 def test_the_one_command_demo_runs_and_stops_cleanly(tmp_path):
-    (tmp_path / "conf").mkdir()
-    config = shutil.copy(ROOT / "conf" / "local.ini", tmp_path / "conf" / "local.ini")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
-    log_path = tmp_path / "demo.log"
-    with open(log_path, "wb") as log:
-        demo = subprocess.Popen(
-            [sys.executable, "-m", "demo_app", str(config), "--port", str(port)],
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-    try:
-
-        def page(path=""):
-            assert demo.poll() is None, log_path.read_text()
-            try:
-                with urllib.request.urlopen(url + path, timeout=2) as response:
-                    return response.read().decode()
-            except urllib.error.URLError:
-                return None
-
-        wait_for(page, timeout=60, message="the demo's web server")
-        assert url in log_path.read_text()
-        order = urllib.parse.urlencode({"email": "ann@example.com"}).encode()
-        urllib.request.urlopen(url + "orders", data=order, timeout=5).close()
-        wait_for(
-            lambda: json.loads(page("orders/1"))["status"] == "confirmed",
+    """Started as ``cmd &`` leaves it (SIGINT ignored), ``kill -INT`` stops it all."""
+    with _running_demo(tmp_path, ignore_sigint=True) as demo:
+        demo.wait_ready()
+        assert demo.url in demo.log()
+        _order(demo, "ann@example.com")
+        order = wait_for(
+            lambda: _confirmed(json.loads(demo.page("orders/1"))),
             timeout=30,
             message="the demo's worker to confirm the order",
         )
-        processes = _descendants(demo.pid)
-        assert len(processes) >= 3  # web server, worker and its pool
-    finally:
-        demo.send_signal(signal.SIGINT)
-        assert demo.wait(timeout=60) == 0, log_path.read_text()
-    left = [pid for pid in processes if Path(f"/proc/{pid}").exists()]
-    assert left == [], f"processes left behind: {left}"
-    assert "did not stop" not in log_path.read_text()  # stopped, not killed
+        # The link follows --port (the INI's tasks.site_url says 6543).
+        assert order["url"] == f"{demo.url}orders/1"
+        page = bs4.BeautifulSoup(demo.page(), "html.parser")
+        assert page.find("a", href=order["url"]).text == order["url"]
+
+        processes = demo.record()
+        web, worker, below_worker = _tree(demo, processes)
+        assert len(below_worker) == 3  # its pool of two and beat
+        assert sorted(processes) == sorted(
+            [demo.process.pid, web, worker, *below_worker]
+        )
+
+        demo.process.send_signal(signal.SIGINT)
+        assert demo.process.wait(timeout=45) == 0, demo.log()
+        assert demo.alive() == []
+    assert demo.killed == []
+    log = demo.log()
+    assert "demo: SIGINT: stopping" in log
+    assert "did not stop" not in log  # stopped, not killed
     assert (tmp_path / "var" / "local.sqlite").exists()
+
+
+def test_a_closed_terminal_stops_the_demo_too(tmp_path):
+    """SIGHUP stops the children first: none of them is left orphaned."""
+    with _running_demo(tmp_path) as demo:
+        demo.wait_ready()
+        processes = demo.record()
+        assert len(processes) == 6  # the supervisor, web, worker, its pool, beat
+        demo.process.send_signal(signal.SIGHUP)
+        assert demo.process.wait(timeout=45) == 0, demo.log()
+        assert demo.alive() == []
+    assert demo.killed == []
+    assert "demo: SIGHUP: stopping" in demo.log()
+
+
+def test_a_child_deaf_to_sigterm_is_killed_and_reported(tmp_path):
+    with _running_demo(tmp_path, "--stop-timeout", "1") as demo:
+        demo.wait_ready()
+        _, worker, _ = _tree(demo, demo.record())
+        os.kill(worker, signal.SIGSTOP)  # SIGTERM stays pending: it never stops
+        demo.process.send_signal(signal.SIGTERM)
+        assert demo.process.wait(timeout=45) == 1, demo.log()  # killing: a failure
+        assert demo.alive() == []
+    assert demo.killed == []  # the supervisor killed them, not the test
+    log = demo.log()
+    assert "demo: SIGTERM: stopping" in log
+    killed = "did not stop within 1 s of SIGTERM; killing its process group"
+    assert f"demo: the worker and beat {killed}" in log
+    assert log.count(killed) == 1  # the web server stopped
+
+
+def test_a_stuck_demo_is_killed_whole_when_the_test_ends(tmp_path):
+    """The tests' fallback: a supervisor that cannot stop is killed, with all it
+    started (its children lead groups of their own, out of its group's reach)."""
+    with _running_demo(tmp_path) as demo:
+        demo.wait_ready()
+        processes = demo.record()
+        assert len(processes) == 6
+        os.kill(demo.process.pid, signal.SIGSTOP)  # hung: deaf to SIGINT
+        demo.process.send_signal(signal.SIGINT)
+        with pytest.raises(subprocess.TimeoutExpired):
+            demo.process.wait(timeout=1)
+    assert demo.killed == sorted(processes)
+    assert demo.alive() == []
+    assert demo.process.returncode == -signal.SIGKILL
