@@ -11,9 +11,15 @@ from .tasks import build_report, confirm_order
 @view_config(route_name="home", request_method="GET", renderer="templates/home.jinja2")
 def home(request):
     dbsession = request.dbsession
+    orders = dbsession.query(Order).order_by(Order.id.desc()).limit(20).all()
+    reports = dbsession.query(Report).order_by(Report.id.desc()).limit(5).all()
     return {
-        "orders": dbsession.query(Order).order_by(Order.id.desc()).limit(20).all(),
-        "reports": dbsession.query(Report).order_by(Report.id.desc()).limit(5).all(),
+        "orders": orders,
+        "reports": reports,
+        # The page refreshes only while a task has work to show: an email
+        # being typed is not wiped out by an idle page.
+        "busy": any(order.status == "new" for order in orders)
+        or any(report.state != "done" for report in reports),
         "eager": request.celery_app.conf.task_always_eager,
         "email": "ann@example.com",
         "error": None,

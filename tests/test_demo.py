@@ -108,8 +108,27 @@ def test_an_order_without_an_email_is_refused(eager_app, email, message):
     assert page.html.select_one("input[name=email]")["value"] == email.strip()
     # The form stays put: no refresh to re-request the POST's URL.
     assert page.html.select("meta[http-equiv=refresh]") == []
-    assert eager_app.get("/").html.select("meta[http-equiv=refresh]") != []
     assert "anonymous" not in eager_app.get("/").text
+
+
+def _refreshes(app):
+    return app.get("/").html.select("meta[http-equiv=refresh]") != []
+
+
+def test_the_page_refreshes_only_while_a_task_has_work(eager_app):
+    assert not _refreshes(eager_app)  # nothing yet: an email can be typed
+    eager_app.post("/orders", {"email": "ann@example.com"}, status=302)
+    assert not _refreshes(eager_app)  # confirmed at once (eager)
+    engine = eager_app.app.registry["dbsession_factory"].kw["bind"]
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO orders (email, status) VALUES ('bo@x.org', 'new')")
+        )
+    assert _refreshes(eager_app)  # a new order waits for its worker
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE orders SET status = 'confirmed'"))
+        connection.execute(text("INSERT INTO reports (state) VALUES ('running')"))
+    assert _refreshes(eager_app)  # a report is being built
 
 
 def test_a_report_counts_the_orders(eager_app):
