@@ -26,12 +26,7 @@ from .settings import (
 )
 from .task_classes import PyramidTask
 
-__all__ = [
-    "add_periodic_task",
-    "add_task",
-    "build_celery_app",
-    "get_celery_app",
-]
+__all__ = ["add_periodic_task", "add_task", "build_celery_app", "get_celery_app"]
 
 APP_DISCRIMINATOR = "pyramid_tasks:celery_app"
 LOADER = "pyramid_tasks.loader:PyramidLoader"
