@@ -10,17 +10,25 @@ from celery.bin.celery import celery as celery_command
 from pyramid.exceptions import ConfigurationError, ConfigurationExecutionError
 from sqlalchemy.exc import SQLAlchemyError
 
+from .broker import check_broker
 from .loader import load_celery_app
 from .masking import mask_secrets
 
-__all__ = ["main"]
+__all__ = ["LoadError", "UsageError", "main"]
 
 USAGE = "tasks-celery CONFIG_URI [--var name=value ...] -- CELERY_ARGS..."
 EXAMPLE = "tasks-celery conf/production.ini -- worker --loglevel=info"
 
 
 class UsageError(Exception):
-    """A problem to report in one paragraph, exit status 1."""
+    """A command-line mistake: one paragraph and the usage line, exit status 1."""
+
+
+class LoadError(Exception):
+    """The INI or its app cannot be loaded: one paragraph, exit status 1.
+
+    The command line was right, so no usage line follows.
+    """
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,14 +91,16 @@ def _check_file(config_uri):
 
 
 def load(config_uri, variables):
-    """The Celery app of the INI, or :class:`UsageError` in one paragraph."""
+    """The Celery app of the INI.
+
+    Raises :class:`UsageError` for a missing file, :class:`LoadError` for
+    what goes wrong loading it, each in one paragraph.
+    """
     _check_file(config_uri)
     try:
-        return load_celery_app(config_uri, variables)
+        app = load_celery_app(config_uri, variables)
     except ConfigurationExecutionError as exc:
-        raise UsageError(
-            f"bad configuration in {config_uri}: {_describe(exc.evalue)}"
-        ) from exc
+        raise _bad_configuration(config_uri, exc.evalue) from exc
     except (
         ConfigurationError,
         configparser.Error,
@@ -102,7 +112,17 @@ def load(config_uri, variables):
         # configparser.Error: INI syntax or a %(var)s with no value; LookupError:
         # a missing [app:...] section or setting; ImportError: a ``use =`` naming
         # nothing; SQLAlchemyError: a bad sqlalchemy.url or database at start-up.
-        raise UsageError(f"cannot load {config_uri}: {_describe(exc)}") from exc
+        raise LoadError(f"cannot load {config_uri}: {_describe(exc)}") from exc
+    try:
+        # Eager mode spares the web process a broker, never this command.
+        check_broker(app.conf, eager_ok=False)
+    except ConfigurationError as exc:
+        raise _bad_configuration(config_uri, exc) from exc
+    return app
+
+
+def _bad_configuration(config_uri, exc):
+    return LoadError(f"bad configuration in {config_uri}: {_describe(exc)}")
 
 
 def _describe(exc):
@@ -125,6 +145,9 @@ def main(argv=None):
         app = load(config_uri, variables)
     except UsageError as exc:
         print(f"tasks-celery: error: {exc}\nusage: {USAGE}", file=sys.stderr)
+        return 1
+    except LoadError as exc:
+        print(f"tasks-celery: error: {exc}", file=sys.stderr)
         return 1
     # The way ``Celery.start`` hands an app object to Celery's CLI, but in
     # standalone mode so Click reports usage errors and exit codes itself.

@@ -1,14 +1,20 @@
 """Configurator directives and the deferred action that builds the Celery app."""
 
 import os
+import traceback
 from datetime import timedelta
 
+import pyramid
 from celery import Celery
 from celery.app.routes import prepare as prepare_routes
 from celery.utils.functional import maybe_evaluate
 from pyramid.config import PHASE2_CONFIG
+from pyramid.config.actions import ActionInfo, action_method
 from pyramid.exceptions import ConfigurationError
 
+import pyramid_tasks
+
+from .broker import check_broker, warn_environment_overrides
 from .decorator import TaskHandle
 from .retry import RetryPolicy
 from .schedule import parse_beat_settings, parse_schedule
@@ -35,6 +41,8 @@ def build_celery_app(registry):
     """Build ``registry.celery_app`` from the registry's settings.
 
     Runs as a deferred action, so it sees the settings as they are at commit.
+    An app without a broker is refused (see :func:`.broker.check_broker`),
+    unless it includes ``pyramid_tasks.testing``, which never sends.
     """
     settings = registry.settings
     options = parse_tasks_settings(settings)
@@ -63,6 +71,10 @@ def build_celery_app(registry):
         set_as_current=False,
     )
     app.conf.update(conf)
+    warn_environment_overrides(conf)
+    if getattr(registry, "pyramid_tasks_capture", None) is None:
+        # pyramid_tasks.testing captures every send: no broker is ever used.
+        check_broker(app.conf)
     app.pyramid_registry = registry
     app.pyramid_task_queues = task_queues
     registry.pyramid_tasks_settings = options
@@ -259,7 +271,36 @@ def get_celery_app(config):
 
 
 def declare(config):
-    """The deferred actions of ``includeme``."""
+    """The deferred actions of ``includeme``, located at the app's include.
+
+    Pyramid reports an error raised in a deferred action, or a conflict, with
+    the action's location: without one it says "Line 0 of file None".
+    """
+    _declare(config, _info=_include_info())
+
+
+# Frames of these packages are skipped when locating the app's include.
+_FRAMEWORK_DIRS = tuple(
+    os.path.dirname(module.__file__) + os.sep for module in (pyramid, pyramid_tasks)
+)
+
+
+def _include_info():
+    """Where the app includes pyramid_tasks: the innermost frame of its own code.
+
+    That is the ``config.include("pyramid_tasks")`` line, or for
+    ``pyramid.includes`` the ``Configurator(settings=...)`` line.
+    """
+    stack = traceback.extract_stack()
+    frame = next(
+        (f for f in reversed(stack) if not f.filename.startswith(_FRAMEWORK_DIRS)),
+        stack[0],
+    )
+    return ActionInfo(frame.filename, frame.lineno, frame.name, frame.line or "")
+
+
+@action_method
+def _declare(config):
     registry = config.registry
     intr = config.introspectable(
         "celery apps", APP_DISCRIMINATOR, "celery app", "celery app"

@@ -11,6 +11,7 @@ from datetime import timedelta
 from celery.schedules import crontab
 from pyramid.exceptions import ConfigurationError
 
+from .masking import mask_secrets
 from .settings import as_json, bad_setting
 
 __all__ = ["parse_beat_settings", "parse_schedule"]
@@ -40,24 +41,34 @@ _CALL_KEYWORDS = {
         "microseconds",
     ),
 }
-# Longer than any sensible schedule; keeps ast.parse away from giant input.
+# Longer than any sensible schedule; keeps ast.parse and int() away from
+# giant input.
 _MAX_LENGTH = 500
 
 
 def parse_schedule(text, key="schedule"):
     """A :class:`~datetime.timedelta` or :class:`~celery.schedules.crontab`.
 
-    ``key`` is the setting name used in errors.
+    ``key`` is the setting name used in errors.  A crontab field out of its
+    range is an error naming the field, the value and the range.
     """
     value = str(text).strip()
     try:
         return _parse(value)
     except _Invalid as exc:
+        if exc.args:
+            raise ConfigurationError(
+                f"Invalid setting {key} = {mask_secrets(text)!r}: "
+                f"{mask_secrets(exc.args[0])}."
+            ) from exc.__cause__
         raise bad_setting(key, text, _EXPECTED) from exc.__cause__
 
 
 class _Invalid(Exception):
-    """Internal: the text is not in the grammar (cause attached)."""
+    """Internal: the text is not in the grammar (cause attached).
+
+    Its argument, when there is one, says what is wrong in the user's terms.
+    """
 
 
 def _parse(value):
@@ -67,9 +78,14 @@ def _parse(value):
     if match:
         return _interval(**{_UNITS[match[2]]: float(match[1])})
     fields = value.split()
-    if len(fields) == 5 and all(_CRON_FIELD.fullmatch(f) for f in fields):
-        names = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
-        return _build(crontab, dict(zip(names, fields, strict=True)))
+    if (
+        len(value) <= _MAX_LENGTH
+        and len(fields) == 5
+        and all(_CRON_FIELD.fullmatch(f) for f in fields)
+    ):
+        for name, spec in zip(_CRON_RANGES, fields, strict=True):
+            _check_cron_field(name, spec, f"{_CRON_LABELS[name]} field {spec!r}")
+        return _crontab(dict(zip(_CRON_RANGES, fields, strict=True)))
     if len(value) <= _MAX_LENGTH and _CALL.fullmatch(value):
         return _parse_call(value)
     raise _Invalid
@@ -80,6 +96,15 @@ def _interval(**parts):
     if delta <= timedelta(0):
         raise _Invalid
     return delta
+
+
+def _crontab(fields):
+    """Celery's crontab of fields already in range: it still refuses a date
+    that never occurs (``30 2``)."""
+    try:
+        return crontab(**fields)
+    except ValueError as exc:
+        raise _Invalid(str(exc).rstrip(".")) from exc
 
 
 def _build(factory, kwargs):
@@ -106,7 +131,82 @@ def _parse_call(value):
         kwargs[keyword.arg] = _literal(keyword.value, node.func.id)
     if node.func.id == "timedelta":
         return _interval(**kwargs)
-    return _build(crontab, kwargs)
+    for name, spec in kwargs.items():
+        _check_cron_field(name, spec, f"{name}={spec!r}")
+    return _crontab(kwargs)
+
+
+# The crontab fields in five-field order, with Celery's ranges and the names
+# it reads (it takes a name's first three letters; we take the abbreviation
+# or the full English name).
+_MONTHS = ("january", "february", "march", "april", "may", "june", "july")
+_MONTHS += ("august", "september", "october", "november", "december")
+_DAYS = ("sunday", "monday", "tuesday", "wednesday", "thursday", "friday")
+_DAYS += ("saturday",)
+_CRON_RANGES = {
+    "minute": (0, 59, ()),
+    "hour": (0, 23, ()),
+    "day_of_month": (1, 31, ()),
+    "month_of_year": (1, 12, _MONTHS),
+    "day_of_week": (0, 6, _DAYS),
+}
+_CRON_LABELS = {
+    "minute": "minute",
+    "hour": "hour",
+    "day_of_month": "day of month",
+    "month_of_year": "month",
+    "day_of_week": "day of week",
+}
+
+
+def _check_cron_field(name, spec, where):
+    """Every item of a crontab field in its range, or ``_Invalid`` saying why.
+
+    Celery's own parser wraps steps and names around silently: ``*/61`` is
+    hourly, ``mon`` is 1 in any field.  An item is ``*``, a value or a range
+    ``a-b`` (``b < a`` wraps around), ``*`` and ranges with an optional
+    ``/step`` that leaves more than one value; items are separated by commas.
+    """
+    low, high, names = _CRON_RANGES[name]
+    if isinstance(spec, float):
+        raise _Invalid(f"{where}: expected a whole number or a crontab field")
+    for item in str(spec).split(","):
+        base, slash, step = item.partition("/")
+        if base == "*":
+            first, count = low, high - low + 1
+        else:
+            start, dash, end = base.partition("-")
+            first = _cron_value(start or base, low, high, names, where)
+            last = _cron_value(end, low, high, names, where) if dash else first
+            if slash and not dash:
+                raise _Invalid(f"{where}: a step needs * or a range before it")
+            count = (last - first) % (high - low + 1) + 1
+        if not slash:
+            continue
+        if not (step.isascii() and step.isdigit()):
+            raise _Invalid(f"{where}: step {step!r} is not a number")
+        if base == "*" and not 1 <= int(step) < count:
+            raise _Invalid(f"{where}: step {int(step)} is outside 1-{count - 1}")
+        if not 1 <= int(step) < count:
+            raise _Invalid(f"{where}: step {int(step)} leaves only {first} of {base}")
+
+
+def _cron_value(token, low, high, names, where):
+    if not token:
+        raise _Invalid(f"{where}: a value is missing")
+    if token.isascii() and token.isdigit():
+        number = int(token)
+        if not low <= number <= high:
+            raise _Invalid(f"{where}: {number} is outside {low}-{high}")
+        return number
+    word = token.lower()
+    for number, full in enumerate(names, start=low):
+        if word in (full, full[:3]):
+            return number
+    allowed = f"{low}-{high}"
+    if names:
+        allowed += f" or {names[0][:3]}-{names[-1][:3]}"
+    raise _Invalid(f"{where}: {token!r} is not in {allowed}")
 
 
 def _literal(node, func):

@@ -33,22 +33,40 @@ def celery_app_option():
     option.default = default
 
 
-def write_ini(tmp_path, *settings, use="call:tests.pkgs.cli_app:main"):
+def write_ini(
+    tmp_path, *settings, use="call:tests.pkgs.cli_app:main", broker="memory://"
+):
     path = tmp_path / "app.ini"
-    lines = ["[app:main]", f"use = {use}", "celery.broker_url = memory://"]
+    lines = ["[app:main]", f"use = {use}"]
+    if broker:
+        lines.append(f"celery.broker_url = {broker}")
     path.write_text("\n".join([*lines, *settings]) + "\n")
     return path
 
 
 def fails(argv, capsys):
-    """``main(argv)``'s stderr, checking it is one short paragraph and status 1."""
+    """``main(argv)``'s stderr, checking it is one line and status 1."""
     assert main(argv) == 1
     out, err = capsys.readouterr()
     assert out == ""
     assert err.startswith("tasks-celery: error: ")
-    assert err.endswith(f"\nusage: {USAGE}\n")
     assert "Traceback" not in err
-    assert "\n\n" not in err.strip()
+    return err
+
+
+def usage_error(argv, capsys):
+    """A command-line mistake: the paragraph, then the usage line."""
+    err = fails(argv, capsys)
+    paragraph, usage = err.splitlines()
+    assert usage == f"usage: {USAGE}"
+    return paragraph
+
+
+def load_error(argv, capsys):
+    """The INI or its app is wrong, not the command line: no usage line."""
+    err = fails(argv, capsys)
+    assert err.count("\n") == 1, err
+    assert "usage" not in err
     return err
 
 
@@ -142,13 +160,13 @@ def test_var_never_overrides_a_default_value_pastedeploy_keeps_the_file_one():
 def test_main_missing_file_names_it(tmp_path, capsys):
     missing = tmp_path / "nope.ini"
 
-    err = fails([str(missing), "--", "report"], capsys)
+    err = usage_error([str(missing), "--", "report"], capsys)
 
     assert f"config file {missing} not found" in err
 
 
 def test_main_without_double_dash_shows_the_example(capsys):
-    err = fails([str(APPS_INI)], capsys)
+    err = usage_error([str(APPS_INI)], capsys)
 
     assert EXAMPLE in err
 
@@ -156,7 +174,7 @@ def test_main_without_double_dash_shows_the_example(capsys):
 def test_main_reads_sys_argv_by_default(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["tasks-celery", "--bogus", "x.ini", "--"])
 
-    err = fails(None, capsys)
+    err = usage_error(None, capsys)
 
     assert "unrecognized arguments: --bogus" in err
 
@@ -181,15 +199,43 @@ def test_main_reads_sys_argv_by_default(monkeypatch, capsys):
 def test_main_bad_setting_names_the_key(setting, expected, tmp_path, capsys):
     ini = write_ini(tmp_path, setting)
 
-    err = fails([str(ini), "--", "report"], capsys)
+    err = load_error([str(ini), "--", "report"], capsys)
 
     assert f"bad configuration in {ini}: {expected}" in err
+
+
+def test_main_without_a_broker_names_the_setting(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    ini = write_ini(tmp_path, broker=None)
+
+    err = load_error([str(ini), "--", "report"], capsys)
+
+    assert err.startswith(
+        f"tasks-celery: error: bad configuration in {ini}: No broker: set "
+        "celery.broker_url, for example redis://127.0.0.1:6379/0, or "
+        "celery.task_always_eager = true"
+    )
+
+
+def test_main_in_eager_mode_still_needs_a_broker(tmp_path, capsys, monkeypatch):
+    """Eager mode spares the web process a broker, not a worker."""
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    ini = write_ini(tmp_path, "celery.task_always_eager = true", broker=None)
+
+    err = load_error([str(ini), "--", "worker"], capsys)
+
+    assert err.startswith(
+        f"tasks-celery: error: bad configuration in {ini}: No broker: eager mode "
+        "(celery.task_always_eager = true) runs tasks in the web process without "
+        "one, but workers, beat and every tasks-celery command need one: set "
+        "celery.broker_url"
+    )
 
 
 def test_main_masks_the_password_of_a_bad_url_setting(tmp_path, capsys):
     ini = write_ini(tmp_path, "tasks.site_url = https://ann:s3cret@example.com/app")
 
-    err = fails([str(ini), "--", "report"], capsys)
+    err = load_error([str(ini), "--", "report"], capsys)
 
     assert "tasks.site_url = 'https://ann:***@example.com/app'" in err
     assert "s3cret" not in err
@@ -198,7 +244,7 @@ def test_main_masks_the_password_of_a_bad_url_setting(tmp_path, capsys):
 def test_main_missing_variable_names_it_and_masks_the_raw_value(tmp_path, capsys):
     ini = write_ini(tmp_path, "celery.result_backend = redis://:s3cret@%(host)s/0")
 
-    err = fails([str(ini), "--", "report"], capsys)
+    err = load_error([str(ini), "--", "report"], capsys)
 
     assert f"cannot load {ini}:" in err
     assert "'host'" in err
@@ -216,27 +262,27 @@ def test_main_ini_syntax_error_is_one_paragraph(text, expected, tmp_path, capsys
     ini = tmp_path / "broken.ini"
     ini.write_text(text)
 
-    err = fails([str(ini), "--", "report"], capsys)
+    err = load_error([str(ini), "--", "report"], capsys)
 
     assert f"cannot load {ini}:" in err
     assert expected in err
 
 
 def test_main_app_without_pyramid_tasks(capsys):
-    err = fails([f"{APPS_INI}#no_tasks", "--", "report"], capsys)
+    err = load_error([f"{APPS_INI}#no_tasks", "--", "report"], capsys)
 
     assert "does not include pyramid_tasks" in err
     assert "config.include('pyramid_tasks')" in err
 
 
 def test_main_missing_section(capsys):
-    err = fails([f"{APPS_INI}#nosuch", "--", "report"], capsys)
+    err = load_error([f"{APPS_INI}#nosuch", "--", "report"], capsys)
 
     assert f"cannot load {APPS_INI}#nosuch: LookupError: No section 'nosuch'" in err
 
 
 def test_main_bad_database_url_is_one_paragraph_without_the_password(capsys):
-    err = fails([f"{APPS_INI}#bad_database_url", "--", "report"], capsys)
+    err = load_error([f"{APPS_INI}#bad_database_url", "--", "report"], capsys)
 
     assert "NoSuchModuleError" in err
     assert "nosuchdriver" in err
@@ -244,7 +290,7 @@ def test_main_bad_database_url_is_one_paragraph_without_the_password(capsys):
 
 
 def test_main_use_names_a_missing_module(capsys):
-    err = fails([f"{APPS_INI}#missing_module", "--", "report"], capsys)
+    err = load_error([f"{APPS_INI}#missing_module", "--", "report"], capsys)
 
     assert "No module named 'nonexistent_module_for_pyramid_tasks_tests'" in err
 
@@ -298,8 +344,10 @@ def test_script_bad_setting_is_one_paragraph_and_status_1(tmp_path):
 
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
-    assert result.stderr.count("\n") == 2, result.stderr
-    assert "tasks.retry.attempts = 'three'" in result.stderr
+    assert result.stderr == (
+        f"tasks-celery: error: bad configuration in {ini}: Invalid setting "
+        "tasks.retry.attempts = 'three': expected an integer.\n"
+    )
     assert result.stdout == ""
 
 
@@ -309,6 +357,7 @@ def test_script_without_double_dash_is_status_1(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert EXAMPLE in result.stderr
+    assert result.stderr.endswith(f"\nusage: {USAGE}\n")
 
 
 def test_script_sends_through_the_ini_broker_with_var_values(
@@ -334,7 +383,7 @@ def test_script_sends_through_the_ini_broker_with_var_values(
 
 
 def test_main_without_arguments_asks_for_the_config(capsys):
-    err = fails([], capsys)
+    err = usage_error([], capsys)
     assert "missing CONFIG_URI" in err
 
 
@@ -347,13 +396,12 @@ def test_main_database_down_is_one_paragraph(capsys, tmp_path):
         f"sqlalchemy.url = postgresql+psycopg://postgres:pw@127.0.0.1:{free_port()}/x\n"
         "celery.broker_url = memory://\n"
     )
-    err = fails([str(ini), "--", "report"], capsys)
+    err = load_error([str(ini), "--", "report"], capsys)
     assert "OperationalError" in err
     assert "Background on this error" not in err
-    assert err.count("\n") == 2  # the paragraph and the usage line
     assert ":pw@" not in err
 
 
 def test_main_refuses_multi(capsys):
-    err = fails([str(TEST_INI), "--", "multi", "start", "w1"], capsys)
+    err = usage_error([str(TEST_INI), "--", "multi", "start", "w1"], capsys)
     assert "celery multi" in err and "process supervisor" in err

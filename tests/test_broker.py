@@ -1,0 +1,155 @@
+"""No broker is a configuration error, never Celery's ``amqp://localhost``."""
+
+import logging
+
+import pytest
+from pyramid.config import Configurator
+from pyramid.exceptions import ConfigurationError, ConfigurationExecutionError
+
+from pyramid_tasks.broker import check_broker
+
+ENVIRONMENT = (
+    "CELERY_BROKER_URL",
+    "CELERY_BROKER_READ_URL",
+    "CELERY_BROKER_WRITE_URL",
+    "CELERY_RESULT_BACKEND",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    """Celery reads these variables: none may leak in from the shell."""
+    for variable in ENVIRONMENT:
+        monkeypatch.delenv(variable, raising=False)
+
+
+def build(**settings):
+    config = Configurator(settings=settings)
+    config.include("pyramid_tasks")
+    return config.get_celery_app()
+
+
+def refused(**settings):
+    with pytest.raises(ConfigurationExecutionError) as info:
+        build(**settings)
+    assert isinstance(info.value.evalue, ConfigurationError)
+    return str(info.value.evalue)
+
+
+def test_no_broker_url_is_an_error_naming_the_setting():
+    message = refused(**{"celery.task_default_queue": "q"})
+
+    assert message == (
+        "No broker: set celery.broker_url, for example redis://127.0.0.1:6379/0, "
+        "or celery.task_always_eager = true to run tasks in-process without a "
+        "broker (development); Celery would otherwise use amqp://localhost."
+    )
+
+
+def test_an_empty_broker_url_is_no_broker():
+    assert refused(**{"celery.broker_url": " "}).startswith("No broker: ")
+
+
+@pytest.mark.parametrize(
+    ("settings", "url"),
+    [
+        ({"celery.broker_url": "redis://127.0.0.1:6379/3"}, "redis://127.0.0.1:6379/3"),
+        ({"celery.broker_host": "memory://"}, "memory://"),  # Celery's legacy name
+        (
+            {
+                "celery.broker_read_url": "memory://read",
+                "celery.broker_write_url": "memory://write",
+            },
+            "memory://write",
+        ),
+    ],
+)
+def test_a_broker_setting_is_used(settings, url):
+    app = build(**settings)
+
+    assert app.conf.broker_write_url == url
+    assert app.connection_for_write().transport_cls == url.partition(":")[0]
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("celery.broker_write_url", "No broker to consume from: neither "),
+        ("celery.broker_read_url", "No broker to publish to: neither "),
+    ],
+)
+def test_one_side_alone_names_the_other(setting, message):
+    side = "read" if setting.endswith("write_url") else "write"
+
+    text = refused(**{setting: "memory://"})
+
+    assert text.startswith(
+        f"{message}celery.broker_{side}_url nor celery.broker_url is set; set "
+        "celery.broker_url, for example redis://127.0.0.1:6379/0"
+    )
+
+
+def test_celery_broker_url_in_the_environment_counts(monkeypatch):
+    """Celery honours the variable, so a broker is set."""
+    monkeypatch.setenv("CELERY_BROKER_URL", "memory://from-env")
+
+    app = build()
+
+    assert app.conf.broker_write_url == "memory://from-env"
+    assert app.connection_for_write().transport_cls == "memory"
+
+
+def test_the_environment_overriding_a_setting_is_a_warning(monkeypatch, caplog):
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://:hunter2@env-host/0")
+    monkeypatch.setenv("CELERY_RESULT_BACKEND", "redis://same/1")
+    settings = {
+        "celery.broker_url": "redis://:s3cret@ini-host/0",
+        "celery.broker_read_url": "redis://ini-host/0",  # no variable: no warning
+        "celery.result_backend": "redis://same/1",  # the same value: no warning
+    }
+
+    with caplog.at_level(logging.WARNING, logger="pyramid_tasks.broker"):
+        app = build(**settings)
+
+    assert app.conf.broker_write_url == "redis://:hunter2@env-host/0"
+    assert [r.getMessage() for r in caplog.records] == [
+        "The environment variable CELERY_BROKER_URL = redis://:***@env-host/0 "
+        "overrides celery.broker_url = redis://:***@ini-host/0 (Celery gives the "
+        "environment precedence)."
+    ]
+
+
+def test_eager_mode_needs_no_broker():
+    app = build(**{"celery.task_always_eager": "true"})
+
+    assert app.conf.broker_url is None
+
+
+def test_the_testing_include_needs_no_broker():
+    """Captured tasks never reach a broker."""
+    config = Configurator(settings={})
+    config.include("pyramid_tasks.testing")
+
+    assert config.get_celery_app().conf.broker_url is None
+
+
+def test_eager_mode_without_broker_is_refused_where_a_broker_is_needed():
+    app = build(**{"celery.task_always_eager": "true"})
+
+    with pytest.raises(ConfigurationError) as info:
+        check_broker(app.conf, eager_ok=False)
+
+    assert str(info.value) == (
+        "No broker: eager mode (celery.task_always_eager = true) runs tasks in "
+        "the web process without one, but workers, beat and every tasks-celery "
+        "command need one: set celery.broker_url, for example "
+        "redis://127.0.0.1:6379/0."
+    )
+
+
+def test_eager_mode_with_a_broker_passes_where_a_broker_is_needed():
+    app = build(
+        **{"celery.task_always_eager": "true", "celery.broker_url": "memory://"}
+    )
+
+    check_broker(app.conf, eager_ok=False)
