@@ -16,6 +16,8 @@ __all__ = ["PyramidLoader", "load_celery_app"]
 
 log = logging.getLogger(__name__)
 
+_CELERY_CONSUMER = "celery.worker.consumer:Consumer"
+
 
 class PyramidLoader(AppLoader):
     """The Celery loader of every app built by ``pyramid_tasks``.
@@ -24,6 +26,12 @@ class PyramidLoader(AppLoader):
     app was built); in each forked worker child it disposes the SQLAlchemy
     pools inherited from the parent and notifies :class:`WorkerProcessInit`.
     """
+
+    def on_worker_init(self):
+        # Worker and beat processes: before the worker reads its settings.
+        conf = self.app.conf
+        if conf.worker_consumer == _CELERY_CONSUMER:
+            conf.worker_consumer = "pyramid_tasks.malformed:Consumer"
 
     def on_worker_process_init(self):
         disposed = _dispose_inherited_engines()
