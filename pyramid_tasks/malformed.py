@@ -24,6 +24,7 @@ from celery import signals
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu import Connection
 from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
 __all__ = ["MALFORMED_SUFFIX", "Consumer", "RedisTransport"]
@@ -148,21 +149,18 @@ class _RedisChannel(kombu_redis.Channel):
     def _create_client(self, asynchronous=False):
         client = super()._create_client(asynchronous=asynchronous)
         if asynchronous:  # the client that runs BRPOP
-            parse = client.response_callbacks.get("BRPOP")
+            parse = client.response_callbacks["BRPOP"]
             client.set_response_callback("BRPOP", self._checked_brpop(parse))
         return client
 
     def _checked_brpop(self, parse):
         def checked(response, **options):
             reply = parse(response, **options)
-            if reply:
-                key, item = reply
-                cause = self._unreadable_cause(item)
-                if cause is not None:
-                    # Not delivered: kombu sees an empty BRPOP, as on a
-                    # timeout, and the item is kept aside after the read.
-                    self._unreadable.append((key, item, cause))
-                    return None
+            if reply and (cause := self._unreadable_cause(reply[1])) is not None:
+                # Not delivered: kombu sees an empty BRPOP, as on a timeout,
+                # and the item is kept aside once the read is over.
+                self._unreadable.append((*reply, cause))
+                return None
             return reply
 
         return checked
@@ -171,10 +169,7 @@ class _RedisChannel(kombu_redis.Channel):
         """What kombu would raise on ``item`` (then the worker stops), or None."""
         try:
             payload = loads(item)
-            message = self.Message(payload, channel=self)
-            info = message.delivery_info
-            if not isinstance(message.delivery_tag, str):
-                raise TypeError("delivery_tag is not a string")
+            info = self.Message(payload, channel=self).delivery_info
             info["exchange"], info["routing_key"]  # what the unacked index keeps
         except Exception as exc:
             return exc
@@ -188,8 +183,7 @@ class _RedisChannel(kombu_redis.Channel):
                 self._keep_unreadable(*self._unreadable.pop(0))
 
     def _keep_unreadable(self, key, item, cause):
-        key = key.decode() if isinstance(key, bytes) else key
-        key = key.removeprefix(self.global_keyprefix)
+        key = bytes_to_str(key).removeprefix(self.global_keyprefix)
         queue = key.rsplit(self.sep, 1)[0]  # without the priority suffix
         self.keep_aside(queue, item)
         tag, headers = _envelope_fields(item)
@@ -237,7 +231,7 @@ class _CheckingConnection(Connection):
 
     def get_transport_cls(self):
         transport_cls = super().get_transport_cls()
-        if transport_cls is kombu_redis.Transport:
-            return RedisTransport
-        return transport_cls
+        return _CHECKING.get(transport_cls, transport_cls)
 
+
+_CHECKING = {kombu_redis.Transport: RedisTransport}
