@@ -11,6 +11,7 @@ from pyramid.exceptions import ConfigurationError
 from sqlalchemy.engine import Engine
 
 from .events import WorkerProcessInit
+from .startup import TimeLimitCheck
 
 __all__ = ["PyramidLoader", "load_celery_app"]
 
@@ -23,8 +24,11 @@ class PyramidLoader(AppLoader):
     """The Celery loader of every app built by ``pyramid_tasks``.
 
     Configuration comes from the Pyramid settings (already applied when the
-    app was built); in each forked worker child it disposes the SQLAlchemy
-    pools inherited from the parent and notifies :class:`WorkerProcessInit`.
+    app was built).  A worker gets the consumer that sets malformed messages
+    aside (unless the app set ``worker_consumer``) and warns at start about
+    time limits its pool will not enforce.  In each forked worker child it
+    disposes the SQLAlchemy pools inherited from the parent and notifies
+    :class:`WorkerProcessInit`.
     """
 
     def on_worker_init(self):
@@ -32,6 +36,7 @@ class PyramidLoader(AppLoader):
         conf = self.app.conf
         if conf.worker_consumer == _CELERY_CONSUMER:
             conf.worker_consumer = "pyramid_tasks.malformed:Consumer"
+        self.app.steps["worker"].add(TimeLimitCheck)
 
     def on_worker_process_init(self):
         disposed = _dispose_inherited_engines()
