@@ -11,7 +11,7 @@ from pyramid.exceptions import ConfigurationError
 from sqlalchemy.engine import Engine
 
 from .events import WorkerProcessInit
-from .startup import TimeLimitCheck
+from .startup import TimeLimitCheck, follow_ini_logging
 
 __all__ = ["PyramidLoader", "load_celery_app"]
 
@@ -60,11 +60,13 @@ def load_celery_app(config_uri, options=None):
     """Bootstrap the Pyramid app at ``config_uri`` and return its Celery app.
 
     The INI's ``[loggers]`` are applied first (Celery then leaves logging
-    alone); ``options`` fill ``%(name)s`` variables.  Raises
+    alone, and the worker's and beat's banners show the INI's level);
+    ``options`` fill ``%(name)s`` variables.  Raises
     :class:`ConfigurationError` when the app does not include pyramid_tasks.
     """
     loader = plaster.get_loader(config_uri, protocols=["wsgi"])
-    if "loggers" in loader.get_sections():
+    ini_logging = "loggers" in loader.get_sections()
+    if ini_logging:
         loader.setup_logging(options)
         signals.setup_logging.connect(_keep_ini_logging, weak=False)
     earlier = global_registries.last
@@ -80,6 +82,8 @@ def load_celery_app(config_uri, options=None):
             f"The app in {config_uri} does not include pyramid_tasks: add "
             "config.include('pyramid_tasks') or pyramid.includes = pyramid_tasks."
         )
+    if ini_logging:
+        follow_ini_logging(celery_app)
     return celery_app
 
 

@@ -92,3 +92,26 @@ class TimeLimitCheck(bootsteps.StartStopStep):
                 ", ".join(limits),
                 _ADVICE.get(name, _DEFAULT_ADVICE),
             )
+
+
+def follow_ini_logging(app):
+    """Make the worker's and beat's banners show the INI's logging.
+
+    Once the INI's ``[loggers]`` are applied ``--loglevel`` changes nothing,
+    so the banners show the effective level of the ``celery`` logger instead:
+    the worker lists its tasks (``[tasks]``) when it is INFO or lower, with
+    Celery's built-in tasks at DEBUG; beat prints it after ``@%``.
+    """
+    for name in ("Worker", "Beat"):
+        setattr(app, name, _at_ini_level(getattr(app, name)))
+
+
+def _at_ini_level(program):
+    class AtIniLevel(program):
+        def __init__(self, *args, **kwargs):
+            kwargs["loglevel"] = logging.getLogger("celery").getEffectiveLevel()
+            super().__init__(*args, **kwargs)
+
+    AtIniLevel.__name__ = AtIniLevel.__qualname__ = program.__name__
+    AtIniLevel.__module__ = program.__module__
+    return AtIniLevel

@@ -1,11 +1,16 @@
 """What a worker and beat say at start: unenforced time limits, banners."""
 
+import os
+import subprocess
+
 import pytest
 from celery import Celery
 from celery.concurrency import get_implementation
 from celery.concurrency.base import BasePool
 
 from pyramid_tasks.startup import unenforced_time_limits
+
+from .conftest import ROOT, tasks_celery, wait_for
 
 WARNING = "Time limits are not enforced by this worker's pool"
 
@@ -104,3 +109,31 @@ def test_a_threads_worker_warns_at_start_and_a_prefork_worker_does_not(
         "bound the task's own waits (socket and statement timeouts)."
     )
     assert WARNING not in prefork.log
+
+
+def test_banners_show_the_ini_logging_level(start_worker, redis_client, ini_vars):
+    """conf/test.ini sets the celery logger to INFO; no --loglevel is given."""
+    worker = start_worker("-P", "solo")
+    log_path = worker.log_path.with_suffix(".beat.log")
+    command = [tasks_celery(), str(worker.ini_path), "--", "beat"]
+    command += ["--schedule", str(log_path.with_suffix(".schedule"))]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log_path, "wb") as log:
+        beat = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def banner():
+        assert beat.poll() is None, log_path.read_text()
+        return "@%" in log_path.read_text()
+
+    try:
+        wait_for(banner, message="beat's banner")
+    finally:
+        beat.terminate()
+        beat.wait(timeout=30)
+        redis_client.delete(ini_vars["probe_key"], ini_vars["probe_key"] + ":tock")
+
+    assert "    . logfile -> [stderr]@%INFO\n" in log_path.read_text()
+    tasks = worker.log.split("\n[tasks]\n")[1].split("\n\n")[0].splitlines()
+    assert "  . tests.probe_app.tock" in tasks
+    assert "  . demo_app.tasks.confirm_order" in tasks
+    assert not [task for task in tasks if task.startswith("  . celery.")], "at DEBUG"
