@@ -97,8 +97,7 @@ class Consumer(CeleryConsumer):
         queue = getattr(message, "pyramid_tasks_queue", None)
         if queue is not None:
             # It came through our Redis channel: it knows the queue.
-            message.channel.keep_aside(queue, dumps(message._raw))
-            kept = f"kept in the Redis list {queue}{MALFORMED_SUFFIX}"
+            kept = message.channel.keep_aside(queue, dumps(message._raw))
             message.ack()
         else:
             queue = (message.delivery_info or {}).get("routing_key")
@@ -185,15 +184,22 @@ class _RedisChannel(kombu_redis.Channel):
     def _keep_unreadable(self, key, item, cause):
         key = bytes_to_str(key).removeprefix(self.global_keyprefix)
         queue = key.rsplit(self.sep, 1)[0]  # without the priority suffix
-        self.keep_aside(queue, item)
         tag, headers = _envelope_fields(item)
-        kept = f"kept in the Redis list {queue}{MALFORMED_SUFFIX}"
+        kept = self.keep_aside(queue, item)
         _log_set_aside(queue, tag, headers, cause, kept)
 
     def keep_aside(self, queue, item):
-        """Push ``item`` as it was received onto ``<queue>.malformed``."""
-        with self.conn_or_acquire() as client:
-            client.lpush(queue + MALFORMED_SUFFIX, item)
+        """Push ``item`` as it was received onto ``<queue>.malformed``;
+        return what became of it, for the log."""
+        try:
+            with self.conn_or_acquire() as client:
+                client.lpush(queue + MALFORMED_SUFFIX, item)
+        except Exception as exc:
+            # Popped (or about to be acknowledged) already: the log line is
+            # all that is left of it, and the worker goes on.
+            item = bytes_to_str(item)
+            return f"LOST, it could not be kept ({_describe(exc)}): {item!r:.1000}"
+        return f"kept in the Redis list {queue}{MALFORMED_SUFFIX}"
 
     def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
         def receive(message):

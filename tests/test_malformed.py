@@ -6,10 +6,14 @@ then counts: good tasks run, bad messages logged, kept aside, redelivered.
 
 import base64
 import json
+import logging
 import re
 import uuid
 
 import kombu
+import redis
+
+from pyramid_tasks.malformed import _CheckingConnection
 
 from .conftest import wait_for
 
@@ -183,3 +187,29 @@ def test_bad_messages_on_rabbitmq_are_rejected_without_requeue(
             "rejected without requeue (dead-lettered if the queue has a DLX)."
         )
     assert "Unrecoverable error" not in worker.log
+
+
+def test_an_unreadable_item_that_cannot_be_kept_is_logged_with_its_content(
+    private_redis, caplog
+):
+    """The item is already popped: if Redis refuses the push, the log has it
+    and the worker goes on."""
+    connection = _CheckingConnection(private_redis)
+    channel = connection.default_channel
+    client = redis.Redis.from_url(private_redis)
+    client.config_set("maxmemory", 1)  # noeviction: writes are refused
+    caplog.set_level(logging.ERROR, logger="pyramid_tasks.malformed")
+    try:
+        channel._keep_unreadable(b"mail", b"\x00 not JSON", ValueError("bad"))
+    finally:
+        connection.release()
+        client.close()
+
+    [record] = caplog.records
+    message = record.getMessage()
+    assert message.startswith(
+        "Malformed message set aside: queue mail, delivery tag ? (not JSON), "
+        "task ?, id ?: ValueError: bad; LOST, it could not be kept (OutOfMemoryError: "
+        "command not allowed when used memory"
+    )
+    assert message.endswith("): '\\x00 not JSON'.")
