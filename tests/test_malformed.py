@@ -180,6 +180,7 @@ def test_bad_messages_on_rabbitmq_are_rejected_without_requeue(
         channel.exchange_delete(queue)
         connection.release()
     lines = set_aside_lines(worker.log)
+    assert len(lines) == len(bad), lines
     for task_id in ids:
         (line,) = [line for line in lines if f"id {task_id}:" in line]
         assert re.search(rf"queue {queue}, delivery tag \d+, ", line), line
