@@ -5,7 +5,7 @@ import logging
 
 from celery import bootsteps
 
-__all__ = ["TimeLimitCheck", "unenforced_time_limits"]
+__all__ = ["TimeLimitCheck", "follow_ini_logging", "unenforced_time_limits"]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,4 @@ def _at_ini_level(program):
             kwargs["loglevel"] = logging.getLogger("celery").getEffectiveLevel()
             super().__init__(*args, **kwargs)
 
-    AtIniLevel.__name__ = AtIniLevel.__qualname__ = program.__name__
-    AtIniLevel.__module__ = program.__module__
     return AtIniLevel
