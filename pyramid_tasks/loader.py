@@ -11,19 +11,32 @@ from pyramid.exceptions import ConfigurationError
 from sqlalchemy.engine import Engine
 
 from .events import WorkerProcessInit
+from .startup import TimeLimitCheck, follow_ini_logging
 
 __all__ = ["PyramidLoader", "load_celery_app"]
 
 log = logging.getLogger(__name__)
+
+_CELERY_CONSUMER = "celery.worker.consumer:Consumer"
 
 
 class PyramidLoader(AppLoader):
     """The Celery loader of every app built by ``pyramid_tasks``.
 
     Configuration comes from the Pyramid settings (already applied when the
-    app was built); in each forked worker child it disposes the SQLAlchemy
-    pools inherited from the parent and notifies :class:`WorkerProcessInit`.
+    app was built).  A worker gets the consumer that sets malformed messages
+    aside (unless the app set ``worker_consumer``) and warns at start about
+    time limits its pool will not enforce.  In each forked worker child it
+    disposes the SQLAlchemy pools inherited from the parent and notifies
+    :class:`WorkerProcessInit`.
     """
+
+    def on_worker_init(self):
+        # Worker and beat processes: before the worker reads its settings.
+        conf = self.app.conf
+        if conf.worker_consumer == _CELERY_CONSUMER:
+            conf.worker_consumer = "pyramid_tasks.malformed:Consumer"
+        self.app.steps["worker"].add(TimeLimitCheck)
 
     def on_worker_process_init(self):
         disposed = _dispose_inherited_engines()
@@ -47,11 +60,13 @@ def load_celery_app(config_uri, options=None):
     """Bootstrap the Pyramid app at ``config_uri`` and return its Celery app.
 
     The INI's ``[loggers]`` are applied first (Celery then leaves logging
-    alone); ``options`` fill ``%(name)s`` variables.  Raises
+    alone, and the worker's and beat's banners show the INI's level);
+    ``options`` fill ``%(name)s`` variables.  Raises
     :class:`ConfigurationError` when the app does not include pyramid_tasks.
     """
     loader = plaster.get_loader(config_uri, protocols=["wsgi"])
-    if "loggers" in loader.get_sections():
+    ini_logging = "loggers" in loader.get_sections()
+    if ini_logging:
         loader.setup_logging(options)
         signals.setup_logging.connect(_keep_ini_logging, weak=False)
     earlier = global_registries.last
@@ -67,6 +82,8 @@ def load_celery_app(config_uri, options=None):
             f"The app in {config_uri} does not include pyramid_tasks: add "
             "config.include('pyramid_tasks') or pyramid.includes = pyramid_tasks."
         )
+    if ini_logging:
+        follow_ini_logging(celery_app)
     return celery_app
 
 

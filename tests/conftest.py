@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import kombu
 import pytest
 import redis
 import sqlalchemy
@@ -27,6 +28,9 @@ REDIS_URL = os.environ.get("PYRAMID_TASKS_TEST_REDIS_URL", "redis://127.0.0.1:63
 DATABASE_URL = os.environ.get(
     "PYRAMID_TASKS_TEST_DATABASE_URL",
     "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+)
+AMQP_URL = os.environ.get(
+    "PYRAMID_TASKS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"
 )
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -73,6 +77,23 @@ def check_postgres(url):
     finally:
         engine.dispose()
     return url
+
+
+def check_amqp(url):
+    """``url`` if RabbitMQ accepts a connection; else skip (fail under CI)."""
+    connection = kombu.Connection(url, connect_timeout=2)
+    try:
+        connection.connect()
+    except connection.connection_errors as exc:
+        unavailable("RabbitMQ", exc)
+    finally:
+        connection.release()
+    return url
+
+
+@pytest.fixture(scope="session")
+def amqp_url():
+    return check_amqp(AMQP_URL)
 
 
 @pytest.fixture(scope="session")
@@ -126,9 +147,10 @@ _LOGGING_SECTIONS = (
 )
 
 
-def overlay_ini(path, section, values):
+def overlay_ini(path, section, values, extra=None):
     """An INI whose ``[app:main]`` is ``conf/test.ini#<section>`` with this
-    test's values.
+    test's values (``values["broker_url"]``, if any, instead of Redis as the
+    broker) and the ``extra`` settings.
 
     PasteDeploy never lets ``--var`` override a ``[DEFAULT]`` value, but the
     settings of a section that ``use = config:`` another one do override.
@@ -138,13 +160,14 @@ def overlay_ini(path, section, values):
     settings = {
         "sqlalchemy.url": values["database_url"],
         "demo.schema": values["schema"],
-        "celery.broker_url": values["redis_url"],
+        "celery.broker_url": values.get("broker_url", values["redis_url"]),
         "celery.result_backend": values["redis_url"],
         "celery.task_default_queue": values["queue"],
     }
     if section == "probe":
         settings["probe.redis_url"] = values["redis_url"]
         settings["probe.key"] = values["probe_key"]
+    settings.update(extra or {})
     lines = ["[app:main]", f"use = config:{TEST_INI}#{section}"]
     lines += [f"{key} = {value}" for key, value in settings.items()]
     for name in parser.sections():
@@ -194,9 +217,9 @@ def start_worker(ini_vars, tmp_path):
     """Start a real worker on ``conf/test.ini#<section>``; stopped at teardown."""
     workers = []
 
-    def start(*celery_args, section="probe"):
+    def start(*celery_args, section="probe", settings=None):
         node = f"w{uuid.uuid4().hex[:10]}@localhost"
-        ini = overlay_ini(tmp_path / f"{node}.ini", section, ini_vars)
+        ini = overlay_ini(tmp_path / f"{node}.ini", section, ini_vars, settings)
         app = get_app(str(ini))
         command = [tasks_celery(), str(ini), "--", "worker", "-n", node]
         command += ["--without-mingle", "--without-gossip", "--without-heartbeat"]

@@ -160,3 +160,21 @@ def test_worker_process_init_disposes_inherited_pools_then_notifies(database_url
     finally:
         inherited.close()
         engine.dispose()
+
+
+def test_a_worker_gets_the_consumer_that_sets_malformed_messages_aside():
+    app = load_celery_app(f"{APPS_INI}#fixed")
+
+    # What a worker (or beat) calls before it reads its settings.
+    app.loader.init_worker()
+
+    assert app.conf.worker_consumer == "pyramid_tasks.malformed:Consumer"
+
+
+def test_a_worker_consumer_of_the_apps_own_is_kept():
+    app = load_celery_app(f"{APPS_INI}#fixed")
+    app.conf.worker_consumer = "myapp.worker:Consumer"
+
+    app.loader.init_worker()
+
+    assert app.conf.worker_consumer == "myapp.worker:Consumer"
