@@ -42,6 +42,9 @@ class Send:
     options: dict
     task_id: str
     tm: object
+    # Run in the transaction by pyramid_tasks.testing: the commit skips it.
+    # A taken send stays in the list, so savepoint lengths stay true.
+    taken: bool = False
 
 
 def current_transaction(tm):
@@ -104,7 +107,8 @@ class PendingSends:
     joined: bool = False
 
     def after_commit(self, committed, publish):
-        sends, self.sends = self.sends, []
+        sends = [send for send in self.sends if not send.taken]
+        self.sends = []
         if committed and sends:
             publish(sends)
 
@@ -146,19 +150,20 @@ class _Savepoint:
 
 def pending_sends(tm):
     """The sends waiting for the commit of ``tm``'s open transaction."""
-    return list(_pending_list(tm))
+    return [send for send in _pending_list(tm) if not send.taken]
 
 
 def take_pending_sends(tm):
-    """Remove and return the sends waiting in ``tm``'s open transaction.
+    """Take and return the sends waiting in ``tm``'s open transaction.
 
     The commit will not send them (``pyramid_tasks.testing`` runs them in the
-    test's transaction instead).
+    test's transaction instead).  They are marked, not removed: a savepoint
+    taken before still drops exactly what was scheduled after it.
     """
-    sends = _pending_list(tm)
-    taken = list(sends)
-    sends.clear()  # the same list: savepoints of this transaction truncate it
-    return taken
+    sends = pending_sends(tm)
+    for send in sends:
+        send.taken = True
+    return sends
 
 
 def _pending_list(tm):

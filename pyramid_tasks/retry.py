@@ -119,7 +119,9 @@ def lent_transaction(tm):
 
 
 def _is_lent(tm):
-    return getattr(_lent, "tm", None) is tm
+    # None is what a thread that lent nothing holds: it is never a lent manager.
+    lent = getattr(_lent, "tm", None)
+    return lent is not None and lent is tm
 
 
 def in_transaction(tm, body, retry=False):
@@ -192,6 +194,18 @@ def _checked(name, value, kind, minimum):
     return value
 
 
+def _check_manager(tm):
+    # Refused here, at the decorator: a body run "in a transaction" of None
+    # would run in none at all.
+    if not all(callable(getattr(tm, name, None)) for name in ("begin", "commit")):
+        hint = " (was @retryable written without its call?)" if callable(tm) else ""
+        raise TypeError(
+            f"retryable(tm={tm!r}): expected a transaction manager, such as "
+            f"request.tm, to run each call in a transaction of its own{hint}: "
+            "write @retryable(tm=request.tm)."
+        )
+
+
 def retryable(tm, *, attempts=None, backoff=None, backoff_max=None):
     """Run each call of the decorated function in its own retried transaction.
 
@@ -205,6 +219,8 @@ def retryable(tm, *, attempts=None, backoff=None, backoff_max=None):
     The policy is the app's ``tasks.retry.*`` for a ``tm`` from
     ``self.get_request()`` (or when the app's registry is current, as in
     pshell); ``attempts``, ``backoff`` and ``backoff_max`` override it.
+    ``tm`` must be a transaction manager: ``None`` (or ``@retryable`` written
+    without its call) is a :class:`TypeError` here, at the decorator.
     Calling it while ``tm`` has an active transaction raises
     :class:`transaction.interfaces.AlreadyInTransaction`: it never nests.
     (A captured task run inside a test's transaction by
@@ -217,6 +233,7 @@ def retryable(tm, *, attempts=None, backoff=None, backoff_max=None):
         def rebuild_one(asset_id):
             rebuild(request, request.dbsession.get(Asset, asset_id))
     """
+    _check_manager(tm)
     base = _policy_for(tm)
     policy = RetryPolicy(
         base.attempts if attempts is None else _checked("attempts", attempts, int, 1),

@@ -9,15 +9,19 @@ commit records), nothing reaches a broker, and nothing runs until the test
 asks.  With the pyramid-cookiecutter-starter's fixtures, whose ``tm`` is begun
 and doomed and never commits, what a view schedules with ``tm=request.tm``
 waits in :meth:`TaskCapture.pending`, and runs inside the test's transaction
-with :meth:`TaskCapture.run_pending` or :meth:`CapturedTask.run`.
+and session with :meth:`TaskCapture.run_pending` or :meth:`CapturedTask.run`
+(``run_pending(tm, dbsession=dbsession)``).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from zope.sqlalchemy.datamanager import SessionDataManager
 
 from .datamanager import (
     _ACTIVE,
     _DOOMED,
     NoActiveTransaction,
+    Send,
     current_transaction,
     pending_sends,
     take_pending_sends,
@@ -55,38 +59,61 @@ class CapturedTask:
     options: dict
     task_id: str
 
+    # Where it was listed: its Send in a transaction's pending list, or the
+    # capture's ``sent`` list.  Running it takes it off that list.
+    _origin: object = field(default_factory=list, repr=False, compare=False)
+
     @property
     def name(self):
         return self.task.name
 
-    def run(self, tm=None, **request_attributes):
+    def run(self, tm=None, *, dbsession=None, request_attributes=None):
         """Run it now, in-process; return its result (its exception propagates).
+
+        It leaves the list it came from first, as a broker delivers a message
+        once: a task of ``capture.pending(tm)`` is no longer pending (neither
+        :meth:`TaskCapture.run_pending` nor the commit runs or sends it
+        again), a task of ``capture.sent`` leaves ``sent``.  Calling ``run()``
+        again on the same object runs it again.
 
         Without ``tm`` it runs as a worker would: in a request and transaction
         of its own, which see committed rows only.
 
         With ``tm``, a manager with an open transaction (the cookiecutter's
         doomed ``tm`` fixture), it runs inside that transaction: the task's
-        ``request.tm`` is ``tm`` and ``request_attributes`` are set on its
-        request, so ``run(tm=tm, dbsession=dbsession)`` shares the test's
-        session and sees the test's uncommitted rows.  A transactional task's
-        body, and each ``retryable`` call on ``request.tm``, runs once, without
-        begin, commit or retries: the test's transaction is rolled back at the
-        test's end.  Tasks it schedules with ``tm=request.tm`` wait in
+        ``request.tm`` is ``tm``.  Give ``dbsession=`` too (the cookiecutter's
+        ``dbsession`` fixture), so that ``request.dbsession`` is the test's
+        session and sees the test's uncommitted rows: without it the task
+        would get a second session on a second connection, which sees none of
+        them and can wait forever on the rows they lock, so that is refused
+        while a SQLAlchemy session is joined to ``tm``'s transaction.  Other
+        attributes to set on the task's request go in the mapping
+        ``request_attributes``.  A transactional task's body, and each
+        ``retryable`` call on ``request.tm``, runs once, without begin, commit
+        or retries: the test's transaction is rolled back at the test's end.
+        Tasks it schedules with ``tm=request.tm`` wait in
         ``capture.pending(tm)``.  A body that begins a transaction itself
         (``with request.tm:``) raises ``AlreadyInTransaction`` with an
         explicit manager such as the cookiecutter's.
         """
+        attributes = _request_attributes(
+            f"{self.name}.run", tm, dbsession, request_attributes
+        )
+        if tm is not None:
+            _check_open(tm, f"{self.name}.run(tm=...)")
+            _check_session(tm, attributes, f"{self.name}.run(tm=...)")
+        self._leave_list()
         if tm is None:
-            if request_attributes:
-                raise TypeError(
-                    f"{self.name}.run({', '.join(request_attributes)}=...): "
-                    "request attributes need tm=, the transaction they belong to"
-                )
             return self._apply()
-        _check_open(tm, f"{self.name}.run(tm=...)")
-        with joining(tm, request_attributes):
+        with joining(tm, attributes):
             return self._apply()
+
+    def _leave_list(self):
+        origin = self._origin
+        if isinstance(origin, Send):
+            origin.taken = True
+        else:
+            origin[:] = [captured for captured in origin if captured is not self]
 
     def _apply(self):
         return self.task.apply(
@@ -98,7 +125,8 @@ class TaskCapture:
     """The tasks of an app that included ``pyramid_tasks.testing``.
 
     ``sent`` lists, oldest first, the tasks sent at once (without ``tm=``) and
-    those scheduled with ``tm=`` whose transaction committed.  It lives as
+    those scheduled with ``tm=`` whose transaction committed, until they run
+    (:meth:`run_sent` or :meth:`CapturedTask.run`).  It lives as
     long as the app: with an app fixture shared by several tests, call
     :meth:`clear` where a test starts.
     """
@@ -107,30 +135,34 @@ class TaskCapture:
         self.sent = []
 
     def record(self, task, args, kwargs, options, task_id):
-        self.sent.append(CapturedTask(task, args, kwargs, options, task_id))
+        captured = CapturedTask(task, args, kwargs, options, task_id, self.sent)
+        self.sent.append(captured)
 
     def pending(self, tm):
-        """Tasks scheduled with ``tm=tm`` in its open transaction, not yet sent.
+        """Tasks scheduled with ``tm=tm`` in its open transaction, not yet run.
 
         With a doomed test transaction, which never commits, this is where the
         tasks a view scheduled are found.
         """
         return [_captured(send) for send in pending_sends(tm)]
 
-    def run_pending(self, tm, **request_attributes):
+    def run_pending(self, tm, *, dbsession=None, request_attributes=None):
         """Run the tasks pending in ``tm`` inside its open transaction, and the
         tasks they schedule there, until none is left; return their results.
 
-        Each runs as :meth:`CapturedTask.run` ``(tm=tm, **request_attributes)``
-        and leaves the pending list (a commit would not send it).  The first
-        exception propagates; the tasks taken with it but not yet run are
-        dropped.
+        Each runs as :meth:`CapturedTask.run` ``(tm, dbsession=dbsession,
+        request_attributes=request_attributes)`` and leaves the pending list
+        (a commit would not send it).  The first exception propagates; the
+        tasks taken with it but not yet run are dropped.
         """
-        _check_open(tm, "capture.run_pending(tm)")
+        call = "capture.run_pending(tm)"
+        attributes = _request_attributes(call, tm, dbsession, request_attributes)
+        _check_open(tm, call)
+        _check_session(tm, attributes, call)
         results = []
         while sends := take_pending_sends(tm):
             for send in sends:
-                results.append(_captured(send).run(tm, **request_attributes))
+                results.append(_captured(send).run(tm, request_attributes=attributes))
         return results
 
     def run_sent(self):
@@ -150,11 +182,52 @@ class TaskCapture:
 
 
 def _captured(send):
-    return CapturedTask(send.task, send.args, send.kwargs, send.options, send.task_id)
+    return CapturedTask(
+        send.task, send.args, send.kwargs, send.options, send.task_id, send
+    )
+
+
+def _request_attributes(call, tm, dbsession, request_attributes):
+    attributes = dict(request_attributes or {})
+    if "tm" in attributes:
+        raise TypeError(
+            f"{call}(request_attributes={{'tm': ...}}): give the transaction "
+            "manager as tm="
+        )
+    if dbsession is not None:
+        if "dbsession" in attributes:
+            raise TypeError(
+                f"{call}(dbsession=..., request_attributes={{'dbsession': ...}}): "
+                "the session is given twice"
+            )
+        attributes["dbsession"] = dbsession
+    if attributes and tm is None:
+        raise TypeError(
+            f"{call}({', '.join(attributes)}=...): request attributes need "
+            "tm=, the transaction they belong to"
+        )
+    return attributes
+
+
+def _check_session(tm, attributes, call):
+    # The task's own request.dbsession would be a second session, on a second
+    # connection, in the same transaction as the test's: blind to the test's
+    # uncommitted rows and blocked by their locks (on PostgreSQL, for ever).
+    if "dbsession" in attributes:
+        return
+    joined = current_transaction(tm)._resources
+    if any(isinstance(resource, SessionDataManager) for resource in joined):
+        raise TypeError(
+            f"{call} without dbsession=: a SQLAlchemy session (the test's "
+            "dbsession) already works in tm's transaction, and the task's own "
+            "request.dbsession would be a second one on a second connection, "
+            "which cannot see the test's rows and can wait for ever on their "
+            "locks. Pass dbsession=dbsession to share the test's session."
+        )
 
 
 def _check_open(tm, call):
-    txn = current_transaction(tm)
+    txn = None if tm is None else current_transaction(tm)
     if txn is None or txn.status not in (_ACTIVE, _DOOMED):
         raise NoActiveTransaction(
             f"{call} runs inside the open transaction of tm, but tm has none: "

@@ -22,6 +22,7 @@ from pyramid_tasks import (
     TransactionalTask,
     retryable,
 )
+from pyramid_tasks.retry import in_transaction
 from pyramid_tasks.testing import get_task_capture
 
 from .conftest import db_app
@@ -281,6 +282,23 @@ def test_bad_policy_arguments_name_the_argument(arguments, message):
     tm = transaction.TransactionManager(explicit=True)
     with pytest.raises(ValueError, match=rf"retryable\({message}\)"):
         retryable(tm=tm, **arguments)
+
+
+def test_a_missing_transaction_manager_is_an_error_at_the_decorator():
+    """Never a body run with no transaction at all."""
+    ran = []
+    with pytest.raises(TypeError, match=r"retryable\(tm=None\): expected a transac"):
+        retryable(tm=None)
+    # ``@retryable`` over a function, its call forgotten: the function is tm.
+    with pytest.raises(TypeError, match=r"retryable\(tm=<built-in .*without its"):
+        retryable(ran.append)
+
+    with pytest.raises(TypeError, match=r"retryable\(tm='request.tm'\): expected"):
+        retryable("request.tm")
+    # Nothing is lent on this thread: None is not taken for a lent manager.
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute"):
+        in_transaction(None, lambda: ran.append(1))
+    assert ran == []
 
 
 def test_outside_tasks_the_current_app_or_the_default_policy_applies(db):

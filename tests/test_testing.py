@@ -137,8 +137,72 @@ def test_only_the_task_run_joins_the_tests_transaction(app):
     tm = transaction.TransactionManager(explicit=True)
     with tm:
         app.registry.celery_app.tasks["t.outer"].apply_async(("done",), tm=tm)
-        assert capture.run_pending(tm, marker="lent") == ["done"]
+        assert capture.run_pending(tm, request_attributes={"marker": "lent"}) == [
+            "done"
+        ]
         assert seen["outer"] == (tm, "lent")
         assert seen["inner"] is not tm
         assert seen["inner active"] == "Active"
         assert tm.get().status == "Active"  # the test's, still open
+
+
+@pytest.fixture
+def echo(app):
+    def echo(value):
+        return value
+
+    config = Configurator(registry=app.registry)
+    config.add_task(echo, base=ScheduleOnCommitTask, name="t.echo")
+    config.commit()
+    return app.registry.celery_app.tasks["t.echo"]
+
+
+def test_a_savepoint_drops_what_was_scheduled_after_it_once_tasks_ran(app, echo):
+    capture = get_task_capture(app.registry)
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:
+        echo.apply_async(("before",), tm=tm)
+        savepoint = tm.savepoint()
+        assert capture.run_pending(tm) == ["before"]
+        echo.apply_async(("after",), tm=tm)
+        savepoint.rollback()
+        assert capture.pending(tm) == []
+
+        late = tm.savepoint()
+        echo.apply_async(("kept",), tm=tm)
+        inner = tm.savepoint()
+        echo.apply_async(("dropped",), tm=tm)
+        assert capture.run_pending(tm) == ["kept", "dropped"]
+        echo.apply_async(("also dropped",), tm=tm)
+        inner.rollback()
+        assert capture.pending(tm) == []
+        echo.apply_async(("sent",), tm=tm)
+        late.rollback()
+        echo.apply_async(("sent",), tm=tm)
+    # What ran in the transaction is not sent again by its commit.
+    assert [t.args for t in capture.sent] == [("sent",)]
+
+
+def test_run_takes_a_task_off_the_list_it_came_from(app, echo):
+    """Each captured task is run once by the helpers, as a broker delivers
+    a message once; running the same object again is explicit."""
+    capture = get_task_capture(app.registry)
+    capture.clear()
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:
+        echo.apply_async(("first",), tm=tm)
+        echo.apply_async(("second",), tm=tm)
+        first, second = capture.pending(tm)
+        assert first.run(tm=tm) == "first"
+        assert [t.args for t in capture.pending(tm)] == [("second",)]
+        assert second.run() == "second"  # its own transaction: taken all the same
+        assert capture.pending(tm) == []
+        assert capture.run_pending(tm) == []
+        assert first.run(tm=tm) == "first"  # the same object, run again
+        echo.apply_async(("third",), tm=tm)
+    [third] = capture.sent  # the commit sent only what had not run
+    echo.delay("fourth")
+    assert third.run() == "third"
+    assert [t.args for t in capture.sent] == [("fourth",)]
+    assert capture.run_sent() == ["fourth"]
+    assert third.run() == "third"

@@ -48,19 +48,18 @@ def test_run_sees_the_tests_rows_only_inside_its_transaction(
     # Its own transaction, as on a worker: the test's rows are not committed.
     assert receipt.run() is None
     assert "no receipt yet" in testapp.get(f"/orders/{order_id}").text
+    assert capture.pending(tm) == []  # run, so no longer pending
 
-    url = receipt.run(tm=tm, dbsession=dbsession)
+    url = receipt.run(tm=tm, dbsession=dbsession)  # the same task, run again
     assert url == f"https://example.com/orders/{order_id}"
     assert dbsession.get(Order, order_id).receipt_url == url
     page = testapp.get(f"/orders/{order_id}").text
     assert "receipt sent" in page
     assert "not packed" in page
-    # What it scheduled on request.tm waits in the test's transaction, beside
-    # the receipt itself (run() does not take it off the list).
-    pending = capture.pending(tm)
-    assert [t.name for t in pending] == [receipt.name, pack_order.name]
-    assert pending[1].args == (order_id,)
-    assert pending[1].options == {}
+    # What it scheduled on request.tm waits in the test's transaction.
+    [packing] = capture.pending(tm)
+    assert packing.name == pack_order.name
+    assert (packing.args, packing.options) == ((order_id,), {})
     assert tm.isDoomed()  # no commit, no abort: still the test's transaction
 
 
@@ -115,8 +114,42 @@ def test_run_needs_an_open_transaction(app, tm, dbsession):
     [packing] = get_task_capture(app.registry).pending(tm)
     with pytest.raises(TypeError, match=r"run\(dbsession=...\): request attributes"):
         packing.run(dbsession=dbsession)
+    with pytest.raises(TypeError, match=r"run\(order_id=...\): request attributes"):
+        packing.run(request_attributes={"order_id": 5})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'order_id'"):
+        packing.run(tm=tm, order_id=5)  # not taken for a task argument
+    with pytest.raises(TypeError, match=r"\{'tm': ...\}\): give the transaction"):
+        packing.run(tm=tm, request_attributes={"tm": tm})
+    with pytest.raises(TypeError, match="the session is given twice"):
+        packing.run(
+            tm=tm, dbsession=dbsession, request_attributes={"dbsession": dbsession}
+        )
     closed = transaction.TransactionManager(explicit=True)
     with pytest.raises(NoActiveTransaction, match=r"pack_order.run\(tm=...\) runs"):
         packing.run(tm=closed)
     with pytest.raises(NoActiveTransaction, match=r"capture.run_pending\(tm\) runs"):
         get_task_capture(app.registry).run_pending(closed)
+    with pytest.raises(NoActiveTransaction, match=r"run_pending\(tm\) runs"):
+        get_task_capture(app.registry).run_pending(None)
+    assert get_task_capture(app.registry).pending(tm) == [packing]  # none ran
+
+
+def test_run_in_the_tests_transaction_needs_the_tests_session(
+    testapp, app, tm, dbsession
+):
+    """Without dbsession= the task would get a second session on a second
+    connection: blind to the test's rows, and on PostgreSQL blocked for ever
+    by their row locks.  Refused while the test's session is in tm."""
+    order_id = testapp.post("/checkout").json["order"]
+    capture = get_task_capture(app.registry)
+    [receipt] = capture.pending(tm)
+    with pytest.raises(TypeError, match=r"send_receipt.run\(tm=...\) without dbs"):
+        receipt.run(tm=tm)
+    with pytest.raises(TypeError, match=r"run_pending\(tm\) without dbsession="):
+        capture.run_pending(tm)
+    assert capture.pending(tm) == [receipt]  # refused before it ran
+    assert dbsession.get(Order, order_id).receipt_url is None
+    attributes = {"dbsession": dbsession, "marker": 1}
+    assert receipt.run(tm=tm, request_attributes=attributes).endswith(
+        f"/orders/{order_id}"
+    )
