@@ -47,7 +47,7 @@ class RetryAttemptsExhausted(Exception):
 class RetryPolicy:
     """``tasks.retry.*``: attempts, and exponential backoff with full jitter."""
 
-    attempts: int = 3
+    attempts: int = 20  # the defaults of TasksSettings
     backoff: float = 0.1
     backoff_max: float = 2.0
 

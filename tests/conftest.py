@@ -147,17 +147,17 @@ _LOGGING_SECTIONS = (
 )
 
 
-def overlay_ini(path, section, values, extra=None):
+def overlay_ini(path, section, values, settings=None):
     """An INI whose ``[app:main]`` is ``conf/test.ini#<section>`` with this
     test's values (``values["broker_url"]``, if any, instead of Redis as the
-    broker) and the ``extra`` settings.
+    broker), and ``settings`` (more ``[app:main]`` keys) on top.
 
     PasteDeploy never lets ``--var`` override a ``[DEFAULT]`` value, but the
     settings of a section that ``use = config:`` another one do override.
     """
     parser = configparser.RawConfigParser()
     parser.read(TEST_INI)
-    settings = {
+    ours = {
         "sqlalchemy.url": values["database_url"],
         "demo.schema": values["schema"],
         "celery.broker_url": values.get("broker_url", values["redis_url"]),
@@ -165,11 +165,11 @@ def overlay_ini(path, section, values, extra=None):
         "celery.task_default_queue": values["queue"],
     }
     if section == "probe":
-        settings["probe.redis_url"] = values["redis_url"]
-        settings["probe.key"] = values["probe_key"]
-    settings.update(extra or {})
+        ours["probe.redis_url"] = values["redis_url"]
+        ours["probe.key"] = values["probe_key"]
+    ours.update(settings or {})
     lines = ["[app:main]", f"use = config:{TEST_INI}#{section}"]
-    lines += [f"{key} = {value}" for key, value in settings.items()]
+    lines += [f"{key} = {value}" for key, value in ours.items()]
     for name in parser.sections():
         if name.startswith(_LOGGING_SECTIONS):
             lines.append(f"\n[{name}]")
@@ -214,7 +214,8 @@ def tasks_celery():
 
 @pytest.fixture
 def start_worker(ini_vars, tmp_path):
-    """Start a real worker on ``conf/test.ini#<section>``; stopped at teardown."""
+    """Start a real worker on ``conf/test.ini#<section>`` (plus ``settings``);
+    stopped at teardown."""
     workers = []
 
     def start(*celery_args, section="probe", settings=None):

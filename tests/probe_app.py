@@ -134,3 +134,17 @@ def rendezvous(self, key, parties):
         client.rpush(f"{key}:go", *["go"] * parties)
     released = client.blpop([f"{key}:go"], timeout=15) is not None
     return {"released": released, "own_request": get_current_request() is request}
+
+
+@task(bind=True)
+def hold(self, key):
+    """Run until the test says go: the killed-worker measurements.
+
+    Each run appends its process id to ``<key>:started``, waits for the
+    ``<key>:go`` token (and puts it back for the next run), then counts
+    itself in ``<key>:completed``.
+    """
+    client = _redis(self.get_request())
+    client.rpush(f"{key}:started", os.getpid())
+    client.blmove(f"{key}:go", f"{key}:go", timeout=30)
+    client.incr(f"{key}:completed")

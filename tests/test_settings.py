@@ -506,7 +506,7 @@ def test_tasks_settings_defaults():
     assert parsed == TasksSettings(
         site_url="http://localhost",
         queue_prefix="",
-        retry_attempts=3,
+        retry_attempts=20,
         retry_backoff=0.1,
         retry_backoff_max=2.0,
         allow_pickle=False,
