@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import kombu
 import pytest
 import redis
 import sqlalchemy
@@ -59,6 +60,17 @@ def check_redis(url):
         unavailable("Redis", exc)
     finally:
         client.close()
+    return url
+
+
+def check_amqp(url):
+    """``url`` if an AMQP broker (RabbitMQ) accepts a connection; else skip
+    (fail under CI=true)."""
+    try:
+        with kombu.Connection(url, connect_timeout=2) as connection:
+            connection.connect()
+    except OSError as exc:
+        unavailable("RabbitMQ", exc)
     return url
 
 

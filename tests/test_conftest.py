@@ -9,6 +9,7 @@ from . import conftest
 from .conftest import (
     NullDataManager,
     Worker,
+    check_amqp,
     check_postgres,
     check_redis,
     free_port,
@@ -27,6 +28,8 @@ def test_an_unreachable_service_skips_locally_and_fails_in_ci(
         check_redis(f"redis://127.0.0.1:{port}/0")
     with pytest.raises(expected, match="PostgreSQL is unreachable"):
         check_postgres(f"postgresql+psycopg://postgres@127.0.0.1:{port}/test")
+    with pytest.raises(expected, match="RabbitMQ is unreachable"):
+        check_amqp(f"amqp://guest:guest@127.0.0.1:{port}//")
 
 
 def test_a_worker_that_exits_is_reported_with_its_log(tmp_path):

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -26,7 +27,7 @@ from kombu.pools import ProducerPool
 from pyramid_tasks import producers
 from pyramid_tasks.producers import _pool
 
-from .conftest import free_port, unavailable, wait_for
+from .conftest import ROOT, check_amqp, free_port, wait_for
 from .test_schedule_on_commit import make_app, published
 
 
@@ -368,35 +369,19 @@ def test_a_forked_child_closing_the_app_leaves_the_parents_connection(queue):
     """A process forked after a publish (a pre-loading web server) closes
     only its own pool: on AMQP, closing the inherited connection would close
     it for the parent (measured: the parent had to reconnect).  RabbitMQ."""
-    try:
-        with kombu.Connection(AMQP_URL, connect_timeout=2) as connection:
-            connection.connect()
-    except OSError as exc:
-        unavailable("RabbitMQ", exc)
-    app = make_app(AMQP_URL, queue)
-    echo = app.tasks["t.echo"]
-    tm = transaction.TransactionManager(explicit=True)
-    commit_held(tm, echo, 1)
-
-    def transport_connection():
-        with _pool(app).acquire(block=True) as producer:
-            return producer.connection.connection
-
-    before = transport_connection()
-    pid = os.fork()
-    if pid == 0:  # the child; measured, coverage patches fork and _exit
-        try:
-            app.close()
-        finally:
-            os._exit(0)
-    assert os.waitpid(pid, 0)[1] == 0
-    commit_held(tm, echo, 1)
-    assert transport_connection() is before
+    check_amqp(AMQP_URL)
+    probe = subprocess.run(
+        [sys.executable, "-m", "tests.fork_probe", AMQP_URL, queue],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert probe.stdout.split() == ["kept"], probe.stderr
     with kombu.Connection(AMQP_URL) as connection:
         channel = connection.channel()
         assert channel.queue_declare(queue, passive=True).message_count == 2
         channel.queue_delete(queue)
-    app.close()
 
 
 def test_the_publish_timeout_reaches_only_the_publishing_connection(redis_url, queue):
