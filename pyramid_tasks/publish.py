@@ -36,7 +36,9 @@ def publish(app, sends):
     Never raises: a committed transaction is not undone by a failed send.
     Each failure is logged at ERROR with the task name and id.  A broker that
     is down costs one run of Celery's publish retry policy for the whole
-    batch; a frozen one (Redis) at most ``tasks.publish_timeout`` a try.
+    batch; a frozen one (Redis) about one ``tasks.publish_timeout``, as a
+    send that timed out is never retried, plus at most one more waiting for
+    a free connection of the pool.
     """
     capture = getattr(app.pyramid_registry, "pyramid_tasks_capture", None)
     if capture is not None:
