@@ -7,7 +7,6 @@ traceback at DEBUG; eager failures wait for the code that owns the commit
 """
 
 import logging
-import os
 import sys
 import traceback
 import weakref
@@ -16,8 +15,8 @@ from itertools import islice
 
 from celery import Task
 from kombu.exceptions import BatchPublishError, OperationalError
-from kombu.pools import ProducerPool
 
+from . import producers
 from .masking import mask_secrets
 
 __all__ = [
@@ -37,7 +36,9 @@ def publish(app, sends):
     Never raises: a committed transaction is not undone by a failed send.
     Each failure is logged at ERROR with the task name and id.  A broker that
     is down costs one run of Celery's publish retry policy for the whole
-    batch; a frozen one (Redis) at most ``tasks.publish_timeout`` a try.
+    batch; a frozen one (Redis) about one ``tasks.publish_timeout``, as a
+    send that timed out is never retried, plus at most one more waiting for
+    a free connection of the pool.
     """
     capture = getattr(app.pyramid_registry, "pyramid_tasks_capture", None)
     if capture is not None:
@@ -52,7 +53,7 @@ def publish(app, sends):
     unsent = deque(sends)  # neither sent nor reported yet, in order
     uncertain = set()  # id()s of sends the broker may have received
     try:
-        with _producers(app).acquire(block=True) as producer:
+        with producers.acquire(app) as producer:
             connection_errors = producer.connection.connection_errors
             # One task has nothing to share: no pipeline, Celery's own send.
             pipelined = producer.supports_batch_publish and len(sends) > 1
@@ -82,47 +83,39 @@ def publish(app, sends):
 # Sends per pipeline: bounds what one failed pipeline sends again.
 _BATCH_SIZE = 1000
 
-# The Redis transport options that bound each socket operation of the
-# publishing connection.  Other transports ignore tasks.publish_timeout.
-_REDIS_TIMEOUTS = ("socket_timeout", "socket_connect_timeout")
-
-
-def _producers(app):
-    """The producer pool of the after-commit publish: the app's broker
-    connection, with ``tasks.publish_timeout`` as its socket timeouts.
-
-    A pool of its own, so the bound never reaches a worker's consumer
-    connection, whose BRPOP blocks on purpose.  One per process: a forked
-    child never shares the parent's sockets.
-    """
-    pid, pool = getattr(app, "pyramid_publish_pool", (None, None))
-    if pid != os.getpid():
-        timeout = app.pyramid_registry.pyramid_tasks_settings.publish_timeout
-        connection = app.connection_for_write()
-        if timeout is not None and connection.transport.driver_type == "redis":
-            options = connection.transport_options
-            bounds = {
-                n: min(options.get(n) or timeout, timeout) for n in _REDIS_TIMEOUTS
-            }
-            connection = app.connection_for_write(transport_options=bounds)
-        limit = app.conf.broker_pool_limit
-        pool = ProducerPool(
-            connection.Pool(limit), limit=limit, Producer=app.amqp.Producer
-        )
-        app.pyramid_publish_pool = (os.getpid(), pool)
-    return pool
-
 
 def _apply(send, producer):
     # Celery's own apply_async: the task's own ran at the call, with tm=.
+    options = dict(send.options)
+    policy = options.pop("retry_policy", None) or {}
+    default = send.task.app.conf.task_publish_retry_policy
+    errback = _NoRetryAfterTimeout(policy.get("errback") or default.get("errback"))
     Task.apply_async(
         send.task,
         send.args,
         send.kwargs,
         task_id=send.task_id,
         producer=producer,
-        **send.options,
+        retry_policy={**policy, "errback": errback},
+        **options,
     )
+
+
+class _NoRetryAfterTimeout:
+    """The ``errback`` of Celery's publish retry policy: kombu calls it
+    before each reconnection.  A timed-out write may have reached the broker,
+    so sending it again could deliver the task twice: a timeout ends the
+    retries (the error is raised); other errors go to the policy's own
+    errback, if any."""
+
+    def __init__(self, errback):
+        self.errback = errback
+
+    def __call__(self, exc, interval):
+        if _timed_out(exc):
+            raise exc
+        if self.errback is not None:
+            self.errback(exc, interval)
 
 
 def _pipeline(producer, chunk, uncertain):

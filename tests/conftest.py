@@ -66,6 +66,17 @@ def check_redis(url):
     return url
 
 
+def check_amqp(url):
+    """``url`` if an AMQP broker (RabbitMQ) accepts a connection; else skip
+    (fail under CI=true)."""
+    try:
+        with kombu.Connection(url, connect_timeout=2) as connection:
+            connection.connect()
+    except OSError as exc:
+        unavailable("RabbitMQ", exc)
+    return url
+
+
 def check_postgres(url):
     """``url`` if PostgreSQL accepts a connection; else skip (fail under CI)."""
     engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 2})
