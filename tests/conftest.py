@@ -8,11 +8,13 @@ service is unreachable the tests that need it are skipped, except with
 import configparser
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import kombu
@@ -87,18 +89,6 @@ def check_postgres(url):
         unavailable("PostgreSQL", exc)
     finally:
         engine.dispose()
-    return url
-
-
-def check_amqp(url):
-    """``url`` if RabbitMQ accepts a connection; else skip (fail under CI)."""
-    connection = kombu.Connection(url, connect_timeout=2)
-    try:
-        connection.connect()
-    except connection.connection_errors as exc:
-        unavailable("RabbitMQ", exc)
-    finally:
-        connection.release()
     return url
 
 
@@ -259,12 +249,13 @@ def free_port():
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def private_redis(tmp_path):
-    """The URL of a ``redis-server`` of this test's own, free to reconfigure."""
+@contextmanager
+def redis_server(folder):
+    """``(url, process)`` of a ``redis-server`` of the caller's own on a free
+    port, ended by its PID on the way out (woken first, if it was frozen)."""
     port = free_port()
     arguments = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
-    arguments += ["--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    arguments += ["--save", "", "--appendonly", "no", "--dir", str(folder)]
     process = subprocess.Popen(arguments, stdout=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
@@ -275,11 +266,21 @@ def private_redis(tmp_path):
         except redis.ConnectionError:
             return False
 
-    wait_for(answers, timeout=10, message=f"redis-server on port {port}")
-    yield url
-    client.close()
-    process.terminate()
-    process.wait(timeout=10)
+    try:
+        wait_for(answers, timeout=10, message=f"redis-server on port {port}")
+        yield url, process
+    finally:
+        client.close()
+        os.kill(process.pid, signal.SIGCONT)
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """The URL of a ``redis-server`` of this test's own, free to reconfigure."""
+    with redis_server(tmp_path) as (url, _process):
+        yield url
 
 
 class NullDataManager:

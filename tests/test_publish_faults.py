@@ -28,7 +28,7 @@ from kombu.pools import ProducerPool
 from pyramid_tasks import producers
 from pyramid_tasks.producers import _pool
 
-from .conftest import ROOT, check_amqp, free_port, wait_for
+from .conftest import ROOT, redis_server, wait_for
 from .test_schedule_on_commit import make_app, published
 
 
@@ -121,27 +121,8 @@ def test_the_retry_policys_own_errback_still_hears_each_error(queue, caplog):
 def freezable_redis(tmp_path):
     """``(url, process)`` of a redis-server of this test's own, which the test
     may freeze (SIGSTOP); woken and ended by its PID at teardown."""
-    port = free_port()
-    arguments = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
-    arguments += ["--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
-    process = subprocess.Popen(arguments, stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-
-    def answers():
-        try:
-            return client.ping()
-        except redis.ConnectionError:
-            return False
-
-    try:
-        wait_for(answers, timeout=10, message=f"redis-server on port {port}")
-        yield url, process
-    finally:
-        client.close()
-        os.kill(process.pid, signal.SIGCONT)
-        process.terminate()
-        process.wait(timeout=10)
+    with redis_server(tmp_path) as server:
+        yield server
 
 
 @contextmanager
@@ -372,25 +353,19 @@ def test_concurrent_first_commits_share_one_pool_closed_with_the_app(
     client.close()
 
 
-AMQP_URL = os.environ.get(
-    "PYRAMID_TASKS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"
-)
-
-
-def test_a_forked_child_closing_the_app_leaves_the_parents_connection(queue):
+def test_a_forked_child_closing_the_app_leaves_the_parents_connection(queue, amqp_url):
     """A process forked after a publish (a pre-loading web server) closes
     only its own pool: on AMQP, closing the inherited connection would close
     it for the parent (measured: the parent had to reconnect).  RabbitMQ."""
-    check_amqp(AMQP_URL)
     probe = subprocess.run(
-        [sys.executable, "-m", "tests.fork_probe", AMQP_URL, queue],
+        [sys.executable, "-m", "tests.fork_probe", amqp_url, queue],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=ROOT,
     )
     assert probe.stdout.split() == ["kept"], probe.stderr
-    with kombu.Connection(AMQP_URL) as connection:
+    with kombu.Connection(amqp_url) as connection:
         channel = connection.channel()
         assert channel.queue_declare(queue, passive=True).message_count == 2
         channel.queue_delete(queue)
