@@ -3,10 +3,12 @@
 import logging
 
 import pytest
+from pyramid import testing
 from pyramid.config import Configurator
 from pyramid.exceptions import ConfigurationError, ConfigurationExecutionError
 
 from pyramid_tasks.broker import check_broker
+from pyramid_tasks.testing import get_task_capture
 
 ENVIRONMENT = (
     "CELERY_BROKER_URL",
@@ -131,6 +133,18 @@ def test_the_testing_include_needs_no_broker():
     config.include("pyramid_tasks.testing")
 
     assert config.get_celery_app().conf.broker_url is None
+
+
+def test_the_testing_include_under_testing_setup_needs_no_broker():
+    """``pyramid.testing.setUp()`` autocommits: the app is built at the include."""
+    config = testing.setUp(settings={})
+    try:
+        config.include("pyramid_tasks.testing")
+
+        assert config.registry.celery_app.conf.broker_url is None
+        assert get_task_capture(config.registry).sent == []
+    finally:
+        testing.tearDown()
 
 
 def test_eager_mode_without_broker_is_refused_where_a_broker_is_needed():
