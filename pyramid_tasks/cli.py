@@ -10,7 +10,7 @@ from celery.bin.celery import celery as celery_command
 from pyramid.exceptions import ConfigurationError, ConfigurationExecutionError
 from sqlalchemy.exc import SQLAlchemyError
 
-from .broker import check_broker
+from .broker import broker_required
 from .loader import load_celery_app
 from .masking import mask_secrets
 
@@ -103,6 +103,9 @@ def load(config_uri, variables, celery_args=()):
     broker = broker_option(celery_args)
     if broker:
         os.environ["CELERY_BROKER_URL"] = broker
+    # Eager mode, or pyramid_tasks.testing, spares the web process a broker,
+    # never this command: the app is refused without one as it is built.
+    token = broker_required.set(True)
     try:
         app = load_celery_app(config_uri, variables)
     except ConfigurationExecutionError as exc:
@@ -119,11 +122,8 @@ def load(config_uri, variables, celery_args=()):
         # a missing [app:...] section or setting; ImportError: a ``use =`` naming
         # nothing; SQLAlchemyError: a bad sqlalchemy.url or database at start-up.
         raise LoadError(f"cannot load {config_uri}: {_describe(exc)}") from exc
-    try:
-        # Eager mode spares the web process a broker, never this command.
-        check_broker(app.conf, eager_ok=False)
-    except ConfigurationError as exc:
-        raise _bad_configuration(config_uri, exc) from exc
+    finally:
+        broker_required.reset(token)
     return app
 
 

@@ -14,7 +14,7 @@ from pyramid.exceptions import ConfigurationError
 
 import pyramid_tasks
 
-from .broker import check_broker, warn_environment_overrides
+from .broker import broker_required, check_broker, warn_environment_overrides
 from .decorator import TaskHandle
 from .retry import RetryPolicy
 from .schedule import parse_beat_settings, parse_schedule
@@ -42,7 +42,8 @@ def build_celery_app(registry):
 
     Runs as a deferred action, so it sees the settings as they are at commit.
     An app without a broker is refused (see :func:`.broker.check_broker`),
-    unless it includes ``pyramid_tasks.testing``, which never sends.
+    unless it includes ``pyramid_tasks.testing``, which never sends; loaded
+    by ``tasks-celery`` it is refused even so, and in eager mode.
     """
     settings = registry.settings
     options = parse_tasks_settings(settings)
@@ -72,9 +73,11 @@ def build_celery_app(registry):
     )
     app.conf.update(conf)
     warn_environment_overrides(conf)
-    if getattr(registry, "pyramid_tasks_capture", None) is None:
-        # pyramid_tasks.testing captures every send: no broker is ever used.
-        check_broker(app.conf)
+    required = broker_required.get()
+    if required or getattr(registry, "pyramid_tasks_capture", None) is None:
+        # pyramid_tasks.testing captures every send: the web process uses no
+        # broker.  tasks-celery always does.
+        check_broker(app.conf, eager_ok=not required)
     app.pyramid_registry = registry
     app.pyramid_task_queues = task_queues
     registry.pyramid_tasks_settings = options

@@ -219,10 +219,10 @@ def test_main_without_a_broker_names_the_setting(tmp_path, capsys, monkeypatch):
 
     err = load_error([str(ini), "--", "report"], capsys)
 
-    assert err.startswith(
+    assert err == (
         f"tasks-celery: error: bad configuration in {ini}: No broker: set "
-        "celery.broker_url, for example redis://127.0.0.1:6379/0, or "
-        "celery.task_always_eager = true"
+        "celery.broker_url, for example redis://127.0.0.1:6379/0; Celery would "
+        "otherwise use amqp://localhost.\n"
     )
 
 
