@@ -1,5 +1,6 @@
 """Configurator directives and the deferred action that builds the Celery app."""
 
+import functools
 import os
 import traceback
 from datetime import timedelta
@@ -208,7 +209,9 @@ def add_task(config, func, **options):
     intr = config.introspectable("celery tasks", name, name, "celery task")
     intr["callable"] = body
     intr["options"] = options
-    config.action(("pyramid_tasks:task", name), register, introspectables=(intr,))
+    config.action(
+        ("pyramid_tasks:task", name), _action(register), introspectables=(intr,)
+    )
 
 
 def add_periodic_task(
@@ -248,7 +251,9 @@ def add_periodic_task(
             "options": _prefix_queue(registry.pyramid_tasks_settings, dict(options)),
         }
 
-    config.action(("pyramid_tasks:beat", name), register, order=_PERIODIC_ORDER)
+    config.action(
+        ("pyramid_tasks:beat", name), _action(register), order=_PERIODIC_ORDER
+    )
 
 
 def check_beat_tasks(registry):
@@ -262,6 +267,28 @@ def check_beat_tasks(registry):
                 f"Beat entry {name!r} runs task {entry['task']!r}, which is not "
                 "registered: check its name and that its module is scanned."
             )
+
+
+def _action(func, *args):
+    """A deferred action calling ``func(*args)``: a configuration error leaves
+    it as a message, without the frames below it or its cause.
+
+    Pyramid re-raises an error of a deferred action as
+    ConfigurationExecutionError while it handles it, so a traceback (pserve's)
+    prints the error twice, each time with its frames.  Our
+    ConfigurationError is a message naming the setting, not a bug: cutting
+    its traceback to this frame and dropping its ``from`` cause leaves the
+    two tracebacks their last lines.  Any other error keeps everything.
+    """
+
+    @functools.wraps(func)
+    def action():
+        try:
+            func(*args)
+        except ConfigurationError as exc:
+            raise exc.with_traceback(None) from None
+
+    return action
 
 
 def get_celery_app(config):
@@ -310,12 +337,12 @@ def _declare(config):
     )
     config.action(
         APP_DISCRIMINATOR,
-        lambda: build_celery_app(registry),
+        _action(build_celery_app, registry),
         order=PHASE2_CONFIG,
         introspectables=(intr,),
     )
     config.action(
         "pyramid_tasks:check_beat",
-        lambda: check_beat_tasks(registry),
+        _action(check_beat_tasks, registry),
         order=_CHECK_ORDER,
     )
