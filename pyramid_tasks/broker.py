@@ -7,25 +7,28 @@ configuration error here, not a default.
 
 import logging
 import os
+from contextvars import ContextVar
 
 from pyramid.exceptions import ConfigurationError
 
 from .masking import mask_secrets
 
-__all__ = ["check_broker", "warn_environment_overrides"]
+__all__ = ["broker_required", "check_broker", "warn_environment_overrides"]
 
 log = logging.getLogger(__name__)
 
-# The settings Celery reads from the environment in preference to its own
-# configuration (``celery.app.utils.Settings``).
-_ENVIRONMENT_OVERRIDES = {
-    "CELERY_BROKER_URL": "broker_url",
-    "CELERY_BROKER_READ_URL": "broker_read_url",
-    "CELERY_BROKER_WRITE_URL": "broker_write_url",
-    "CELERY_RESULT_BACKEND": "result_backend",
-}
+# True while tasks-celery loads its INI: every Celery command talks to a
+# broker, so neither eager mode nor pyramid_tasks.testing spares the app one.
+broker_required = ContextVar("pyramid_tasks_broker_required", default=False)
+
 _SIDES = {"read": "consume from", "write": "publish to"}
 _EXAMPLE = "for example redis://127.0.0.1:6379/0"
+
+
+# The transports kombu falls back to without a URL or celery.broker_transport
+# (kombu.Connection: ``transport or "amqp"``): named without a URL they still
+# mean amqp://localhost.
+_DEFAULT_TRANSPORTS = {"", "amqp", "pyamqp", "librabbitmq"}
 
 
 def check_broker(conf, eager_ok=True):
@@ -34,16 +37,20 @@ def check_broker(conf, eager_ok=True):
     ``conf`` is the Celery app's ``conf``.  A broker is set by
     ``celery.broker_url`` (or Celery's legacy ``celery.broker_host``, or both
     ``celery.broker_read_url`` and ``celery.broker_write_url``), or by the
-    ``CELERY_BROKER_URL`` environment variable, which Celery honours.  Eager
-    mode (``celery.task_always_eager = true``) needs none, unless ``eager_ok``
-    is false: ``tasks-celery`` always talks to a broker.
+    ``CELERY_BROKER_URL`` environment variable, which Celery honours, or by a
+    ``celery.broker_transport`` that needs no URL (``memory``), any but
+    AMQP's.  Eager mode (``celery.task_always_eager = true``) needs none,
+    unless ``eager_ok`` is false: ``tasks-celery`` always talks to a broker.
     """
     eager = conf.task_always_eager
     if eager and eager_ok:
         return
-    # Celery's own resolution: the environment, then broker_read_url or
-    # broker_write_url, then broker_url, then broker_host; None means kombu's
-    # default, amqp://localhost.
+    # Celery's own resolution (Celery._connection): the side's URL (the
+    # environment, then broker_read_url or broker_write_url, then broker_url,
+    # then broker_host) and broker_transport, which kombu uses when the URL is
+    # None; with neither, kombu's default, amqp://localhost.
+    if str(conf.broker_transport or "").strip() not in _DEFAULT_TRANSPORTS:
+        return
     missing = [side for side in _SIDES if not getattr(conf, f"broker_{side}_url")]
     if not missing:
         return
@@ -53,11 +60,16 @@ def check_broker(conf, eager_ok=True):
             "process without one, but workers, beat and every tasks-celery "
             f"command need one: set celery.broker_url, {_EXAMPLE}"
         )
-    else:
+    elif eager_ok:
         advice = (
             f"set celery.broker_url, {_EXAMPLE}, or celery.task_always_eager = "
             "true to run tasks in-process without a broker (development); "
             "Celery would otherwise use amqp://localhost"
+        )
+    else:
+        advice = (
+            f"set celery.broker_url, {_EXAMPLE}; Celery would otherwise use "
+            "amqp://localhost"
         )
     if len(missing) == 2:
         raise ConfigurationError(f"No broker: {advice}.")
@@ -68,21 +80,60 @@ def check_broker(conf, eager_ok=True):
     )
 
 
+def _first(pairs):
+    """The first ``(name, value)`` whose value is set, or ``(None, None)``."""
+    return next(((name, value) for name, value in pairs if value), (None, None))
+
+
+def _overrides(conf):
+    """``(variable, value, setting, ini_value, sides)`` of each override.
+
+    For each side of the broker, Celery takes its URL from the first of
+    CELERY_BROKER_<SIDE>_URL, broker_<side>_url, CELERY_BROKER_URL,
+    broker_url, broker_host that is set (``celery.app.utils.Settings``); the
+    INI alone would give the first of its own three.  The environment
+    overrides the INI when it gives that side another URL.
+    """
+    found = {}
+    for side in _SIDES:
+        environment = os.environ.get(f"CELERY_BROKER_{side.upper()}_URL")
+        setting = f"broker_{side}_url"
+        variable, value = _first(
+            [
+                (f"CELERY_BROKER_{side.upper()}_URL", environment),
+                (None, conf.get(setting)),
+                ("CELERY_BROKER_URL", os.environ.get("CELERY_BROKER_URL")),
+            ]
+        )
+        name, ini_value = _first(
+            [(n, conf.get(n)) for n in (setting, "broker_url", "broker_host")]
+        )
+        if variable and ini_value and value != ini_value:
+            found.setdefault((variable, value, name, ini_value), []).append(side)
+    value = os.environ.get("CELERY_RESULT_BACKEND")
+    ini_value = conf.get("result_backend")
+    if value and ini_value and value != ini_value:
+        found[("CELERY_RESULT_BACKEND", value, "result_backend", ini_value)] = []
+    return [(*key, sides) for key, sides in found.items()]
+
+
 def warn_environment_overrides(conf):
     """Log a WARNING for each setting Celery will take from the environment.
 
     ``conf`` is the parsed ``celery.*`` settings.  Celery prefers
     ``CELERY_BROKER_URL`` (and its read/write twins, and
-    ``CELERY_RESULT_BACKEND``) to the INI's value.
+    ``CELERY_RESULT_BACKEND``) to the INI's value: a WARNING names the
+    variable and the setting it overrides (for one side of the broker only,
+    which side).
     """
-    for variable, name in _ENVIRONMENT_OVERRIDES.items():
-        value = os.environ.get(variable)
-        if value and conf.get(name) and value != conf[name]:
-            log.warning(
-                "The environment variable %s = %s overrides celery.%s = %s "
-                "(Celery gives the environment precedence).",
-                variable,
-                mask_secrets(value),
-                name,
-                mask_secrets(conf[name]),
-            )
+    for variable, value, name, ini_value, sides in _overrides(conf):
+        where = f" as the broker to {_SIDES[sides[0]]}" if len(sides) == 1 else ""
+        log.warning(
+            "The environment variable %s = %s overrides celery.%s = %s%s "
+            "(Celery gives the environment precedence).",
+            variable,
+            mask_secrets(value),
+            name,
+            mask_secrets(ini_value),
+            where,
+        )

@@ -10,7 +10,7 @@ from celery.bin.celery import celery as celery_command
 from pyramid.exceptions import ConfigurationError, ConfigurationExecutionError
 from sqlalchemy.exc import SQLAlchemyError
 
-from .broker import check_broker
+from .broker import broker_required
 from .loader import load_celery_app
 from .masking import mask_secrets
 
@@ -90,13 +90,22 @@ def _check_file(config_uri):
         raise UsageError(f"config file {path} not found (cwd: {os.getcwd()})")
 
 
-def load(config_uri, variables):
+def load(config_uri, variables, celery_args=()):
     """The Celery app of the INI.
 
     Raises :class:`UsageError` for a missing file, :class:`LoadError` for
-    what goes wrong loading it, each in one paragraph.
+    what goes wrong loading it, each in one paragraph.  A broker given to
+    Celery's command line in ``celery_args`` (``-b URL``) is put in
+    ``CELERY_BROKER_URL`` first, as Celery's command line would do after:
+    Celery prefers it to every broker setting of the INI.
     """
     _check_file(config_uri)
+    broker = broker_option(celery_args)
+    if broker:
+        os.environ["CELERY_BROKER_URL"] = broker
+    # Eager mode, or pyramid_tasks.testing, spares the web process a broker,
+    # never this command: the app is refused without one as it is built.
+    token = broker_required.set(True)
     try:
         app = load_celery_app(config_uri, variables)
     except ConfigurationExecutionError as exc:
@@ -113,12 +122,54 @@ def load(config_uri, variables):
         # a missing [app:...] section or setting; ImportError: a ``use =`` naming
         # nothing; SQLAlchemyError: a bad sqlalchemy.url or database at start-up.
         raise LoadError(f"cannot load {config_uri}: {_describe(exc)}") from exc
-    try:
-        # Eager mode spares the web process a broker, never this command.
-        check_broker(app.conf, eager_ok=False)
-    except ConfigurationError as exc:
-        raise _bad_configuration(config_uri, exc) from exc
+    finally:
+        broker_required.reset(token)
     return app
+
+
+# The global options of Celery's command line (celery.bin.celery.celery) that
+# take a value; they come before the subcommand.
+_VALUE_OPTIONS = {
+    "-A",
+    "--app",
+    "-b",
+    "--broker",
+    "--result-backend",
+    "--loader",
+    "--config",
+    "--workdir",
+}
+
+
+def broker_option(celery_args):
+    """The broker Celery's command line will use, or ``""``.
+
+    That of its global option ``-b``/``--broker`` (``-b URL``, ``-bURL``,
+    ``--broker URL``, ``--broker=URL``; the last one wins), else of the
+    ``BROKER_URL`` environment variable, which Click reads for that option.
+    """
+    broker = None
+    args = iter(celery_args)
+    for arg in args:
+        if arg == "--" or not arg.startswith("-") or arg == "-":
+            break  # the subcommand: what follows is its own
+        if arg.startswith("--"):
+            name, equals, value = arg.partition("=")
+            if not equals and name in _VALUE_OPTIONS:
+                value = next(args, "")
+        else:
+            # A cluster of short options (``-qb URL``): the first that takes
+            # a value takes the rest of the cluster, or the next argument.
+            name = value = ""
+            for i, letter in enumerate(arg[1:], start=2):
+                if f"-{letter}" in _VALUE_OPTIONS:
+                    name, value = f"-{letter}", arg[i:] or next(args, "")
+                    break
+        if name in ("-b", "--broker"):
+            broker = value
+    if broker is None:
+        broker = os.environ.get("BROKER_URL")
+    return broker or ""
 
 
 def _bad_configuration(config_uri, exc):
@@ -142,7 +193,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config_uri, variables, celery_args = parse_args(argv)
-        app = load(config_uri, variables)
+        app = load(config_uri, variables, celery_args)
     except UsageError as exc:
         print(f"tasks-celery: error: {exc}\nusage: {USAGE}", file=sys.stderr)
         return 1

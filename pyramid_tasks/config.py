@@ -1,5 +1,6 @@
 """Configurator directives and the deferred action that builds the Celery app."""
 
+import functools
 import os
 import traceback
 from datetime import timedelta
@@ -14,7 +15,7 @@ from pyramid.exceptions import ConfigurationError
 
 import pyramid_tasks
 
-from .broker import check_broker, warn_environment_overrides
+from .broker import broker_required, check_broker, warn_environment_overrides
 from .decorator import TaskHandle
 from .retry import RetryPolicy
 from .schedule import parse_beat_settings, parse_schedule
@@ -42,7 +43,8 @@ def build_celery_app(registry):
 
     Runs as a deferred action, so it sees the settings as they are at commit.
     An app without a broker is refused (see :func:`.broker.check_broker`),
-    unless it includes ``pyramid_tasks.testing``, which never sends.
+    unless it includes ``pyramid_tasks.testing``, which never sends; loaded
+    by ``tasks-celery`` it is refused even so, and in eager mode.
     """
     settings = registry.settings
     options = parse_tasks_settings(settings)
@@ -72,9 +74,11 @@ def build_celery_app(registry):
     )
     app.conf.update(conf)
     warn_environment_overrides(conf)
-    if getattr(registry, "pyramid_tasks_capture", None) is None:
-        # pyramid_tasks.testing captures every send: no broker is ever used.
-        check_broker(app.conf)
+    required = broker_required.get()
+    if required or getattr(registry, "pyramid_tasks_capture", None) is None:
+        # pyramid_tasks.testing captures every send: the web process uses no
+        # broker.  tasks-celery always does.
+        check_broker(app.conf, eager_ok=not required)
     app.pyramid_registry = registry
     app.pyramid_task_queues = task_queues
     registry.pyramid_tasks_settings = options
@@ -205,7 +209,9 @@ def add_task(config, func, **options):
     intr = config.introspectable("celery tasks", name, name, "celery task")
     intr["callable"] = body
     intr["options"] = options
-    config.action(("pyramid_tasks:task", name), register, introspectables=(intr,))
+    config.action(
+        ("pyramid_tasks:task", name), _action(register), introspectables=(intr,)
+    )
 
 
 def add_periodic_task(
@@ -245,7 +251,9 @@ def add_periodic_task(
             "options": _prefix_queue(registry.pyramid_tasks_settings, dict(options)),
         }
 
-    config.action(("pyramid_tasks:beat", name), register, order=_PERIODIC_ORDER)
+    config.action(
+        ("pyramid_tasks:beat", name), _action(register), order=_PERIODIC_ORDER
+    )
 
 
 def check_beat_tasks(registry):
@@ -259,6 +267,28 @@ def check_beat_tasks(registry):
                 f"Beat entry {name!r} runs task {entry['task']!r}, which is not "
                 "registered: check its name and that its module is scanned."
             )
+
+
+def _action(func, *args):
+    """A deferred action calling ``func(*args)``: a configuration error leaves
+    it as a message, without the frames below it or its cause.
+
+    Pyramid re-raises an error of a deferred action as
+    ConfigurationExecutionError while it handles it, so a traceback (pserve's)
+    prints the error twice, each time with its frames.  Our
+    ConfigurationError is a message naming the setting, not a bug: cutting
+    its traceback to this frame and dropping its ``from`` cause leaves the
+    two tracebacks their last lines.  Any other error keeps everything.
+    """
+
+    @functools.wraps(func)
+    def action():
+        try:
+            func(*args)
+        except ConfigurationError as exc:
+            raise exc.with_traceback(None) from None
+
+    return action
 
 
 def get_celery_app(config):
@@ -307,12 +337,12 @@ def _declare(config):
     )
     config.action(
         APP_DISCRIMINATOR,
-        lambda: build_celery_app(registry),
+        _action(build_celery_app, registry),
         order=PHASE2_CONFIG,
         introspectables=(intr,),
     )
     config.action(
         "pyramid_tasks:check_beat",
-        lambda: check_beat_tasks(registry),
+        _action(check_beat_tasks, registry),
         order=_CHECK_ORDER,
     )

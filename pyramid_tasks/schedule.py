@@ -131,9 +131,16 @@ def _parse_call(value):
         kwargs[keyword.arg] = _literal(keyword.value, node.func.id)
     if node.func.id == "timedelta":
         return _interval(**kwargs)
+    fields = {}
     for name, spec in kwargs.items():
-        _check_cron_field(name, spec, f"{name}={spec!r}")
-    return _crontab(kwargs)
+        # Spaces around an item ("0, 30", " 5"): Celery takes them around a
+        # number, this around any item, and hands Celery the items stripped.
+        if isinstance(spec, str):
+            fields[name] = ",".join(item.strip() for item in spec.split(","))
+        else:
+            fields[name] = spec
+        _check_cron_field(name, fields[name], f"{name}={spec!r}")
+    return _crontab(fields)
 
 
 # The crontab fields in five-field order, with Celery's ranges and the names

@@ -244,5 +244,8 @@ def get_task_capture(registry):
 def includeme(config):
     """Capture, do not send, every task of this app (``apply_async``, ``delay``,
     on-commit sends and eager mode alike)."""
-    config.include("pyramid_tasks")
+    # Set before the include: under an autocommit Configurator
+    # (``pyramid.testing.setUp()``) the include builds the app at once, and
+    # the capture is what spares it a broker.
     config.registry.pyramid_tasks_capture = TaskCapture()
+    config.include("pyramid_tasks")

@@ -3,10 +3,12 @@
 import logging
 
 import pytest
+from pyramid import testing
 from pyramid.config import Configurator
 from pyramid.exceptions import ConfigurationError, ConfigurationExecutionError
 
-from pyramid_tasks.broker import check_broker
+from pyramid_tasks.broker import broker_required, check_broker
+from pyramid_tasks.testing import get_task_capture
 
 ENVIRONMENT = (
     "CELERY_BROKER_URL",
@@ -99,24 +101,149 @@ def test_celery_broker_url_in_the_environment_counts(monkeypatch):
     assert app.connection_for_write().transport_cls == "memory"
 
 
-def test_the_environment_overriding_a_setting_is_a_warning(monkeypatch, caplog):
-    monkeypatch.setenv("CELERY_BROKER_URL", "redis://:hunter2@env-host/0")
-    monkeypatch.setenv("CELERY_RESULT_BACKEND", "redis://same/1")
-    settings = {
-        "celery.broker_url": "redis://:s3cret@ini-host/0",
-        "celery.broker_read_url": "redis://ini-host/0",  # no variable: no warning
-        "celery.result_backend": "redis://same/1",  # the same value: no warning
-    }
-
+def warnings(caplog, **settings):
     with caplog.at_level(logging.WARNING, logger="pyramid_tasks.broker"):
         app = build(**settings)
+    return app, [r.getMessage() for r in caplog.records]
 
+
+def test_the_environment_overriding_a_setting_is_a_warning(monkeypatch, caplog):
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://:hunter2@env-host/0")
+    monkeypatch.setenv("CELERY_RESULT_BACKEND", "redis://other/1")
+
+    app, messages = warnings(
+        caplog,
+        **{
+            "celery.broker_url": "redis://:s3cret@ini-host/0",
+            "celery.result_backend": "redis://:s3cret@ini-host/1",
+        },
+    )
+
+    assert app.conf.broker_read_url == app.conf.broker_write_url
     assert app.conf.broker_write_url == "redis://:hunter2@env-host/0"
-    assert [r.getMessage() for r in caplog.records] == [
+    assert app.conf.result_backend == "redis://other/1"
+    assert messages == [
         "The environment variable CELERY_BROKER_URL = redis://:***@env-host/0 "
         "overrides celery.broker_url = redis://:***@ini-host/0 (Celery gives the "
-        "environment precedence)."
+        "environment precedence).",
+        "The environment variable CELERY_RESULT_BACKEND = redis://other/1 "
+        "overrides celery.result_backend = redis://:***@ini-host/1 (Celery gives "
+        "the environment precedence).",
     ]
+
+
+@pytest.mark.parametrize(
+    ("environment", "settings", "read", "write", "expected"),
+    [
+        # A side's variable overrides celery.broker_url for that side alone.
+        (
+            {"CELERY_BROKER_READ_URL": "memory://env-read"},
+            {"celery.broker_url": "memory://ini"},
+            "memory://env-read",
+            "memory://ini",
+            [
+                "The environment variable CELERY_BROKER_READ_URL = "
+                "memory://env-read overrides celery.broker_url = memory://ini as "
+                "the broker to consume from (Celery gives the environment "
+                "precedence)."
+            ],
+        ),
+        (
+            {"CELERY_BROKER_WRITE_URL": "memory://env-write"},
+            {"celery.broker_host": "memory://ini"},
+            "memory://ini",
+            "memory://env-write",
+            [
+                "The environment variable CELERY_BROKER_WRITE_URL = "
+                "memory://env-write overrides celery.broker_host = memory://ini "
+                "as the broker to publish to (Celery gives the environment "
+                "precedence)."
+            ],
+        ),
+        # celery.broker_read_url beats CELERY_BROKER_URL: only writes move.
+        (
+            {"CELERY_BROKER_URL": "memory://env"},
+            {
+                "celery.broker_url": "memory://ini",
+                "celery.broker_read_url": "memory://ini-read",
+            },
+            "memory://ini-read",
+            "memory://env",
+            [
+                "The environment variable CELERY_BROKER_URL = memory://env "
+                "overrides celery.broker_url = memory://ini as the broker to "
+                "publish to (Celery gives the environment precedence)."
+            ],
+        ),
+        # Each side its own variable and setting: two warnings.
+        (
+            {
+                "CELERY_BROKER_READ_URL": "memory://env-read",
+                "CELERY_BROKER_WRITE_URL": "memory://env-write",
+            },
+            {
+                "celery.broker_read_url": "memory://ini-read",
+                "celery.broker_write_url": "memory://ini-write",
+            },
+            "memory://env-read",
+            "memory://env-write",
+            [
+                "The environment variable CELERY_BROKER_READ_URL = "
+                "memory://env-read overrides celery.broker_read_url = "
+                "memory://ini-read as the broker to consume from (Celery gives "
+                "the environment precedence).",
+                "The environment variable CELERY_BROKER_WRITE_URL = "
+                "memory://env-write overrides celery.broker_write_url = "
+                "memory://ini-write as the broker to publish to (Celery gives "
+                "the environment precedence).",
+            ],
+        ),
+        # The same URL, or no INI value to override: no warning.
+        (
+            {"CELERY_BROKER_URL": "memory://same", "CELERY_RESULT_BACKEND": "x://"},
+            {"celery.broker_url": "memory://same"},
+            "memory://same",
+            "memory://same",
+            [],
+        ),
+        (
+            {"CELERY_BROKER_WRITE_URL": "memory://w", "CELERY_BROKER_URL": "memory://"},
+            {},
+            "memory://",
+            "memory://w",
+            [],
+        ),
+    ],
+)
+def test_each_side_warns_when_the_environment_changes_its_broker(
+    environment, settings, read, write, expected, monkeypatch, caplog
+):
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+
+    app, messages = warnings(caplog, **settings)
+
+    assert (app.conf.broker_read_url, app.conf.broker_write_url) == (read, write)
+    assert messages == expected
+
+
+@pytest.mark.parametrize("transport", ["memory", "redis"])
+def test_a_transport_without_url_is_a_broker(transport):
+    """kombu uses celery.broker_transport when the URL is None."""
+    app = build(**{"celery.broker_transport": transport})
+
+    check_broker(app.conf, eager_ok=False)
+    assert app.conf.broker_url is None
+    assert app.connection_for_read().transport_cls == transport
+    assert app.connection_for_write().transport_cls == transport
+
+
+@pytest.mark.parametrize("transport", ["amqp", "pyamqp", "librabbitmq", " "])
+def test_amqp_without_url_is_still_no_broker(transport):
+    """Named or not, AMQP without a URL is kombu's amqp://localhost."""
+    assert refused(**{"celery.broker_transport": transport}).startswith(
+        "No broker: set celery.broker_url"
+    )
 
 
 def test_eager_mode_needs_no_broker():
@@ -131,6 +258,18 @@ def test_the_testing_include_needs_no_broker():
     config.include("pyramid_tasks.testing")
 
     assert config.get_celery_app().conf.broker_url is None
+
+
+def test_the_testing_include_under_testing_setup_needs_no_broker():
+    """``pyramid.testing.setUp()`` autocommits: the app is built at the include."""
+    config = testing.setUp(settings={})
+    try:
+        config.include("pyramid_tasks.testing")
+
+        assert config.registry.celery_app.conf.broker_url is None
+        assert get_task_capture(config.registry).sent == []
+    finally:
+        testing.tearDown()
 
 
 def test_eager_mode_without_broker_is_refused_where_a_broker_is_needed():
@@ -153,3 +292,37 @@ def test_eager_mode_with_a_broker_passes_where_a_broker_is_needed():
     )
 
     check_broker(app.conf, eager_ok=False)
+
+
+def test_where_a_broker_is_needed_eager_mode_is_no_advice():
+    """Eager mode cannot spare tasks-celery a broker: the error never offers it."""
+    token = broker_required.set(True)  # as tasks-celery loads its INI
+    try:
+        text = refused(
+            **{
+                "celery.broker_write_url": "memory://",
+                "celery.broker_transport": "amqp",
+            }
+        )
+    finally:
+        broker_required.reset(token)
+
+    assert text == (
+        "No broker to consume from: neither celery.broker_read_url nor "
+        "celery.broker_url is set; set celery.broker_url, for example "
+        "redis://127.0.0.1:6379/0; Celery would otherwise use amqp://localhost."
+    )
+
+
+def test_tasks_celery_refuses_a_testing_app_without_broker():
+    """A worker of an app that includes pyramid_tasks.testing still consumes."""
+    token = broker_required.set(True)
+    try:
+        config = Configurator(settings={})
+        config.include("pyramid_tasks.testing")
+        with pytest.raises(ConfigurationExecutionError) as info:
+            config.commit()
+    finally:
+        broker_required.reset(token)
+
+    assert str(info.value.evalue).startswith("No broker: set celery.broker_url")

@@ -15,7 +15,16 @@ from pathlib import Path
 import pytest
 from celery.bin.celery import celery as celery_command
 
-from pyramid_tasks.cli import EXAMPLE, USAGE, UsageError, load, main, parse_args
+from pyramid_tasks.cli import (
+    EXAMPLE,
+    USAGE,
+    LoadError,
+    UsageError,
+    broker_option,
+    load,
+    main,
+    parse_args,
+)
 
 from .conftest import ROOT, TEST_INI, free_port, tasks_celery
 
@@ -210,10 +219,10 @@ def test_main_without_a_broker_names_the_setting(tmp_path, capsys, monkeypatch):
 
     err = load_error([str(ini), "--", "report"], capsys)
 
-    assert err.startswith(
+    assert err == (
         f"tasks-celery: error: bad configuration in {ini}: No broker: set "
-        "celery.broker_url, for example redis://127.0.0.1:6379/0, or "
-        "celery.task_always_eager = true"
+        "celery.broker_url, for example redis://127.0.0.1:6379/0; Celery would "
+        "otherwise use amqp://localhost.\n"
     )
 
 
@@ -230,6 +239,79 @@ def test_main_in_eager_mode_still_needs_a_broker(tmp_path, capsys, monkeypatch):
         "one, but workers, beat and every tasks-celery command need one: set "
         "celery.broker_url"
     )
+
+
+@pytest.mark.parametrize(
+    ("celery_args", "broker"),
+    [
+        (["-b", "memory://b", "report"], "memory://b"),
+        (["-bmemory://b", "report"], "memory://b"),
+        (["--broker", "memory://b", "report"], "memory://b"),
+        (["--broker=memory://b", "report"], "memory://b"),
+        (["-q", "-C", "-qb", "memory://b", "report"], "memory://b"),
+        (["-qbmemory://b", "report"], "memory://b"),
+        (["-A", "-b", "--app=x", "--workdir", ".", "-b", "memory://b"], "memory://b"),
+        (["-b", "memory://1", "-b", "memory://2", "report"], "memory://2"),
+        (["--broker"], ""),
+        (["-b", "", "report"], ""),
+        (["-A", "-b", "report"], ""),  # -A takes -b as its value
+        (["-Ab", "report", "-b", "memory://b"], ""),  # the app is "b"
+        (["report", "-b", "memory://b"], ""),  # the subcommand's, not Celery's
+        (["-", "-b", "memory://b"], ""),
+        (["--", "-b", "memory://b"], ""),
+        ([], ""),
+    ],
+)
+def test_broker_option_reads_celery_global_option(celery_args, broker, monkeypatch):
+    monkeypatch.delenv("BROKER_URL", raising=False)
+
+    assert broker_option(celery_args) == broker
+
+
+def test_broker_option_reads_broker_url_as_click_does(monkeypatch):
+    monkeypatch.setenv("BROKER_URL", "memory://env")
+
+    assert broker_option(["report"]) == "memory://env"
+    assert broker_option(["-b", "memory://b", "report"]) == "memory://b"
+
+
+def test_load_takes_celery_broker_option_for_the_ini_broker(tmp_path, monkeypatch):
+    # Recorded (set), so that the teardown removes what load() puts there.
+    monkeypatch.setenv("CELERY_BROKER_URL", "")
+    monkeypatch.delenv("BROKER_URL", raising=False)
+    ini = write_ini(tmp_path, "celery.task_always_eager = true", broker=None)
+
+    with pytest.raises(LoadError, match="No broker: eager mode"):
+        load(str(ini), {}, ["report", "--broker=memory://"])
+    app = load(str(ini), {}, ["--broker=memory://", "report"])
+
+    assert app.conf.broker_url == os.environ["CELERY_BROKER_URL"] == "memory://"
+
+
+PING = ("tests.pkgs.cli_app.ping",)
+
+
+def test_script_honours_celery_broker_option(redis_client, redis_url, tmp_path):
+    """``-b`` before the subcommand is Celery's own option: no "No broker"."""
+    queue = f"pyramid_tasks_test_cli_b_{uuid.uuid4().hex[:12]}"
+    ini = write_ini(tmp_path, f"celery.task_default_queue = {queue}", broker=None)
+    env = {k: v for k, v in os.environ.items() if "BROKER" not in k}
+    try:
+        result = subprocess.run(
+            [tasks_celery(), str(ini), "--", "-b", redis_url, "call", *PING],
+            cwd=tmp_path,
+            env={**env, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+        assert result.returncode == 0, result.stderr
+        task_id = result.stdout.strip()
+        [raw] = redis_client.lrange(queue, 0, -1)
+    finally:
+        redis_client.delete(queue)
+    assert json.loads(raw)["headers"]["id"] == task_id
 
 
 def test_main_masks_the_password_of_a_bad_url_setting(tmp_path, capsys):

@@ -109,6 +109,14 @@ def test_interval_forms(text, expected):
             ),
         ),
         ("crontab (minute = 5)", crontab(minute=5)),
+        # Spaces around items, as Celery's own crontab() takes them.
+        ('crontab(minute="0, 30")', crontab(minute="0,30")),
+        ('crontab(minute=" 5")', crontab(minute="5")),
+        (
+            'crontab(minute="*/15, 7 ", hour=" 1-3 ")',
+            crontab(minute="*/15,7", hour="1-3"),
+        ),
+        ('crontab(day_of_week=" mon , fri ")', crontab(day_of_week="mon,fri")),
     ],
 )
 def test_crontab_forms(text, expected):
@@ -264,7 +272,8 @@ def field_error(text, reason):
             'crontab(month_of_year="sun")',
             "month_of_year='sun': 'sun' is not in 1-12 or jan-dec",
         ),
-        ('crontab(minute="1, 2")', "minute='1, 2': ' 2' is not in 0-59"),
+        ('crontab(minute="1 - 2")', "minute='1 - 2': '1 ' is not in 0-59"),
+        ('crontab(minute="1, ")', "minute='1, ': a value is missing"),
         ('crontab(minute="\u0663")', "minute='\u0663': '\u0663' is not in 0-59"),
         (
             'crontab(minute="*/\uff11")',

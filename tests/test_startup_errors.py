@@ -86,6 +86,40 @@ def test_pserve_ends_with_the_message_and_the_include(bad_ini, tmp_path):
     ), result.stderr
 
 
+DURING = "\n\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
+def test_pserve_shows_our_error_without_its_inner_frames_or_cause(bad_ini, tmp_path):
+    """Pyramid re-raises while handling ours, so Python prints both; ours is cut
+    to the action's frame and its message (no ValueError it came from)."""
+    pserve = Path(sys.executable).parent / "pserve"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    result = subprocess.run(
+        [str(pserve), str(bad_ini)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    ours, pyramids = result.stderr.split(DURING)
+    assert "The above exception was the direct cause" not in result.stderr
+    assert "ValueError" not in result.stderr
+    assert ours.startswith("Traceback (most recent call last):\n")
+    assert ours.endswith(f"\npyramid.exceptions.ConfigurationError: {MESSAGE}")
+    assert pyramids.startswith("Traceback (most recent call last):\n")
+    # Our package shows one frame in each traceback: the deferred action.
+    frames = [
+        line.split(", in ")[1]
+        for line in result.stderr.splitlines()
+        if line.startswith('  File "') and "/pyramid_tasks/" in line
+    ]
+    assert frames == ["action", "action"]
+    assert result.stderr.count(MESSAGE) == 2
+
+
 def app_from_pyramid_includes():
     settings = {"pyramid.includes": "pyramid_tasks", "tasks.retry.attempts": "x"}
     return Configurator(settings=settings)
