@@ -24,6 +24,8 @@ from pyramid_tasks import (
 from tests.pkgs.cookiecutter_app.models import Order
 from tests.pkgs.cookiecutter_app.models.meta import Base
 
+from .conftest import wait_for
+
 NO_TRANSACTION = (
     "task {}: request.tm is an explicit transaction manager with no transaction: "
     "wrap the database work in `with request.tm:` or use base=TransactionalTask "
@@ -221,3 +223,19 @@ def test_a_failed_eager_child_reaches_the_parent_with_its_hint(tmp_path):
         assert runs == ["place_bare", "place_in_tm"]
     finally:
         orders.clear()
+
+
+def test_a_worker_reports_the_hints(start_worker):
+    worker = start_worker("-P", "solo")
+    tasks = worker.celery_app.tasks
+    outside = tasks["tests.probe_app.query_outside_tm"].delay()
+    nested = tasks["tests.probe_app.nested_tm"].delay()
+    with pytest.raises(NoTransaction) as info:
+        outside.get(timeout=60)
+    assert str(info.value) == NO_TRANSACTION.format("tests.probe_app.query_outside_tm")
+    with pytest.raises(AlreadyInTransaction) as info:
+        nested.get(timeout=60)
+    assert str(info.value) == ALREADY_IN_TRANSACTION.format("tests.probe_app.nested_tm")
+    # The worker's own ERROR lines say it too (logged after the result is stored).
+    hints = ("wrap the database work in `with", "remove `with request.tm:`")
+    wait_for(lambda: all(h in worker.log for h in hints), message="the worker log")
