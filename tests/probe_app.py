@@ -158,6 +158,6 @@ def query_outside_tm(self):
 
 @task(bind=True, base=TransactionalTask)
 def nested_tm(self):
-    """The mistake of a transactional body: ``with request.tm:`` inside it."""
-    with self.get_request().tm:
-        pass
+    """The mistake of a transactional body: ``with request.tm:`` inside it,
+    whose first step is this ``begin()``."""
+    self.get_request().tm.begin()
