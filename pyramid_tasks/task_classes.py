@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from celery import Task
 from celery.utils import uuid
 from celery.utils.threads import LocalStack
+from transaction.interfaces import AlreadyInTransaction, NoTransaction
 
 from .datamanager import Send, schedule, snapshot
 from .publish import publish, raise_eager_errors
@@ -62,6 +63,35 @@ _executions = LocalStack()
 _next_join = threading.local()
 
 
+_NO_TRANSACTION = (
+    "task {}: request.tm is an explicit transaction manager with no transaction: "
+    "wrap the database work in `with request.tm:` or use base=TransactionalTask "
+    "/ RetryableTransactionTask"
+)
+_ALREADY_IN_TRANSACTION = (
+    "task {}: the body of a TransactionalTask already runs inside request.tm; "
+    "remove `with request.tm:` (or use base=PyramidTask to manage transactions "
+    "yourself)"
+)
+
+
+def _raise_hint(error, execution, message):
+    """Raise ``error``'s class again with ``message``, chained, if this
+    execution's ``request.tm`` raised ``error``.
+
+    ``transaction`` raises ``NoTransaction`` and ``AlreadyInTransaction``
+    without a message; the same class keeps every ``except`` working.  Only
+    the manager's own frame counts: an error of another manager, or
+    ``retryable``'s own, already worded one, is left as it is.
+    """
+    request = execution.request
+    traceback = error.__traceback__
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    if request is not None and traceback.tb_frame.f_locals.get("self") is request.tm:
+        raise type(error)(message.format(execution.task.name)) from error
+
+
 @contextmanager
 def joining(tm, attributes):
     """Run the next task execution on this thread inside ``tm``'s open transaction.
@@ -106,6 +136,14 @@ class PyramidTask(Task):
             execution.close()
 
     def _run_body(self, execution, args, kwargs):
+        # try costs nothing until the body raises: the hint is made only then.
+        try:
+            return self._call_body(args, kwargs)
+        except NoTransaction as error:
+            _raise_hint(error, execution, _NO_TRANSACTION)
+            raise
+
+    def _call_body(self, args, kwargs):
         return super().__call__(*args, **kwargs)
 
     def get_request(self):
@@ -182,10 +220,18 @@ class TransactionalTask(ScheduleOnCommitTask):
     def _run_body(self, execution, args, kwargs):
         tm = execution.get_request().tm
         result = in_transaction(
-            tm, lambda: PyramidTask._run_body(self, execution, args, kwargs)
+            tm, lambda: self._run_body_in_tm(execution, args, kwargs)
         )
         raise_eager_errors(tm)
         return result
+
+    def _run_body_in_tm(self, execution, args, kwargs):
+        # The body of a transactional task, run inside request.tm's transaction.
+        try:
+            return self._call_body(args, kwargs)
+        except AlreadyInTransaction as error:
+            _raise_hint(error, execution, _ALREADY_IN_TRANSACTION)
+            raise
 
 
 class RetryableTransactionTask(TransactionalTask):
@@ -205,7 +251,7 @@ class RetryableTransactionTask(TransactionalTask):
                 tm = execution.get_request().tm
                 result = in_transaction(
                     tm,
-                    lambda: PyramidTask._run_body(self, execution, args, kwargs),
+                    lambda: self._run_body_in_tm(execution, args, kwargs),
                     retry=True,
                 )
                 raise_eager_errors(tm)

@@ -148,3 +148,16 @@ def hold(self, key):
     client.rpush(f"{key}:started", os.getpid())
     client.blmove(f"{key}:go", f"{key}:go", timeout=30)
     client.incr(f"{key}:completed")
+
+
+@task(bind=True)
+def query_outside_tm(self):
+    """The mistake of a plain task: the session used outside ``request.tm``."""
+    return self.get_request().dbsession.execute(text("SELECT 1")).scalar()
+
+
+@task(bind=True, base=TransactionalTask)
+def nested_tm(self):
+    """The mistake of a transactional body: ``with request.tm:`` inside it,
+    whose first step is this ``begin()``."""
+    self.get_request().tm.begin()

@@ -1,4 +1,4 @@
-from pyramid.httpexceptions import HTTPNotFound
+from pyramid.httpexceptions import HTTPBadRequest, HTTPNotFound
 from pyramid.view import view_config
 
 from ..models import Order
@@ -12,6 +12,19 @@ def checkout(request):
     request.dbsession.flush()
     result = send_receipt.apply_async((order.id,), tm=request.tm)
     return {"order": order.id, "receipt_task": result.id}
+
+
+@view_config(route_name="orders", request_method="POST", renderer="json")
+def place_order(request):
+    """A form view: the email comes from the POSTed form, and is required."""
+    email = request.POST.get("email", "")
+    if "@" not in email:
+        raise HTTPBadRequest("an email address is needed")
+    order = Order(email=email)
+    request.dbsession.add(order)
+    request.dbsession.flush()
+    send_receipt.apply_async((order.id,), tm=request.tm)
+    return {"order": order.id}
 
 
 @view_config(
