@@ -86,19 +86,37 @@ _BATCH_SIZE = 1000
 
 def _apply(send, producer):
     # Celery's own apply_async: the task's own ran at the call, with tm=.
-    options = dict(send.options)
-    policy = options.pop("retry_policy", None) or {}
-    default = send.task.app.conf.task_publish_retry_policy
-    errback = _NoRetryAfterTimeout(policy.get("errback") or default.get("errback"))
+    # Celery merges ``retry_policy`` into task_publish_retry_policy; ours only
+    # adds the errback that ends the retries at a timeout.
+    options = send.options
+    policy = options.get("retry_policy")
+    if policy:
+        options = {k: v for k, v in options.items() if k != "retry_policy"}
+        default = send.task.app.conf.task_publish_retry_policy
+        errback = policy.get("errback") or default.get("errback")
+        policy = {**policy, "errback": _NoRetryAfterTimeout(errback)}
+    else:
+        policy = _default_policy(send.task.app)
     Task.apply_async(
         send.task,
         send.args,
         send.kwargs,
         task_id=send.task_id,
         producer=producer,
-        retry_policy={**policy, "errback": errback},
+        retry_policy=policy,
         **options,
     )
+
+
+def _default_policy(app):
+    """``{"errback": ...}`` wrapping the app's publish retry policy's own
+    errback; made once per app (reading Celery's conf costs microseconds)."""
+    try:
+        return app.pyramid_publish_policy
+    except AttributeError:
+        errback = app.conf.task_publish_retry_policy.get("errback")
+        app.pyramid_publish_policy = {"errback": _NoRetryAfterTimeout(errback)}
+        return app.pyramid_publish_policy
 
 
 class _NoRetryAfterTimeout:
