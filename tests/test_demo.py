@@ -529,10 +529,22 @@ def test_a_worker_that_dies_stops_the_demo_at_once(tmp_path):
     assert log.endswith("demo: stopped\n")
 
 
+def _catches(pid, signum):
+    """Whether process ``pid`` has a handler for ``signum``."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    (caught,) = [line.split()[1] for line in status.splitlines() if "SigCgt" in line]
+    return bool(int(caught, 16) & 1 << (signum - 1))
+
+
 def _deaf_leader(demo):
-    """The worker's main process stopped (SIGSTOP): SIGTERM stays pending."""
+    """The worker's main process stopped (SIGSTOP): SIGTERM stays pending.
+
+    Only once it handles SIGTERM: with the default action the signal kills
+    even a stopped process.
+    """
     demo.wait_started()
     _, worker, _ = _tree(demo, demo.record())
+    wait_for(lambda: _catches(worker, signal.SIGTERM), message="a SIGTERM handler")
     os.kill(worker, signal.SIGSTOP)
 
 
@@ -542,13 +554,14 @@ def _stop_by_sigterm(demo):
 
 def _deaf_orphan(demo):
     """One of the worker's pool stopped, then its main process killed."""
-    demo.wait_started()
+    demo.wait_ready()
 
-    def pool():
+    def handling_sigterm():  # as _deaf_leader's
         _, worker, below_worker = _tree(demo, demo.record())
-        return below_worker and (worker, below_worker[0])
+        ready = [pid for pid in below_worker if _catches(pid, signal.SIGTERM)]
+        return ready and (worker, ready[0])
 
-    worker, child = wait_for(pool, message="the worker's pool")
+    worker, child = wait_for(handling_sigterm, message="a SIGTERM handler")
     os.kill(child, signal.SIGSTOP)
     os.kill(worker, signal.SIGKILL)
 
