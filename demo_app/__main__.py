@@ -197,13 +197,17 @@ def _stop(children, timeout):
                         f"{timeout:g} s after the stop began; killed them",
                         sys.stderr,
                     )
-                # No waiting for the rest of the group: SIGKILL cannot be
-                # refused.
                 killed.append(name)
                 break
             else:
                 time.sleep(0.05)
-    _reap(children)
+    # SIGKILL cannot be refused: the rest of a killed group ends at once.
+    # Reaped here, none is left a zombie for an init that may never reap.
+    end = time.monotonic() + 1
+    while time.monotonic() < end and any(
+        _group_alive(children, children[name]) for name in killed
+    ):
+        time.sleep(0.05)
     return killed
 
 

@@ -399,7 +399,9 @@ class _Demo:
                     os.killpg(pid, signal.SIGKILL)
                 else:
                     os.kill(pid, signal.SIGKILL)
-        self.process.wait(timeout=10)  # reaped: the others' new parent reaps them
+        # Reaped; the others are reaped by their new parent, if ever (this
+        # machine's init may leave them zombies: alive() counts those gone).
+        self.process.wait(timeout=10)
         wait_for(lambda: not self.alive(), timeout=10, message="killed processes")
         return sorted(left)
 
@@ -566,8 +568,8 @@ def _deaf_orphan(demo):
     os.kill(worker, signal.SIGKILL)
 
 
-# --stop-timeout 3: all children share it, the web server too, which stops
-# within 0.5 s of SIGTERM even on a busy machine.
+# --stop-timeout 3: all children share it, the web server too, which stopped
+# 0.15 s after SIGTERM here: room for a busy machine.
 _DEAF = {
     "leader": (
         _deaf_leader,
