@@ -2,6 +2,7 @@
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import select
@@ -283,6 +284,7 @@ class _Demo:
         # What a shell's ``cmd &`` does to a background job: SIGINT ignored,
         # a disposition exec keeps.
         ignore = signal.SIG_IGN if ignore_sigint else signal.SIG_DFL
+        in_child = [functools.partial(signal.signal, signal.SIGINT, ignore)]
         if terminal:
             # A terminal window of its own: the pseudo-terminal is the
             # supervisor's controlling terminal, stdin, stdout and stderr
@@ -291,17 +293,10 @@ class _Demo:
             master, output = os.openpty()
             self._closing.callback(os.close, master)
             self._drain = lambda: self._read_terminal(master)
-
-            def prepare():
-                signal.signal(signal.SIGINT, ignore)
-                fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # after setsid
-
+            # After setsid (start_new_session), with the terminal as fd 0.
+            in_child.append(functools.partial(fcntl.ioctl, 0, termios.TIOCSCTTY, 0))
         else:
             output = os.open(self.log_path, os.O_WRONLY)
-
-            def prepare():
-                signal.signal(signal.SIGINT, ignore)
-
         try:
             self.process = subprocess.Popen(
                 [
@@ -314,7 +309,7 @@ class _Demo:
                 stderr=output,
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
                 start_new_session=True,
-                preexec_fn=prepare,
+                preexec_fn=lambda: [call() for call in in_child],
             )
         finally:
             os.close(output)
