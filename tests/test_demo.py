@@ -550,16 +550,21 @@ def _stop_by_sigterm(demo):
 
 
 def _deaf_orphan(demo):
-    """One of the worker's pool stopped, then its main process killed."""
+    """The worker's pool and beat stopped, then its main process killed.
+
+    The pool dies with it (Celery's PR_SET_PDEATHSIG: SIGKILL); beat is left
+    behind, deaf to SIGTERM.
+    """
     demo.wait_ready()
 
-    def handling_sigterm():  # as _deaf_leader's
+    def handling_sigterm():  # as in _deaf_leader
         _, worker, below_worker = _tree(demo, demo.record())
         ready = [pid for pid in below_worker if _catches(pid, signal.SIGTERM)]
-        return ready and (worker, ready[0])
+        return len(ready) == 3 and (worker, ready)  # its pool of two and beat
 
-    worker, child = wait_for(handling_sigterm, message="a SIGTERM handler")
-    os.kill(child, signal.SIGSTOP)
+    worker, below_worker = wait_for(handling_sigterm, message="SIGTERM handlers")
+    for pid in below_worker:
+        os.kill(pid, signal.SIGSTOP)
     os.kill(worker, signal.SIGKILL)
 
 
