@@ -165,7 +165,7 @@ def _stop(children, timeout):
     A child still running gets SIGTERM, itself only: the worker stops its own
     pool and beat (signalling those directly would race its warm shutdown).
     A child that has ended (on its own, or since) may have left processes in
-    its group: the group gets SIGTERM.  Each child leads its own group, so
+    its group: the group gets SIGTERM, each second.  Each child leads its own group, so
     what they started is waited for too, and killed if it outlives the
     timeout.  Returns the names of the children killed.
     """
@@ -173,13 +173,17 @@ def _stop(children, timeout):
         if process.poll() is None:
             process.terminate()
     deadline = time.monotonic() + timeout  # all were sent SIGTERM at once
-    orphans_signalled = set()
+    next_sigterm = {}
     killed = []
     for name, process in children.items():
         while _group_alive(children, process):
-            if process.returncode is not None and name not in orphans_signalled:
+            if process.returncode is not None and (
+                time.monotonic() >= next_sigterm.get(name, 0)
+            ):
+                # Orphans: no parent stops them in order, and Celery's beat
+                # can lose a SIGTERM during its start-up: one each second.
                 _signal_group(process.pid, signal.SIGTERM)
-                orphans_signalled.add(name)
+                next_sigterm[name] = time.monotonic() + 1
             elif time.monotonic() > deadline:
                 # Kill first: saying so may fail (a closed terminal).
                 leader_ran = process.returncode is None
