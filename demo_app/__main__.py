@@ -8,10 +8,13 @@ and waits until none of their processes is left.  It serves where the INI's
 tasks' links then follow (``SITE_URL`` in the children's environment).
 Exits 0 when stopped by a signal, 1 when a child exited on its own or had
 to be killed, 2 when it could not start (a bad argument, a port in use).
+A closed terminal stops it as SIGHUP does: what it can no longer print is
+dropped.
 """
 
 import argparse
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -39,9 +42,10 @@ class _Stop(Exception):
 class _Signals:
     """Turns the first stop signal into :class:`_Stop`, once, when armed.
 
-    Until :meth:`arm` a signal is only remembered, so a child is never started
-    without being recorded; after the first one, further signals are only
-    remembered, so stopping the children is never cut short.
+    Installed first thing, so no stop signal is lost while the settings are
+    read.  Until :meth:`arm` a signal is only remembered, so a child is never
+    started without being recorded; after the first one, further signals are
+    only remembered, so stopping the children is never cut short.
     """
 
     def __init__(self):
@@ -56,10 +60,37 @@ class _Signals:
             self.armed = False
             raise _Stop(signum)
 
-    def arm(self):
+    def check(self):
+        """Raise :class:`_Stop` for a signal already received."""
         if self.received:
             raise _Stop(self.received[0])
+
+    def arm(self):
+        self.check()
         self.armed = True
+
+
+def _say(text, stream=None):
+    """Print ``text``, or nothing if it cannot be printed (a closed terminal).
+
+    Unbuffered: a line that failed is not left to fail again at exit.
+    """
+    stream = stream or sys.stdout
+    with contextlib.suppress(OSError, ValueError):
+        os.write(stream.fileno(), f"{text}\n".encode())
+
+
+def _adopt_orphans():
+    """Be the parent of whatever the children leave behind (Linux only).
+
+    A worker whose main process dies orphans its pool and beat.  Re-parented
+    to us rather than to init, they are reaped here as soon as they end, so
+    their process group is seen gone at once: an init that reaps late (or
+    never, as in a container) would otherwise leave it "running" as zombies.
+    """
+    if sys.platform == "linux":
+        PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def _commands(config, host, port):
@@ -131,32 +162,56 @@ def _bind_error(host, port):
 def _stop(children, timeout):
     """Stop each child, then wait until no process of its group is left.
 
-    Only the leaders get SIGTERM: the worker stops its own pool and beat
-    (signalling those directly would race its warm shutdown).  Each child
-    leads its own group, so what they started is waited for too, and killed
-    if it outlives the timeout.  Returns the names of the children killed.
+    A child still running gets SIGTERM, itself only: the worker stops its own
+    pool and beat (signalling those directly would race its warm shutdown).
+    A child that has ended (on its own, or since) may have left processes in
+    its group: the group gets SIGTERM, each second.  Each child leads its own group, so
+    what they started is waited for too, and killed if it outlives the
+    timeout.  Returns the names of the children killed.
     """
     for process in children.values():
         if process.poll() is None:
             process.terminate()
-    killed = []
     deadline = time.monotonic() + timeout  # all were sent SIGTERM at once
+    next_sigterm = {}
+    killed = []
     for name, process in children.items():
-        while _group_alive(process):
-            if time.monotonic() > deadline:
-                print(
-                    f"demo: the {name} did not stop within {timeout:g} s of SIGTERM; "
-                    "killing its process group",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        while _group_alive(children, process):
+            if process.returncode is not None and (
+                time.monotonic() >= next_sigterm.get(name, 0)
+            ):
+                # Orphans: no parent stops them in order, and Celery's beat
+                # can lose a SIGTERM during its start-up: one each second.
+                _signal_group(process.pid, signal.SIGTERM)
+                next_sigterm[name] = time.monotonic() + 1
+            elif time.monotonic() > deadline:
+                # Kill first: saying so may fail (a closed terminal).
+                leader_ran = process.returncode is None
                 _signal_group(process.pid, signal.SIGKILL)
                 process.wait()
-                # No waiting for the rest of the group: SIGKILL cannot be
-                # refused, and orphans linger as zombies until init reaps them.
+                if leader_ran:
+                    _say(
+                        f"demo: the {name} did not stop within {timeout:g} s of "
+                        "SIGTERM; killed its process group",
+                        sys.stderr,
+                    )
+                else:
+                    _say(
+                        f"demo: processes the {name} left behind still ran "
+                        f"{timeout:g} s after the stop began; killed them",
+                        sys.stderr,
+                    )
                 killed.append(name)
                 break
-            time.sleep(0.05)
+            else:
+                time.sleep(0.05)
+    # SIGKILL cannot be refused: the rest of a killed group ends at once.
+    # Reaped here, none is left a zombie for an init that may never reap.
+    end = time.monotonic() + 1
+    while time.monotonic() < end and any(
+        _group_alive(children, children[name]) for name in killed
+    ):
+        time.sleep(0.05)
     return killed
 
 
@@ -165,8 +220,29 @@ def _signal_group(pgid, signum):
         os.killpg(pgid, signum)
 
 
-def _group_alive(process):
-    process.poll()  # reap the leader once it exits
+def _reap(children):
+    """Reap every process of ours that has ended: a child, or an adopted orphan."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if not pid:
+            return
+        _ended(children, pid, status)
+
+
+def _ended(children, pid, status):
+    """The name of the child ``pid`` (None for an orphan), its status recorded."""
+    for name, process in children.items():
+        if process.pid == pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            return name
+    return None
+
+
+def _group_alive(children, process):
+    _reap(children)
     try:
         os.killpg(process.pid, 0)
     except ProcessLookupError:
@@ -174,7 +250,14 @@ def _group_alive(process):
     return True
 
 
+def _how(returncode):
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with status {returncode}"
+
+
 def main(argv=None):
+    signals = _Signals()
     parser = argparse.ArgumentParser(prog="python -m demo_app", description=__doc__)
     parser.add_argument("config", nargs="?", default="conf/local.ini")
     parser.add_argument(
@@ -200,35 +283,36 @@ def main(argv=None):
     if error:
         parser.error(f"cannot serve on {url}/: {error} (see --host and --port)")
 
-    signals = _Signals()
+    _adopt_orphans()
     children = {}
     status = 0
     try:
+        signals.check()  # one received so far: nothing to start
         for name, command in _commands(config, host, port).items():
             children[name] = subprocess.Popen(
                 command, start_new_session=True, env=environ
             )
-        print(
-            f"demo: {url}/ (Ctrl+C stops the web server, the worker and beat)",
-            flush=True,
-        )
+        _say(f"demo: {url}/ (Ctrl+C stops the web server, the worker and beat)")
         signals.arm()
-        pid, _ = os.wait()  # until one of them ends, or a stop signal
+        ended = None
+        while ended is None:  # until a child ends, or a stop signal
+            ended = _ended(children, *os.wait())
         signals.armed = False
-        ended = next(name for name, p in children.items() if p.pid == pid)
-        print(f"demo: the {ended} exited; stopping the others", file=sys.stderr)
+        others = " and ".join(name for name in children if name != ended)
+        how = _how(children[ended].returncode)
+        _say(f"demo: the {ended} {how}; stopping the {others}", sys.stderr)
         status = 1
     except _Stop as stop:
-        print(
-            f"demo: {signal.Signals(stop.signum).name}: stopping the web server, "
-            "the worker and beat",
-            flush=True,
-        )
+        name = signal.Signals(stop.signum).name
+        if children:
+            _say(f"demo: {name}: stopping the web server, the worker and beat")
+        else:
+            _say(f"demo: {name}: nothing started")
     finally:
         signals.armed = False
         if _stop(children, args.stop_timeout):
             status = 1
-    print("demo: stopped", flush=True)
+    _say("demo: stopped")
     return status
 
 

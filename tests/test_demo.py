@@ -1,13 +1,17 @@
 """The demo app: eagerly, against a real worker, and its one-command supervisor."""
 
 import contextlib
+import fcntl
+import functools
 import json
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import termios
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -261,32 +265,73 @@ class _Demo:
     is never signalled.
     """
 
-    def __init__(self, tmp_path, *arguments, ignore_sigint=False):
+    def __init__(
+        self,
+        tmp_path,
+        *arguments,
+        ignore_sigint=False,
+        terminal=False,
+        python=("-m", "demo_app"),
+    ):
         config = _local_ini(tmp_path)
         self.tmp_path = tmp_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = tmp_path / "demo.log"
+        self.log_path.touch()
+        self._closing = contextlib.ExitStack()
+        self._drain = lambda: None
         # What a shell's ``cmd &`` does to a background job: SIGINT ignored,
         # a disposition exec keeps.
         ignore = signal.SIG_IGN if ignore_sigint else signal.SIG_DFL
-        with open(self.log_path, "wb") as log:
+        in_child = [functools.partial(signal.signal, signal.SIGINT, ignore)]
+        if terminal:
+            # A terminal window of its own: the pseudo-terminal is the
+            # supervisor's controlling terminal, stdin, stdout and stderr
+            # (the children inherit the last three); closing the master side
+            # hangs it up, as closing the window does.
+            master, output = os.openpty()
+            self._closing.callback(os.close, master)
+            self._drain = lambda: self._read_terminal(master)
+            # After setsid (start_new_session), with the terminal as fd 0.
+            in_child.append(functools.partial(fcntl.ioctl, 0, termios.TIOCSCTTY, 0))
+        else:
+            output = os.open(self.log_path, os.O_WRONLY)
+        try:
             self.process = subprocess.Popen(
                 [
-                    *(sys.executable, "-m", "demo_app", config),
+                    *(sys.executable, *python, config),
                     *("--port", str(self.port), *arguments),
                 ],
                 cwd=tmp_path,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                stdin=output if terminal else subprocess.DEVNULL,
+                stdout=output,
+                stderr=output,
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
                 start_new_session=True,
-                preexec_fn=lambda: signal.signal(signal.SIGINT, ignore),
+                preexec_fn=lambda: [call() for call in in_child],
             )
+        finally:
+            os.close(output)
         self.seen = {self.process.pid: _process_table()[self.process.pid].start}
         self.killed = None
 
+    def _read_terminal(self, master):
+        # Read as it comes: a terminal nobody reads fills up and blocks
+        # the processes writing to it.
+        # EIO once no process has the terminal open any more.
+        with open(self.log_path, "ab") as log, contextlib.suppress(OSError):
+            while select.select([master], [], [], 0)[0]:
+                log.write(os.read(master, 65536))
+
+    def hang_up(self):
+        """Close the terminal, as closing its window does: SIGHUP, then EIO."""
+        self.log()
+        self._drain = lambda: None
+        self._closing.close()
+
     def log(self):
+        self._drain()
         return self.log_path.read_text()
 
     def record(self):
@@ -315,12 +360,17 @@ class _Demo:
         return sorted(self._alive(_process_table()))
 
     def page(self, path=""):
+        """The text at ``path``; None if it does not answer it (yet)."""
         assert self.process.poll() is None, self.log()
         try:
             with urllib.request.urlopen(self.url + path, timeout=2) as response:
                 return response.read().decode()
-        except urllib.error.URLError:
+        except OSError:  # refused, an HTTP error, a read timed out
             return None
+
+    def wait_started(self):
+        """Until the supervisor has started its children, and armed."""
+        wait_for(lambda: "(Ctrl+C stops" in self.log(), message="the demo's start")
 
     def wait_ready(self):
         """Until the web server answers and the worker (with beat) is ready."""
@@ -344,7 +394,9 @@ class _Demo:
                     os.killpg(pid, signal.SIGKILL)
                 else:
                     os.kill(pid, signal.SIGKILL)
-        self.process.wait(timeout=10)  # reaped: the others' new parent reaps them
+        # Reaped; the others are reaped by their new parent, if ever (this
+        # machine's init may leave them zombies: alive() counts those gone).
+        self.process.wait(timeout=10)
         wait_for(lambda: not self.alive(), timeout=10, message="killed processes")
         return sorted(left)
 
@@ -357,6 +409,7 @@ def _running_demo(tmp_path, *arguments, **options):
         yield demo
     finally:
         demo.killed = demo.kill()
+        demo._closing.close()  # its terminal, if it has one
 
 
 def _tree(demo, processes):
@@ -367,11 +420,14 @@ def _tree(demo, processes):
     children = below[demo.process.pid]
     (web,) = [pid for pid in children if "-m demo_app.web" in processes[pid].command]
     (worker,) = [pid for pid in children if "tasks-celery" in processes[pid].command]
-    return web, worker, below[worker]
+    return web, worker, below.get(worker, [])
 
 
-def _confirmed(order):
-    return order if order["status"] == "confirmed" else None
+def _confirmed_order(demo):
+    """Order 1 once it is confirmed; None before, or if the page did not answer."""
+    page = demo.page("orders/1")
+    order = json.loads(page) if page else {}
+    return order if order.get("status") == "confirmed" else None
 
 
 def _order(demo, email):
@@ -386,7 +442,7 @@ def test_the_one_command_demo_runs_and_stops_cleanly(tmp_path):
         assert demo.url in demo.log()
         _order(demo, "ann@example.com")
         order = wait_for(
-            lambda: _confirmed(json.loads(demo.page("orders/1"))),
+            lambda: _confirmed_order(demo),
             timeout=30,
             message="the demo's worker to confirm the order",
         )
@@ -408,37 +464,154 @@ def test_the_one_command_demo_runs_and_stops_cleanly(tmp_path):
     assert demo.killed == []
     log = demo.log()
     assert "demo: SIGINT: stopping" in log
-    assert "did not stop" not in log  # stopped, not killed
+    assert "killed" not in log  # stopped, not killed
     assert (tmp_path / "var" / "local.sqlite").exists()
 
 
+# Sent by the supervisor to itself at its port check, a point of its start-up
+# before any child: the signal a user sends just after starting it.
+_SIGINT_AT_PORT_CHECK = """
+import os, signal, sys
+
+def hook(event, args):
+    if event == "socket.bind":
+        os.kill(os.getpid(), signal.SIGINT)
+
+sys.addaudithook(hook)
+from demo_app.__main__ import main
+sys.exit(main())
+"""
+
+
+def test_a_stop_signal_while_the_demo_starts_is_not_lost(tmp_path):
+    """Even as ``cmd &`` leaves it (SIGINT ignored): nothing is started."""
+    options = {"ignore_sigint": True, "python": ("-c", _SIGINT_AT_PORT_CHECK)}
+    with _running_demo(tmp_path, **options) as demo:
+        assert demo.process.wait(timeout=20) == 0, demo.log()
+    assert demo.killed == []
+    assert demo.log() == "demo: SIGINT: nothing started\ndemo: stopped\n"
+    assert not (tmp_path / "var").exists()
+
+
 def test_a_closed_terminal_stops_the_demo_too(tmp_path):
-    """SIGHUP stops the children first: none of them is left orphaned."""
-    with _running_demo(tmp_path) as demo:
+    """Its terminal closed (SIGHUP, then EIO on every write to it), the
+    supervisor stops the children: none of them is left orphaned."""
+    with _running_demo(tmp_path, terminal=True) as demo:
         demo.wait_ready()
         processes = demo.record()
         assert len(processes) == 6  # the supervisor, web, worker, its pool, beat
-        demo.process.send_signal(signal.SIGHUP)
-        assert demo.process.wait(timeout=45) == 0, demo.log()
+        demo.hang_up()
+        assert demo.process.wait(timeout=45) == 0
         assert demo.alive() == []
     assert demo.killed == []
-    assert "demo: SIGHUP: stopping" in demo.log()
 
 
-def test_a_child_deaf_to_sigterm_is_killed_and_reported(tmp_path):
-    with _running_demo(tmp_path, "--stop-timeout", "1") as demo:
+def test_a_worker_that_dies_stops_the_demo_at_once(tmp_path):
+    """Its main process killed, the worker's pool and beat are orphans: they
+    get SIGTERM too, and the demo stops well within --stop-timeout (30 s)."""
+    with _running_demo(tmp_path) as demo:
         demo.wait_ready()
-        _, worker, _ = _tree(demo, demo.record())
-        os.kill(worker, signal.SIGSTOP)  # SIGTERM stays pending: it never stops
-        demo.process.send_signal(signal.SIGTERM)
+        _, worker, below_worker = _tree(demo, demo.record())
+        assert len(below_worker) == 3  # its pool of two and beat
+        os.kill(worker, signal.SIGKILL)
+        assert demo.process.wait(timeout=15) == 1, demo.log()  # a child failed
+        assert demo.alive() == []
+    assert demo.killed == []
+    log = demo.log()
+    assert (
+        "demo: the worker and beat was killed by SIGKILL; stopping the web server"
+        in log
+    )
+    assert "killed its" not in log and "killed them" not in log  # none lingered
+    assert log.endswith("demo: stopped\n")
+
+
+def _catches(pid, signum):
+    """Whether process ``pid`` has a handler for ``signum``."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    (caught,) = [line.split()[1] for line in status.splitlines() if "SigCgt" in line]
+    return bool(int(caught, 16) & 1 << (signum - 1))
+
+
+def _deaf_leader(demo):
+    """The worker's main process stopped (SIGSTOP): SIGTERM stays pending.
+
+    Only once it handles SIGTERM: with the default action the signal kills
+    even a stopped process.
+    """
+    demo.wait_started()
+    _, worker, _ = _tree(demo, demo.record())
+    wait_for(lambda: _catches(worker, signal.SIGTERM), message="a SIGTERM handler")
+    os.kill(worker, signal.SIGSTOP)
+
+
+def _stop_by_sigterm(demo):
+    demo.process.send_signal(signal.SIGTERM)
+
+
+def _deaf_orphan(demo):
+    """The worker's pool and beat stopped, then its main process killed.
+
+    The pool dies with it (Celery's PR_SET_PDEATHSIG: SIGKILL); beat is left
+    behind, deaf to SIGTERM.
+    """
+    demo.wait_ready()
+
+    def handling_sigterm():  # as in _deaf_leader
+        _, worker, below_worker = _tree(demo, demo.record())
+        ready = [pid for pid in below_worker if _catches(pid, signal.SIGTERM)]
+        return len(ready) == 3 and (worker, ready)  # its pool of two and beat
+
+    worker, below_worker = wait_for(handling_sigterm, message="SIGTERM handlers")
+    for pid in below_worker:
+        os.kill(pid, signal.SIGSTOP)
+    os.kill(worker, signal.SIGKILL)
+
+
+# --stop-timeout 3: all children share it, the web server too, which stopped
+# 0.15 s after SIGTERM here: room for a busy machine.
+_DEAF = {
+    "leader": (
+        _deaf_leader,
+        _stop_by_sigterm,
+        "demo: SIGTERM: stopping",
+        "demo: the worker and beat did not stop within 3 s of SIGTERM; "
+        "killed its process group",
+    ),
+    "orphan": (
+        _deaf_orphan,
+        lambda demo: None,  # the leader's death stops the demo
+        "demo: the worker and beat was killed by SIGKILL; stopping the web server",
+        "demo: processes the worker and beat left behind still ran 3 s after "
+        "the stop began; killed them",
+    ),
+}
+
+
+@pytest.mark.parametrize("deaf", sorted(_DEAF))
+def test_a_child_deaf_to_sigterm_is_killed_and_reported(tmp_path, deaf):
+    make_deaf, stop, stopping, killed = _DEAF[deaf]
+    with _running_demo(tmp_path, "--stop-timeout", "3") as demo:
+        make_deaf(demo)
+        stop(demo)
         assert demo.process.wait(timeout=45) == 1, demo.log()  # killing: a failure
         assert demo.alive() == []
     assert demo.killed == []  # the supervisor killed them, not the test
     log = demo.log()
-    assert "demo: SIGTERM: stopping" in log
-    killed = "did not stop within 1 s of SIGTERM; killing its process group"
-    assert f"demo: the worker and beat {killed}" in log
-    assert log.count(killed) == 1  # the web server stopped
+    assert stopping in log
+    assert killed in log
+    assert log.count("killed its process group") + log.count("killed them") == 1
+    assert log.endswith("demo: stopped\n")
+
+
+def test_a_child_deaf_to_sigterm_is_killed_though_the_terminal_closed(tmp_path):
+    """Nothing can be printed any more: what has to be killed is killed."""
+    with _running_demo(tmp_path, "--stop-timeout", "3", terminal=True) as demo:
+        _deaf_leader(demo)
+        demo.hang_up()
+        assert demo.process.wait(timeout=45) == 1
+        assert demo.alive() == []
+    assert demo.killed == []  # the supervisor killed them, not the test
 
 
 def test_a_stuck_demo_is_killed_whole_when_the_test_ends(tmp_path):
