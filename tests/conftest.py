@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import kombu
@@ -182,12 +182,15 @@ def overlay_ini(path, section, values, settings=None):
 class Worker:
     """A ``tasks-celery conf/test.ini -- worker`` subprocess."""
 
-    def __init__(self, process, node, log_path, celery_app, ini_path=None):
+    def __init__(
+        self, process, node, log_path, celery_app, ini_path=None, session=False
+    ):
         self.ini_path = ini_path
         self.process = process
         self.node = node
         self.log_path = log_path
         self.celery_app = celery_app
+        self.session = session  # leads a session (and process group) of its own
 
     @property
     def log(self):
@@ -199,7 +202,9 @@ class Worker:
         return self.celery_app.control.ping(destination=[self.node], timeout=0.5)
 
     def stop(self, timeout=30):
-        """SIGTERM (a warm shutdown that saves coverage), SIGKILL if it hangs."""
+        """SIGTERM (a warm shutdown that saves coverage), SIGKILL if it hangs;
+        then SIGKILL whatever of its session is left (an embedded beat or a
+        pool child whose main process a test killed)."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -207,6 +212,9 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.session:  # its process group holds only what it started
+            with suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
 
 
 def tasks_celery():
@@ -230,9 +238,16 @@ def start_worker(ini_vars, tmp_path):
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
-                command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+                command,
+                cwd=tmp_path,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
-        worker = Worker(process, node, log_path, app.registry.celery_app, ini)
+        worker = Worker(
+            process, node, log_path, app.registry.celery_app, ini, session=True
+        )
         workers.append(worker)
         wait_for(worker.ping, timeout=60, message=f"worker {node} to answer ping")
         return worker

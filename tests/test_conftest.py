@@ -62,6 +62,39 @@ def test_a_worker_ignoring_sigterm_is_killed():
     process.stdout.close()
 
 
+def test_what_a_worker_left_in_its_session_is_killed():
+    # The main process exits at once; its child (an embedded beat, say) would
+    # live on, ignoring SIGTERM, were it not for the session's SIGKILL.
+    script = (
+        "import os, signal, sys, time\n"
+        "if os.fork() == 0:\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "    print(os.getpid(), flush=True)\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    orphan = int(process.stdout.readline())
+    process.wait()
+    Worker(process, "w@localhost", None, celery_app=None, session=True).stop()
+    process.stdout.close()
+    wait_for(lambda: _gone(orphan), timeout=10, message=f"process {orphan} to end")
+
+
+def _gone(pid):
+    """Whether ``pid`` has ended (a zombie counts: PID 1 may reap it late)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def test_wait_for_fails_at_its_deadline():
     with pytest.raises(pytest.fail.Exception, match="waiting for the impossible"):
         wait_for(lambda: False, timeout=0.05, message="the impossible")
