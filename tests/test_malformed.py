@@ -11,9 +11,18 @@ import re
 import uuid
 
 import kombu
+import pytest
 import redis
+from kombu.transport import pyamqp
+from kombu.transport import redis as kombu_redis
 
-from pyramid_tasks.malformed import _CheckingConnection
+from pyramid_tasks.malformed import (
+    SentinelTransport,
+    _CheckingChannel,
+    _CheckingConnection,
+    checking_transport,
+    set_aside,
+)
 
 from .conftest import wait_for
 
@@ -63,12 +72,20 @@ def test_bad_messages_on_redis_are_kept_aside_and_the_worker_goes_on(
     del no_properties["properties"]
     no_delivery_info = envelope(queue, b"[[], {}, {}]")
     del no_delivery_info["properties"]["delivery_info"]
+    # What kombu's Redis QoS cannot index: the worker would stop there.
+    odd = []
+    for tag in (None, {"a": 1}, [1]):
+        odd.append(envelope(queue, b"[[], {}, {}]"))
+        odd[-1]["properties"]["delivery_tag"] = tag
+    odd.append(envelope(queue, b"[[], {}, {}]"))
+    odd[-1]["properties"]["delivery_info"]["exchange"] = {"name": ""}
     # What kombu's Redis transport cannot turn into a message.
     unreadable = [
         b"\x00 not JSON {",
         b"[1, 2, 3]",
         json.dumps(no_properties).encode(),
         json.dumps(no_delivery_info).encode(),
+        *(json.dumps(item).encode() for item in odd),
     ]
     # What Celery cannot turn into a task.
     envelopes = [
@@ -126,7 +143,20 @@ def test_bad_messages_on_redis_are_kept_aside_and_the_worker_goes_on(
         "? (not JSON), task ?",
         "? (not a JSON object), task ?",
         f"?, task {TOCK}",
+        f"?, task {TOCK}",
     ]
+    for item, cause in zip(
+        odd,
+        [
+            "properties.delivery_tag is not a string: None",
+            "properties.delivery_tag is not a string: {'a': 1}",
+            "properties.delivery_tag is not a string: [1]",
+            "delivery_info.exchange is not a string: {'name': ''}",
+        ],
+        strict=True,
+    ):
+        (line,) = [line for line in lines if f"id {item['headers']['id']}:" in line]
+        assert f": {cause}; kept in the Redis list {aside}." in line
     assert "Unrecoverable error" not in log
     assert "Traceback" not in log
 
@@ -214,3 +244,146 @@ def test_an_unreadable_item_that_cannot_be_kept_is_logged_with_its_content(
         "command not allowed when used memory"
     )
     assert message.endswith("): '\\x00 not JSON'.")
+
+
+def test_a_bad_body_that_cannot_be_kept_stays_unacknowledged_and_comes_back(
+    private_redis, caplog
+):
+    """Redis refuses the push onto ``<queue>.malformed``: the message is not
+    acknowledged, so kombu restores it to its queue; nothing is lost."""
+    connection = _CheckingConnection(private_redis)
+    client = redis.Redis.from_url(private_redis)
+    caplog.set_level(logging.ERROR, logger="pyramid_tasks.malformed")
+    try:
+        queue = connection.SimpleQueue("mail")
+        queue.put([1, 2], serializer="json")
+        message = queue.get(timeout=5)
+        client.config_set("maxmemory", 1)  # noeviction: writes are refused
+        set_aside(message, "the body is not [args, kwargs, embed]: [1, 2]")
+        client.config_set("maxmemory", 0)
+        unacked = client.hkeys("unacked")
+        message.channel.close()  # restores what it left unacknowledged
+        depth, aside = client.llen("mail"), client.llen("mail.malformed")
+    finally:
+        connection.release()
+        client.close()
+
+    assert unacked == [message.delivery_tag.encode()]
+    assert (depth, aside) == (1, 0), "back in its queue, not lost"
+    [record] = caplog.records
+    assert record.getMessage().startswith(
+        f"Malformed message set aside: queue mail, delivery tag {message.delivery_tag}"
+        ", task ?, id ?: the body is not [args, kwargs, embed]: [1, 2]; NOT kept "
+        "(OutOfMemoryError: command not allowed when used memory"
+    )
+    assert record.getMessage().endswith(
+        "left unacknowledged, so kombu restores it to the queue (when the worker "
+        "stops, or after the visibility timeout)."
+    )
+
+
+def test_a_broker_that_deletes_rejected_messages_is_not_said_to_dead_letter(caplog):
+    caplog.set_level(logging.ERROR, logger="pyramid_tasks.malformed")
+    with kombu.Connection("memory://") as connection:
+        queue = connection.SimpleQueue(f"mail_{uuid.uuid4().hex}")
+        queue.put([1, 2], serializer="json")
+        message = queue.get(timeout=5)
+        set_aside(message, "bad")
+        left = queue.qsize()
+        queue.close()
+
+    assert left == 0
+    [record] = caplog.records
+    assert record.getMessage().endswith(
+        "bad; rejected without requeue (deleted, unless the broker dead-letters "
+        "rejected messages)."
+    )
+
+
+def test_sentinel_and_other_redis_transports_get_checking_channels():
+    class MyTransport(kombu_redis.Transport):
+        pass
+
+    sentinel = _CheckingConnection(
+        "sentinel://127.0.0.1:26379", transport_options={"master_name": "m"}
+    ).get_transport_cls()
+    mine = checking_transport(MyTransport)
+
+    assert sentinel is SentinelTransport
+    assert issubclass(SentinelTransport.Channel, kombu_redis.SentinelChannel)
+    assert issubclass(SentinelTransport.Channel, _CheckingChannel)
+    assert issubclass(mine, MyTransport)
+    assert issubclass(mine.Channel, kombu_redis.Channel)
+    assert issubclass(mine.Channel, _CheckingChannel)
+    assert checking_transport(MyTransport) is mine, "made once"
+    assert checking_transport(pyamqp.Transport) is pyamqp.Transport
+
+
+def test_a_broken_connection_during_a_broadcast_is_not_taken_for_malformed(
+    private_redis,
+):
+    """Connection errors go on to kombu (which reconnects), not to the log."""
+    connection = _CheckingConnection(private_redis)
+    channel = connection.default_channel
+
+    def delivered(message):
+        raise redis.ConnectionError("gone")
+
+    channel._fanout_to_queue["bcast"] = "bcast.q"
+    connection.transport._callbacks["bcast.q"] = delivered
+    good = envelope("bcast.q", b"{}")
+    try:
+        with pytest.raises(redis.ConnectionError, match="gone"):
+            channel._deliver_fanout_message(good, "bcast")
+    finally:
+        connection.release()
+
+
+def test_malformed_broadcasts_are_dropped_and_the_worker_still_answers(
+    start_worker, private_redis, redis_client, ini_vars
+):
+    """Remote control (``inspect ping``) is a broadcast on Redis pub/sub: a
+    private broker, as every worker on a broker hears its broadcasts."""
+    ini_vars["broker_url"] = private_redis
+    worker = start_worker("-P", "solo")
+    key = ini_vars["probe_key"] + ":tock"
+    broker = redis.Redis.from_url(private_redis)
+    pidbox = envelope("x", b"{}")
+    no_properties = dict(pidbox, properties=None)
+    not_json_body = envelope("x", b"\x00 not JSON")
+    bad = [b"[1, 2]", json.dumps(no_properties), json.dumps(not_json_body)]
+    try:
+        heard = [broker.publish("/0.celery.pidbox", item) for item in bad]
+        wait_for(
+            lambda: len(broadcast_lines(worker.log)) == len(bad),
+            message="the bad broadcasts to be dropped",
+        )
+        assert worker.ping(), "the worker still answers inspect ping"
+        worker.celery_app.tasks[TOCK].delay().get(timeout=30)
+        ran = int(redis_client.get(key))
+        worker.stop()
+    finally:
+        broker.close()
+        redis_client.delete(key)
+
+    assert heard == [1, 1, 1], "one subscriber: the worker"
+    assert ran == 1
+    lines = broadcast_lines(worker.log)
+    assert len(lines) == len(bad), lines
+    assert lines[0].endswith(
+        "exchange celery.pidbox, delivery tag ? (not a JSON object), id ?: "
+        "TypeError: list indices must be integers or slices, not str; "
+        "a broadcast has no queue to keep it in."
+    )
+    assert f"id {no_properties['headers']['id']}: AttributeError" in lines[1]
+    assert f"id {not_json_body['headers']['id']}: DecodeError" in lines[2]
+    assert "Unrecoverable error" not in worker.log
+    assert "Malformed message set aside" not in worker.log
+
+
+def broadcast_lines(log):
+    return [
+        line
+        for line in log.splitlines()
+        if " ERROR " in line and "Malformed broadcast message dropped" in line
+    ]
