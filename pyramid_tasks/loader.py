@@ -11,7 +11,7 @@ from pyramid.exceptions import ConfigurationError
 from sqlalchemy.engine import Engine
 
 from .events import WorkerProcessInit
-from .startup import TimeLimitCheck, follow_ini_logging
+from .startup import ConsumerCheck, TimeLimitCheck, follow_ini_logging
 
 __all__ = ["PyramidLoader", "load_celery_app"]
 
@@ -25,8 +25,9 @@ class PyramidLoader(AppLoader):
 
     Configuration comes from the Pyramid settings (already applied when the
     app was built).  A worker gets the consumer that sets malformed messages
-    aside (unless the app set ``worker_consumer``) and warns at start about
-    time limits its pool will not enforce.  In each forked worker child it
+    aside (unless the app set ``worker_consumer``: it warns at start when that
+    consumer does not derive from ours) and warns at start about time limits
+    its pool will not enforce.  In each forked worker child it
     disposes the SQLAlchemy pools inherited from the parent and notifies
     :class:`WorkerProcessInit`.
     """
@@ -37,6 +38,7 @@ class PyramidLoader(AppLoader):
         if conf.worker_consumer == _CELERY_CONSUMER:
             conf.worker_consumer = "pyramid_tasks.malformed:Consumer"
         self.app.steps["worker"].add(TimeLimitCheck)
+        self.app.steps["worker"].add(ConsumerCheck)
 
     def on_worker_process_init(self):
         disposed = _dispose_inherited_engines()

@@ -4,8 +4,16 @@ not enforce, and banners that follow the INI's logging."""
 import logging
 
 from celery import bootsteps
+from kombu.utils.imports import symbol_by_name
 
-__all__ = ["TimeLimitCheck", "follow_ini_logging", "unenforced_time_limits"]
+from .malformed import Consumer
+
+__all__ = [
+    "ConsumerCheck",
+    "TimeLimitCheck",
+    "follow_ini_logging",
+    "unenforced_time_limits",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +54,30 @@ def unenforced_time_limits(pool_cls, time_limit, soft_time_limit, app):
     for kind, seconds in worker_limits.items():
         if seconds and kind not in enforced:
             limits.append(f"{_SETTINGS[kind]} = {seconds:g} s")
+    tasks = {}  # (kind, seconds): the tasks with that limit of their own
     for task_name in sorted(app.tasks):
         task = app.tasks[task_name]
         for kind in ("time_limit", "soft_time_limit"):
             seconds = getattr(task, kind, None)
             own = seconds != app.conf[f"task_{kind}"]
             if seconds and own and kind not in enforced:
-                limits.append(f"task {task_name} {kind} = {seconds:g} s")
+                tasks.setdefault((kind, seconds), []).append(task_name)
+    for (kind, seconds), names in tasks.items():
+        limits.append(f"{_tasks(names)} {kind} = {seconds:g} s")
     return name, limits
+
+
+def _tasks(names):
+    """``task a``, ``tasks a, b``, ``tasks a and 12 built-in tasks``: Celery's
+    own (``celery.*``, given limits by ``task_annotations = {"*": ...}``)
+    counted, not named."""
+    ours = [name for name in names if not name.startswith("celery.")]
+    builtin = len(names) - len(ours)
+    words = ", ".join(ours)
+    if builtin:
+        counted = f"{builtin} built-in task" + ("s" if builtin > 1 else "")
+        return f"tasks {words} and {counted}" if ours else counted
+    return f"task {words}" if len(ours) == 1 else f"tasks {words}"
 
 
 _ADVICE = {
@@ -91,6 +115,28 @@ class TimeLimitCheck(bootsteps.StartStopStep):
                 name,
                 ", ".join(limits),
                 _ADVICE.get(name, _DEFAULT_ADVICE),
+            )
+
+
+class ConsumerCheck(bootsteps.StartStopStep):
+    """Worker bootstep: a WARNING at start when the app's own
+    ``worker_consumer`` does not derive from
+    :class:`pyramid_tasks.malformed.Consumer` (then a malformed message
+    stops the worker again)."""
+
+    label = "consumer check"
+
+    def start(self, worker):
+        consumer_cls = symbol_by_name(worker.consumer_cls)
+        if not issubclass(consumer_cls, Consumer):
+            log.warning(
+                "Malformed messages are not set aside by this worker: its "
+                "consumer %s.%s (celery.worker_consumer) does not derive from "
+                "pyramid_tasks.malformed.Consumer, so a message Celery cannot "
+                "read stops the worker (Unrecoverable error); derive it from "
+                "pyramid_tasks.malformed.Consumer.",
+                consumer_cls.__module__,
+                consumer_cls.__qualname__,
             )
 
 

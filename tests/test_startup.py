@@ -2,13 +2,15 @@
 
 import os
 import subprocess
+import types
 
 import pytest
 from celery import Celery
 from celery.concurrency import get_implementation
 from celery.concurrency.base import BasePool
 
-from pyramid_tasks.startup import unenforced_time_limits
+from pyramid_tasks.malformed import Consumer
+from pyramid_tasks.startup import ConsumerCheck, unenforced_time_limits
 
 from .conftest import ROOT, tasks_celery, wait_for
 
@@ -137,3 +139,69 @@ def test_banners_show_the_ini_logging_level(start_worker, redis_client, ini_vars
     assert "  . tests.probe_app.tock" in tasks
     assert "  . demo_app.tasks.confirm_order" in tasks
     assert not [task for task in tasks if task.startswith("  . celery.")], "at DEBUG"
+
+
+def test_limits_shared_by_many_tasks_are_grouped_and_built_ins_counted():
+    """``task_annotations = {"*": ...}`` gives every task, Celery's own too,
+    the same limit: one entry, Celery's ``celery.*`` tasks counted."""
+    app = Celery(set_as_current=False)
+    app.conf.task_annotations = {"*": {"soft_time_limit": 4}, "b": {"time_limit": 9}}
+    for name in ("b", "a", "c"):
+        app.task(name=name, shared=False)(_noop)
+    app.finalize()
+    builtin = len([name for name in app.tasks if name.startswith("celery.")])
+    assert builtin > 1
+
+    assert unenforced_time_limits(get_implementation("threads"), None, None, app) == (
+        "threads",
+        [
+            f"tasks a, b, c and {builtin} built-in tasks soft_time_limit = 4 s",
+            "task b time_limit = 9 s",
+        ],
+    )
+
+
+def test_limits_of_built_in_tasks_alone_are_counted():
+    app = Celery(set_as_current=False)
+    app.conf.task_annotations = {"celery.chord_unlock": {"time_limit": 5}}
+    app.conf.task_annotations["celery.backend_cleanup"] = {"time_limit": 5}
+    app.conf.task_annotations["celery.chain"] = {"soft_time_limit": 2}
+    app.finalize()
+
+    assert unenforced_time_limits(get_implementation("solo"), None, None, app) == (
+        "solo",
+        ["2 built-in tasks time_limit = 5 s", "1 built-in task soft_time_limit = 2 s"],
+    )
+
+
+FOREIGN = "Malformed messages are not set aside by this worker"
+
+
+def test_a_worker_consumer_not_derived_from_ours_is_warned_about(start_worker):
+    # Celery's own consumer, by a path the loader does not replace.
+    own = {"celery.worker_consumer": "celery.worker.consumer.consumer:Consumer"}
+    worker = start_worker("-P", "solo", settings=own)
+    worker.stop()
+
+    [warning] = [line for line in worker.log.splitlines() if FOREIGN in line]
+    assert " WARNI [pyramid_tasks.startup]" in warning
+    assert warning.endswith(
+        "its consumer celery.worker.consumer.consumer.Consumer "
+        "(celery.worker_consumer) does not derive from "
+        "pyramid_tasks.malformed.Consumer, so a message Celery cannot read stops "
+        "the worker (Unrecoverable error); derive it from "
+        "pyramid_tasks.malformed.Consumer."
+    )
+
+
+class _Derived(Consumer):
+    pass
+
+
+@pytest.mark.parametrize("consumer_cls", [_Derived, "pyramid_tasks.malformed:Consumer"])
+def test_a_consumer_derived_from_ours_is_not_warned_about(consumer_cls, caplog):
+    worker = types.SimpleNamespace(consumer_cls=consumer_cls)
+
+    ConsumerCheck(worker).start(worker)
+
+    assert not [r for r in caplog.records if FOREIGN in r.getMessage()]
