@@ -336,10 +336,13 @@ _CHECKING = {
 def checking_transport(transport_cls):
     """The transport for ``transport_cls`` whose channels check what they
     receive: ours for kombu's Redis and Sentinel transports, a subclass
-    with a checking channel for a subclass of them, else ``transport_cls``."""
+    with a checking channel for a subclass of them, else ``transport_cls``
+    (not Redis, or checking already)."""
     if transport_cls in _CHECKING:
         return _CHECKING[transport_cls]
-    if not issubclass(transport_cls, kombu_redis.Transport):
+    if not issubclass(transport_cls, kombu_redis.Transport) or issubclass(
+        transport_cls.Channel, _CheckingChannel
+    ):
         return transport_cls
     channel = type(
         transport_cls.Channel.__name__, (_CheckingChannel, transport_cls.Channel), {}

@@ -317,6 +317,7 @@ def test_sentinel_and_other_redis_transports_get_checking_channels():
     assert issubclass(mine.Channel, _CheckingChannel)
     assert checking_transport(MyTransport) is mine, "made once"
     assert checking_transport(pyamqp.Transport) is pyamqp.Transport
+    assert checking_transport(mine) is mine, "checking already"
 
 
 def test_a_broken_connection_during_a_broadcast_is_not_taken_for_malformed(
