@@ -352,7 +352,10 @@ def test_malformed_broadcasts_are_dropped_and_the_worker_still_answers(
     pidbox = envelope("x", b"{}")
     no_properties = dict(pidbox, properties=None)
     not_json_body = envelope("x", b"\x00 not JSON")
+    tag_object = envelope("x", b"{}")
+    tag_object["properties"]["delivery_tag"] = {"a": 1}
     bad = [b"[1, 2]", json.dumps(no_properties), json.dumps(not_json_body)]
+    bad.append(json.dumps(tag_object))
     try:
         heard = [broker.publish("/0.celery.pidbox", item) for item in bad]
         wait_for(
@@ -367,7 +370,7 @@ def test_malformed_broadcasts_are_dropped_and_the_worker_still_answers(
         broker.close()
         redis_client.delete(key)
 
-    assert heard == [1, 1, 1], "one subscriber: the worker"
+    assert heard == [1, 1, 1, 1], "one subscriber: the worker"
     assert ran == 1
     lines = broadcast_lines(worker.log)
     assert len(lines) == len(bad), lines
@@ -378,6 +381,11 @@ def test_malformed_broadcasts_are_dropped_and_the_worker_still_answers(
     )
     assert f"id {no_properties['headers']['id']}: AttributeError" in lines[1]
     assert f"id {not_json_body['headers']['id']}: DecodeError" in lines[2]
+    assert lines[3].endswith(
+        f"delivery tag {{'a': 1}}, id {tag_object['headers']['id']}: "
+        "properties.delivery_tag is not a string: {'a': 1}; a broadcast has no "
+        "queue to keep it in."
+    )
     assert "Unrecoverable error" not in worker.log
     assert "Malformed message set aside" not in worker.log
 
