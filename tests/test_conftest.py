@@ -84,6 +84,8 @@ def test_what_a_worker_left_in_its_session_is_killed():
     Worker(process, "w@localhost", None, celery_app=None, session=True).stop()
     process.stdout.close()
     wait_for(lambda: _gone(orphan), timeout=10, message=f"process {orphan} to end")
+    with open("/proc/sys/kernel/pid_max") as pid_max:
+        assert _gone(int(pid_max.read()) + 1)  # no such process, ever
 
 
 def _gone(pid):
