@@ -66,11 +66,11 @@ def test_what_a_worker_left_in_its_session_is_killed():
     # The main process exits at once; its child (an embedded beat, say) would
     # live on, ignoring SIGTERM, were it not for the session's SIGKILL.
     script = (
-        "import os, signal, sys, time\n"
+        "import os, signal\n"
         "if os.fork() == 0:\n"
         "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         "    print(os.getpid(), flush=True)\n"
-        "    time.sleep(60)\n"
+        "    signal.pause()  # until SIGKILL\n"
         "    os._exit(0)\n"
     )
     process = subprocess.Popen(
