@@ -129,6 +129,9 @@ def test_the_page_refreshes_only_while_a_task_has_work(eager_app):
             text("INSERT INTO orders (email, status) VALUES ('bo@x.org', 'new')")
         )
     assert _refreshes(eager_app)  # a new order waits for its worker
+    refused = eager_app.post("/orders", {"email": ""}, status=400)
+    assert refused.html.select("meta[http-equiv=refresh]") == []
+    assert "refreshes" not in refused.text  # it says so only when it does
     with engine.begin() as connection:
         connection.execute(text("UPDATE orders SET status = 'confirmed'"))
         connection.execute(text("INSERT INTO reports (state) VALUES ('running')"))
