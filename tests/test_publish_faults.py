@@ -315,13 +315,25 @@ def test_concurrent_first_commits_share_one_pool_closed_with_the_app(
     ``celery.broker_pool_limit`` allows (two sockets a producer, measured),
     and ``app.close()`` closes them."""
     created = []
+    arrived = []  # threads that reached the pool's look-up
+    everyone = threading.Event()
+    pool = producers._pool
+
+    def counted_pool(app):
+        arrived.append(app)  # list.append is atomic
+        if len(arrived) == 16:
+            everyone.set()
+        return pool(app)
 
     class SlowProducerPool(ProducerPool):
         def __init__(self, *args, **kwargs):
-            time.sleep(0.05)  # a slow start: every thread gets to the check
+            # A slow start: the pool is made only once every thread has
+            # reached the look-up, the widest window a race could use.
+            assert everyone.wait(timeout=30), f"{len(arrived)} of 16 arrived"
             super().__init__(*args, **kwargs)
             created.append(self)
 
+    monkeypatch.setattr(producers, "_pool", counted_pool)
     monkeypatch.setattr(producers, "ProducerPool", SlowProducerPool)
     url, _ = freezable_redis
     app = make_app(url, queue, **{"celery.broker_pool_limit": "2"})
