@@ -63,18 +63,20 @@ def test_get_app_names_the_setting_and_the_include(bad_ini):
     assert "Line 0 of file None" not in str(info.value)
 
 
-def test_pserve_ends_with_the_message_and_the_include(bad_ini, tmp_path):
-    pserve = Path(sys.executable).parent / "pserve"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-    result = subprocess.run(
-        [str(pserve), str(bad_ini)],
-        cwd=tmp_path,
-        env=env,
+def run_pserve(ini, cwd):
+    """``pserve ini`` in a subprocess, its output captured."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "pserve"), str(ini)],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_pserve_ends_with_the_message_and_the_include(bad_ini, tmp_path):
+    result = run_pserve(bad_ini, tmp_path)
 
     path, line = include_line(cli_app.main)
     assert result.returncode == 1
@@ -92,17 +94,7 @@ DURING = "\n\nDuring handling of the above exception, another exception occurred
 def test_pserve_shows_our_error_without_its_inner_frames_or_cause(bad_ini, tmp_path):
     """Pyramid re-raises while handling ours, so Python prints both; ours is cut
     to the action's frame and its message (no ValueError it came from)."""
-    pserve = Path(sys.executable).parent / "pserve"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-    result = subprocess.run(
-        [str(pserve), str(bad_ini)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_pserve(bad_ini, tmp_path)
 
     ours, pyramids = result.stderr.split(DURING)
     assert "The above exception was the direct cause" not in result.stderr
