@@ -188,9 +188,39 @@ def _describe(exc):
 _SQLALCHEMY_LINK = re.compile(r"\(Background on this error at: [^)]*\)")
 
 
+def _jobs_split(argv):
+    """``(ours, jobs_args)`` for ``CONFIG [--var ...] jobs ...``, else None."""
+    if "jobs" not in argv[1:]:
+        return None
+    split = argv.index("jobs", 1)
+    if "--" in argv[:split]:
+        return None
+    return argv[:split], argv[split + 1 :]
+
+
+def main_jobs(ours, jobs_args):
+    """``tasks-celery CONFIG jobs COMMAND``: the status."""
+    from .jobs import cli as jobs_cli
+
+    try:
+        options = jobs_cli.parse(jobs_args)
+        config_uri, variables, _ = parse_args([*ours, "--"])
+        app = load(config_uri, variables)
+        return jobs_cli.run(app, options)
+    except UsageError as exc:
+        print(f"tasks-celery: error: {exc}\nusage: {jobs_cli.USAGE}", file=sys.stderr)
+        return 1
+    except LoadError as exc:
+        print(f"tasks-celery: error: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv=None):
     """Console script entry point; returns or exits with the status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    jobs = _jobs_split(argv)
+    if jobs is not None:
+        return main_jobs(*jobs)
     try:
         config_uri, variables, celery_args = parse_args(argv)
         app = load(config_uri, variables, celery_args)

@@ -197,6 +197,10 @@ def add_task(config, func, **options):
     def register():
         app = registry.celery_app
         task_options = dict(options)
+        if getattr(registry, "pyramid_tasks_jobs", None) is not None:
+            from .jobs.worker import durable_task_options
+
+            durable_task_options(task_options.get("base"), task_options)
         queue = task_options.pop("queue", None)
         celery_task = app.task(shared=False, lazy=False, **task_options)(body)
         if queue:

@@ -72,16 +72,18 @@ def active_transaction(tm, task_name):
     return txn
 
 
-def schedule(tm, send, publish):
+def schedule(tm, send, publish, jobs=None):
     """Add ``send`` to the pending list of ``tm``'s open transaction.
 
-    ``publish(sends)`` runs once, after a successful commit.
+    ``publish(sends)`` runs once, after a successful commit.  With ``jobs``
+    (durable mode) the sends' job rows are written in the transaction, as
+    it commits (:meth:`pyramid_tasks.jobs.web.JobRecorder.write`).
     """
     txn = active_transaction(tm, send.task.name)
     try:
         pending = txn.data(_DATA_KEY)
     except KeyError:
-        pending = PendingSends(tm)
+        pending = PendingSends(tm, jobs=jobs)
         txn.set_data(_DATA_KEY, pending)
         txn.addAfterCommitHook(pending.after_commit, (publish,))
     # Rolling back a savepoint aborts and unjoins a data manager that joined
@@ -105,6 +107,9 @@ class PendingSends:
     transaction_manager: object
     sends: list = field(default_factory=list)
     joined: bool = False
+    jobs: object = None
+    # Job rows on a connection of their own, committed in tpc_finish.
+    own_rows: object = None
 
     def after_commit(self, committed, publish):
         sends = [send for send in self.sends if not send.taken]
@@ -115,6 +120,9 @@ class PendingSends:
     def abort(self, txn):
         self.sends.clear()
         self.joined = False
+        own, self.own_rows = self.own_rows, None
+        if own is not None:
+            own.rollback()
 
     tpc_abort = abort
 
@@ -122,13 +130,19 @@ class PendingSends:
         pass
 
     def commit(self, txn):
-        pass
+        # Every resource has flushed (tpc_begin); none has committed: the
+        # job rows join the database transaction of the business data.
+        sends = [send for send in self.sends if not send.taken]
+        if self.jobs is not None and sends:
+            self.own_rows = self.jobs.write(txn, sends)
 
     def tpc_vote(self, txn):
         pass
 
     def tpc_finish(self, txn):
-        pass
+        own, self.own_rows = self.own_rows, None
+        if own is not None:
+            own.commit()
 
     def sortKey(self):
         # Any order: it votes nothing and publishes only after every

@@ -39,6 +39,11 @@ class PyramidLoader(AppLoader):
             conf.worker_consumer = "pyramid_tasks.malformed:Consumer"
         self.app.steps["worker"].add(TimeLimitCheck)
         self.app.steps["worker"].add(ConsumerCheck)
+        jobs = getattr(self.app.pyramid_registry, "pyramid_tasks_jobs", None)
+        if jobs is not None and jobs.settings.relay:
+            from .jobs.relay import install
+
+            install(self.app)
 
     def on_worker_process_init(self):
         disposed = _dispose_inherited_engines()

@@ -29,7 +29,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def publish(app, sends):
+def publish(app, sends, durable=False):
     """Send a committed batch: eagerly in eager mode, else through one producer,
     pipelined where the transport allows it.
 
@@ -46,12 +46,14 @@ def publish(app, sends):
             capture.record(
                 send.task, send.args, send.kwargs, send.options, send.task_id
             )
-        return
+        return sends
     if app.conf.task_always_eager:
         _run_eagerly(app, sends)
-        return
+        return sends
     unsent = deque(sends)  # neither sent nor reported yet, in order
     uncertain = set()  # id()s of sends the broker may have received
+    failed = set()  # id()s of sends reported
+    report = _log_pending if durable else _log_unsent
     try:
         with producers.acquire(app) as producer:
             connection_errors = producer.connection.connection_errors
@@ -59,36 +61,49 @@ def publish(app, sends):
             pipelined = producer.supports_batch_publish and len(sends) > 1
             while unsent:
                 chunk = list(islice(unsent, _BATCH_SIZE))
-                if pipelined and _pipeline(producer, chunk, uncertain):
+                if pipelined and _pipeline(producer, chunk, uncertain, durable):
                     for _ in chunk:
                         unsent.popleft()
                     continue
                 for send in chunk:
                     try:
-                        _apply(send, producer)
+                        _apply(send, producer, durable)
                     except Exception as exc:
                         if _timed_out(exc):  # the command may have been written
                             uncertain.add(id(send))
                         if _broker_down(exc, connection_errors):
                             raise
-                        _log_unsent([send], exc, uncertain)  # this message only
+                        failed.add(id(send))
+                        report([send], exc, uncertain)  # this message only
                     unsent.popleft()
     except Exception as exc:
         # The broker is unreachable (after Celery's publish retry policy) or
         # does not answer: the rest would each wait as long, so they are
         # reported, not tried.
-        _log_unsent(unsent, exc, uncertain)
+        failed.update(id(send) for send in unsent)
+        report(unsent, exc, uncertain)
+    return [send for send in sends if id(send) not in failed]
 
 
 # Sends per pipeline: bounds what one failed pipeline sends again.
 _BATCH_SIZE = 1000
 
 
-def _apply(send, producer):
+def _apply(send, producer, durable=False):
     # Celery's own apply_async: the task's own ran at the call, with tm=.
     # Celery merges ``retry_policy`` into task_publish_retry_policy; ours only
     # adds the errback that ends the retries at a timeout.
     options = send.options
+    if durable:  # the relay retries, never the committing request
+        Task.apply_async(
+            send.task,
+            send.args,
+            send.kwargs,
+            task_id=send.task_id,
+            producer=producer,
+            **{**options, "retry": False},
+        )
+        return
     policy = options.get("retry_policy")
     if policy:
         options = {k: v for k, v in options.items() if k != "retry_policy"}
@@ -136,7 +151,7 @@ class _NoRetryAfterTimeout:
             self.errback(exc, interval)
 
 
-def _pipeline(producer, chunk, uncertain):
+def _pipeline(producer, chunk, uncertain, durable=False):
     """Send ``chunk`` in one pipeline; False if it must go one at a time.
 
     Nothing leaves before the pipeline runs, at the end of the block: an
@@ -151,7 +166,7 @@ def _pipeline(producer, chunk, uncertain):
     try:
         with producer.batch(max_size=sys.maxsize):
             for send in chunk:
-                _apply(send, producer)
+                _apply(send, producer, durable)
     except BatchPublishError as exc:
         uncertain.update(id(send) for send in chunk)
         if _timed_out(exc):
@@ -219,6 +234,20 @@ def _log_unsent(sends, exc, uncertain):
             "Why %d committed task(s) were not sent:\n%s",
             len(sends),
             mask_secrets("".join(traceback.format_exception(exc))).rstrip(),
+        )
+
+
+def _log_pending(sends, exc, uncertain):
+    """Durable mode: one WARNING line a job; the relay sends it later."""
+    cause = _one_line(exc)
+    for send in sends:
+        log.warning(
+            "Job %s[%s] is committed; the broker did not %s it (%s): the relay "
+            "will send it.",
+            send.task.name,
+            send.task_id,
+            "confirm" if id(send) in uncertain else "take",
+            cause,
         )
 
 

@@ -20,10 +20,13 @@ from pyramid.exceptions import ConfigurationError
 from .masking import mask_secrets
 
 __all__ = [
+    "JobsSettings",
     "TasksSettings",
     "bad_setting",
     "mask_secrets",
     "parse_celery_settings",
+    "parse_duration",
+    "parse_jobs_settings",
     "parse_tasks_settings",
 ]
 
@@ -320,7 +323,9 @@ def parse_tasks_settings(settings, prefix=TASKS_PREFIX):
     """
     values = {}
     for key, value in settings.items():
-        if not key.startswith(prefix) or key.startswith(f"{prefix}beat."):
+        if not key.startswith(prefix) or key.startswith(
+            (f"{prefix}beat.", f"{prefix}jobs.")
+        ):
             continue
         name = key[len(prefix) :]
         if name not in _TASKS_KEYS:
@@ -335,3 +340,78 @@ def parse_tasks_settings(settings, prefix=TASKS_PREFIX):
             f"a number >= {prefix}retry.backoff ({parsed.retry_backoff})",
         )
     return parsed
+
+
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_DURATION_EXPECTED = "a duration such as 0.2, 200ms, 10s, 5m, 2h or 7d"
+
+
+def parse_duration(key, value, positive=False):
+    """Seconds from ``10``, ``2.5``, ``200ms``, ``10s``, ``5m``, ``2h``, ``7d``."""
+    match = _DURATION.fullmatch(str(value).strip().lower())
+    if match is None:
+        raise bad_setting(key, value, _DURATION_EXPECTED)
+    seconds = float(match[1]) * _UNITS[match[2]]
+    if positive and seconds == 0:
+        raise bad_setting(key, value, f"{_DURATION_EXPECTED}, above zero")
+    return seconds
+
+
+@dataclass(frozen=True)
+class JobsSettings:
+    """The parsed ``tasks.jobs.*`` settings (durable mode)."""
+
+    # A registry key (the cookiecutter's ``dbsession_factory``) or dotted name.
+    session_factory: str = "dbsession_factory"
+    # The request attribute holding the session joined to ``request.tm``.
+    request_session: str = "dbsession"
+    relay: bool = True
+    relay_interval: float = 1.0
+    relay_grace: float = 10.0
+    publish_attempts: int = 10
+    # The after-commit publish gives up after this; the relay sends the rest.
+    publish_timeout: float = 0.2
+    # A started job whose worker sent no heartbeat for this long is re-queued.
+    lease: float = 60.0
+    retention: float = 7 * 86400.0
+
+
+def _name(key, value):
+    text = str(value).strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.:]*", text):
+        raise bad_setting(key, value, "a registry key or a dotted name")
+    return text
+
+
+def _identifier(key, value):
+    text = str(value).strip()
+    if not text.isidentifier():
+        raise bad_setting(key, value, "a request attribute name")
+    return text
+
+
+_JOBS_KEYS = {
+    "session_factory": _name,
+    "request_session": _identifier,
+    "relay": as_bool,
+    "relay_interval": lambda k, v: parse_duration(k, v, positive=True),
+    "relay_grace": parse_duration,
+    "publish_attempts": lambda k, v: as_int(k, v, minimum=1),
+    "publish_timeout": lambda k, v: parse_duration(k, v, positive=True),
+    "lease": lambda k, v: parse_duration(k, v, positive=True),
+    "retention": parse_duration,
+}
+
+
+def parse_jobs_settings(settings, prefix=f"{TASKS_PREFIX}jobs."):
+    """:class:`JobsSettings` from ``tasks.jobs.*``; unknown keys are errors."""
+    values = {}
+    for key, value in settings.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix) :]
+        if name not in _JOBS_KEYS:
+            raise _unknown_key(key, name, list(_JOBS_KEYS), prefix)
+        values[name] = _JOBS_KEYS[name](key, value)
+    return JobsSettings(**values)

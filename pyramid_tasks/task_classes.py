@@ -1,5 +1,6 @@
 """The task classes: each adds one thing to the one before."""
 
+import functools
 import threading
 from contextlib import contextmanager
 
@@ -29,12 +30,13 @@ class _Execution:
     attributes, and closing it leaves the transaction open.
     """
 
-    __slots__ = ("attempt", "join", "request", "task")
+    __slots__ = ("attempt", "job", "join", "request", "task")
 
-    def __init__(self, task, attempt=1, join=None):
+    def __init__(self, task, attempt=1, join=None, job=None):
         self.task = task
         self.attempt = attempt
         self.join = join
+        self.job = job  # the JobRun in durable mode
         self.request = None
 
     def get_request(self):
@@ -121,13 +123,62 @@ class PyramidTask(Task):
     """
 
     def __call__(self, *args, **kwargs):
-        with self._execution() as execution:
+        run = self._job_run()
+        if run is None:
+            return self._call(args, kwargs, None)
+        with run:  # records the job's run in its row
+            if not run.skip:
+                return self._call(args, kwargs, run)
+        return None
+
+    def _call(self, args, kwargs, job):
+        with self._execution(job=job) as execution:
             return self._run_body(execution, args, kwargs)
 
+    def _job_run(self):
+        """A :class:`~pyramid_tasks.jobs.worker.JobRun` in durable mode, for a
+        delivered message (not a direct call, nor a test's lent transaction)."""
+        jobs = getattr(self.app.pyramid_registry, "pyramid_tasks_jobs", None)
+        if jobs is None or getattr(_next_join, "value", None) is not None:
+            return None
+        request = self.request
+        if request.called_directly:
+            return None
+        from .jobs.worker import JobRun
+
+        return JobRun(jobs, self, isinstance(self, TransactionalTask))
+
+    def _current_job(self):
+        execution = _executions.top
+        if execution is None or execution.task is not self:
+            return None
+        return execution.job
+
+    @property
+    def job(self):
+        """The job row of this run, as a dict (durable mode), else None."""
+        run = self._current_job()
+        return None if run is None else run.row()
+
+    def set_progress(self, current, total=None, message=None):
+        """Record the run's progress: ``current`` of ``total`` (or a
+        percentage), and a message; throttled, visible while it runs.  Does
+        nothing outside durable mode."""
+        run = self._current_job()
+        if run is not None:
+            run.set_progress(current, total, message)
+
+    def cancel_requested(self):
+        """Whether an operator cancelled this job while it runs (checked at
+        most once a second): return early when it is.  Always False outside
+        durable mode."""
+        run = self._current_job()
+        return run is not None and run.cancel_requested()
+
     @contextmanager
-    def _execution(self, attempt=1):
+    def _execution(self, attempt=1, job=None):
         join, _next_join.value = getattr(_next_join, "value", None), None
-        execution = _Execution(self, attempt, join)
+        execution = _Execution(self, attempt, join, job)
         _executions.push(execution)
         try:
             yield execution
@@ -174,7 +225,14 @@ class PyramidTask(Task):
             args, kwargs = snapshot(self, args, kwargs, options)
             capture.record(self, args, kwargs, options, task_id)
             return self.AsyncResult(task_id)
-        return super().apply_async(args, kwargs, task_id, **options)
+        result = super().apply_async(args, kwargs, task_id, **options)
+        jobs = getattr(registry, "pyramid_tasks_jobs", None)
+        # Sent from a running task (retry(), a canvas in the body), the job's
+        # row is made by the worker that starts it: writing it here could
+        # wait for the lock of the sender's own transaction.
+        if jobs is not None and _executions.top is None:
+            jobs.record_sent(self, result.id, args, kwargs, options)
+        return result
 
 
 def _prefix_queue(registry, options):
@@ -206,7 +264,12 @@ class ScheduleOnCommitTask(PyramidTask):
         options.pop("producer", None)
         options.pop("connection", None)
         send = Send(self, args, kwargs, options, task_id, tm)
-        schedule(tm, send, lambda sends: publish(self.app, sends))
+        jobs = getattr(self.app.pyramid_registry, "pyramid_tasks_jobs", None)
+        if jobs is None:
+            schedule(tm, send, functools.partial(publish, self.app))
+        else:
+            schedule(tm, send, functools.partial(jobs.publish, self.app), jobs)
+            jobs.created(send)
         return self.AsyncResult(task_id)
 
 
@@ -227,11 +290,19 @@ class TransactionalTask(ScheduleOnCommitTask):
 
     def _run_body_in_tm(self, execution, args, kwargs):
         # The body of a transactional task, run inside request.tm's transaction.
+        # In durable mode the job is locked first and marked succeeded in the
+        # same transaction: a second delivery finds it done.
+        job = execution.job
+        if job is not None and not job.lock(execution.get_request()):
+            return None
         try:
-            return self._call_body(args, kwargs)
+            result = self._call_body(args, kwargs)
         except AlreadyInTransaction as error:
             _raise_hint(error, execution, _ALREADY_IN_TRANSACTION)
             raise
+        if job is not None:
+            job.succeed_in(execution.request)
+        return result
 
 
 class RetryableTransactionTask(TransactionalTask):
@@ -245,9 +316,9 @@ class RetryableTransactionTask(TransactionalTask):
     ``request.transaction_attempt``.
     """
 
-    def __call__(self, *args, **kwargs):
+    def _call(self, args, kwargs, job):
         def attempt(number):
-            with self._execution(number) as execution:
+            with self._execution(number, job) as execution:
                 tm = execution.get_request().tm
                 result = in_transaction(
                     tm,

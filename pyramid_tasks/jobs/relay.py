@@ -1,0 +1,154 @@
+"""The relay: a thread in each worker and beat process that sends again what
+never reached the broker, and re-queues jobs whose worker died.
+
+Each round, in one short transaction: ``started`` jobs whose lease expired
+(no heartbeat for ``tasks.jobs.lease``) go back to ``pending``; then the
+``pending`` rows older than ``tasks.jobs.relay_grace`` are claimed (``FOR
+UPDATE SKIP LOCKED`` on PostgreSQL, so relays never share a row), published,
+and marked ``queued``; a row whose publish failed backs off, and is ``dead``
+after ``tasks.jobs.publish_attempts``.
+"""
+
+import logging
+import threading
+
+from celery import bootsteps, signals
+
+from ..datamanager import Send
+from ..publish import publish
+
+__all__ = ["Relay", "RelayStep", "install"]
+
+log = logging.getLogger(__name__)
+
+# Rows claimed per round: bounds the time a round holds its locks.
+_BATCH = 500
+
+
+class Relay:
+    """One relay of ``app``'s job table; :meth:`run_once` is one round."""
+
+    def __init__(self, app):
+        self.app = app
+        self.jobs = app.pyramid_registry.pyramid_tasks_jobs
+        self.settings = self.jobs.settings
+        self.stopped = threading.Event()
+        self.thread = None
+
+    def start(self):
+        self.thread = threading.Thread(
+            target=self._loop, name="pyramid_tasks-relay", daemon=True
+        )
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join(10)
+
+    def _loop(self):
+        while not self.stopped.wait(self.settings.relay_interval):
+            try:
+                self.run_once()
+            except Exception as exc:
+                log.warning(
+                    "The job relay's round failed (tried again in %g s): %s",
+                    self.settings.relay_interval,
+                    " ".join(str(exc).split())[:500],
+                )
+
+    def run_once(self):
+        """One round: ``(rescued, sent, dead)`` counts."""
+        store = self.jobs.store
+        with store.engine.begin() as connection:
+            rescued = store.expired_leases(connection, self.settings.lease, _BATCH)
+        for job_id, worker in rescued:
+            log.warning(
+                "Job %s was started by %s, which sent no heartbeat for %g s: "
+                "re-queued.",
+                job_id,
+                worker,
+                self.settings.lease,
+            )
+        sent_count = dead_count = 0
+        with store.engine.begin() as connection:
+            rows = store.claim_pending(connection, self.settings.relay_grace, _BATCH)
+            sends, unknown = self._sends(rows)
+            sent = publish(self.app, sends, durable=True) if sends else []
+            store.relayed(connection, [(s.task_id, s.row["eta"]) for s in sent])
+            sent_ids = {s.task_id for s in sent}
+            for send in sent:
+                sent_count += 1
+                log.warning(
+                    "Job %s[%s] was committed but not at the broker: the relay "
+                    "sent it.",
+                    send.task.name,
+                    send.task_id,
+                )
+            for row in [s.row for s in sends if s.task_id not in sent_ids] + unknown:
+                left = self.settings.publish_attempts - row["publish_attempts"]
+                if store.relay_failed(connection, row, left):
+                    dead_count += 1
+                    log.error(
+                        "Job %s[%s] is dead: the relay could not send it in %d "
+                        "attempts.",
+                        row["name"],
+                        row["id"],
+                        row["publish_attempts"] + 1,
+                    )
+        return len(rescued), sent_count, dead_count
+
+    def _sends(self, rows):
+        sends, unknown = [], []
+        for row in rows:
+            task = self.app.tasks.get(row["name"])
+            if task is None:
+                log.warning(
+                    "Job %s[%s]: no task of that name is registered here.",
+                    row["name"],
+                    row["id"],
+                )
+                unknown.append(row)
+                continue
+            options = dict(row["options"] or {})
+            if row["eta"] is not None:  # a countdown counts from the call
+                options.pop("countdown", None)
+                options["eta"] = row["eta"]
+            send = _RelaySend(
+                task, row["args"] or (), row["kwargs"] or {}, options, row["id"], None
+            )
+            send.row = row
+            sends.append(send)
+        return sends, unknown
+
+
+class _RelaySend(Send):
+    row: dict = None
+
+
+class RelayStep(bootsteps.StartStopStep):
+    """Worker bootstep: the relay runs in the worker's main process."""
+
+    label = "pyramid_tasks job relay"
+
+    def __init__(self, worker, **kwargs):
+        self.relay = None
+
+    def start(self, worker):
+        self.relay = Relay(worker.app).start()
+
+    def stop(self, worker):
+        if self.relay is not None:
+            self.relay.stop()
+
+
+def install(app):
+    """Run the relay in ``app``'s worker and beat processes."""
+    app.steps["worker"].add(RelayStep)
+
+    def start_in_beat(sender=None, **kwargs):
+        if sender is not None and sender.app is app:
+            app.pyramid_beat_relay = Relay(app).start()
+
+    signals.beat_init.connect(start_in_beat, weak=False)

@@ -1,0 +1,329 @@
+"""The job store: every read and state change of ``pyramid_tasks_job``.
+
+Each change is one statement naming the state (and, on the worker side, the
+attempt) it expects, and its row count is checked: a job is never both
+finished and failed, and a late writer never overwrites a newer attempt.
+"""
+
+import logging
+import socket
+import traceback as traceback_module
+from datetime import timedelta
+
+from sqlalchemy import insert, select, text, update
+
+from ..masking import mask_secrets
+from .model import (
+    CANCELLED,
+    DEAD,
+    FAILED,
+    PENDING,
+    QUEUED,
+    RETRYING,
+    RUNNABLE,
+    SCHEDULED,
+    STARTED,
+    SUCCEEDED,
+    UNFINISHED,
+    Job,
+    utcnow,
+)
+
+__all__ = ["JobStore"]
+
+log = logging.getLogger(__name__)
+
+_table = Job.__table__
+_c = _table.c
+
+# Rows per INSERT statement: PostgreSQL takes at most 65,535 parameters in
+# one statement, SQLite 32,766; a job row has 20 or so.
+_INSERT_CHUNK = 1000
+
+
+def _chunks(items, size):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class JobStore:
+    """The SQL of the job table on ``engine`` (short transactions of its own),
+    or on a connection the caller's transaction holds.
+    """
+
+    def __init__(self, engine, settings):
+        self.engine = engine
+        self.settings = settings
+        self.dialect = engine.dialect.name
+        self.worker_name = f"{socket.gethostname()}"
+
+    # -- writing rows ------------------------------------------------------
+
+    def insert(self, connection, rows):
+        """Insert ``rows`` (dicts) on ``connection``: one statement a chunk."""
+        for chunk in _chunks(rows, _INSERT_CHUNK):
+            connection.execute(insert(_table).values(chunk))
+
+    def insert_missing(self, rows):
+        """Insert ``rows`` in a short transaction, skipping ids already there."""
+        with self.engine.begin() as connection:
+            for chunk in _chunks(rows, _INSERT_CHUNK):
+                connection.execute(self._insert_ignore(chunk))
+
+    def _insert_ignore(self, rows):
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        return dialect_insert(_table).values(rows).on_conflict_do_nothing()
+
+    def mark_published(self, sent):
+        """``sent``: ``[(id, eta)]`` confirmed by the broker: ``queued`` (or
+        ``scheduled``, its eta ahead), in one UPDATE, if still ``pending``."""
+        if not sent:
+            return 0
+        now = utcnow()
+        scheduled = [job_id for job_id, eta in sent if eta is not None and eta > now]
+        queued = [job_id for job_id, eta in sent if eta is None or eta <= now]
+        count = 0
+        with self.engine.begin() as connection:
+            for state, ids in ((QUEUED, queued), (SCHEDULED, scheduled)):
+                if ids:
+                    count += connection.execute(
+                        update(_table)
+                        .where(_c.id.in_(ids), _c.state == PENDING)
+                        .values(state=state, published_at=now)
+                    ).rowcount
+        return count
+
+    # -- reading -----------------------------------------------------------
+
+    def get(self, job_id):
+        """The row of ``job_id`` as a mapping, or None."""
+        with self.engine.connect() as connection:
+            row = connection.execute(select(_table).where(_c.id == job_id)).first()
+        return None if row is None else row._asdict()
+
+    def state(self, job_id, connection=None):
+        if connection is None:
+            with self.engine.connect() as connection:
+                return self.state(job_id, connection)
+        return connection.execute(
+            select(_c.state).where(_c.id == job_id)
+        ).scalar_one_or_none()
+
+    # -- worker side -------------------------------------------------------
+
+    def start(self, row):
+        """Mark the job ``started`` in a short transaction: ``(attempt, state)``.
+
+        ``row`` describes the job as the message does (id, name, args...), to
+        create the row of a job sent without one (by name, or by a canvas).
+        A job that already took effect or was cancelled is not started:
+        ``(None, its state)``.
+        """
+        now = utcnow()
+        values = {
+            "state": STARTED,
+            "attempts": _c.attempts + 1,
+            "started_at": now,
+            "heartbeat_at": now,
+            "finished_at": None,
+            "worker": self.worker_name,
+            "progress": None,
+            "progress_message": None,
+        }
+        with self.engine.begin() as connection:
+            for _ in range(2):
+                attempt = connection.execute(
+                    update(_table)
+                    .where(_c.id == row["id"], _c.state.in_(RUNNABLE))
+                    .values(values)
+                    .returning(_c.attempts)
+                ).scalar_one_or_none()
+                if attempt is not None:
+                    return attempt, STARTED
+                state = self.state(row["id"], connection)
+                if state is not None:
+                    return None, state
+                # Sent without a row: created now.  A concurrent delivery of
+                # the same message may create it first, hence the loop.
+                connection.execute(
+                    self._insert_ignore(
+                        [{**row, "state": QUEUED, "created_at": now, "attempts": 0}]
+                    )
+                )
+        raise RuntimeError(f"job {row['id']} could not be started")  # unreachable
+
+    def lock(self, connection, job_id):
+        """Lock ``job_id`` for the transaction of ``connection``; its state.
+
+        PostgreSQL: a transaction-scoped advisory lock on the id, so a second
+        delivery of the message waits here until the first one's transaction
+        ends, while progress, heartbeats and cancellation still write the row.
+        SQLite: the database's own write lock (a write that changes nothing).
+        """
+        if self.dialect == "postgresql":
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(hashtextextended(:id, 0))"),
+                {"id": job_id},
+            )
+        elif self.dialect == "sqlite":
+            connection.execute(
+                update(_table).where(_c.id == job_id).values(attempts=_c.attempts)
+            )
+        else:  # pragma: no cover - the two databases the suite runs on
+            connection.execute(select(_c.id).where(_c.id == job_id).with_for_update())
+        return self.state(job_id, connection)
+
+    def succeed_in(self, connection, job_id):
+        """``succeeded`` in the task's own transaction; False when the job is
+        no longer runnable (it was cancelled meanwhile)."""
+        count = connection.execute(
+            update(_table)
+            .where(_c.id == job_id, _c.state.in_(RUNNABLE))
+            .values(state=SUCCEEDED, finished_at=utcnow(), progress=100)
+        ).rowcount
+        return count == 1
+
+    def succeed(self, job_id, attempt):
+        return self._finish(job_id, attempt, state=SUCCEEDED, progress=100)
+
+    def fail(self, job_id, attempt, exc):
+        text_ = f"{type(exc).__name__}: {exc}"
+        tb = "".join(traceback_module.format_exception(exc))
+        return self._finish(
+            job_id,
+            attempt,
+            state=FAILED,
+            error=mask_secrets(text_)[:10000],
+            traceback=mask_secrets(tb)[-100000:],
+        )
+
+    def retrying(self, job_id, attempt, exc=None):
+        values = {"state": RETRYING}
+        if exc is not None:
+            values["error"] = mask_secrets(f"{type(exc).__name__}: {exc}")[:10000]
+        return self._finish(job_id, attempt, finished=False, **values)
+
+    def _finish(self, job_id, attempt, finished=True, **values):
+        if finished:
+            values["finished_at"] = utcnow()
+        with self.engine.begin() as connection:
+            count = connection.execute(
+                update(_table)
+                .where(_c.id == job_id, _c.attempts == attempt, _c.state == STARTED)
+                .values(values)
+            ).rowcount
+        return count == 1
+
+    def heartbeat(self, ids):
+        """Renew the lease of the started jobs ``ids`` of this process."""
+        if not ids:
+            return 0
+        with self.engine.begin() as connection:
+            return connection.execute(
+                update(_table)
+                .where(_c.id.in_(list(ids)), _c.state == STARTED)
+                .values(heartbeat_at=utcnow())
+            ).rowcount
+
+    def set_progress(self, job_id, attempt, progress, message):
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(_table)
+                .where(_c.id == job_id, _c.attempts == attempt, _c.state == STARTED)
+                .values(progress=progress, progress_message=message)
+            )
+
+    # -- operators -----------------------------------------------------------
+
+    def cancel(self, ids):
+        """Cancel the unfinished jobs among ``ids``; the ids cancelled."""
+        with self.engine.begin() as connection:
+            return list(
+                connection.execute(
+                    update(_table)
+                    .where(_c.id.in_(list(ids)), _c.state.in_(UNFINISHED))
+                    .values(state=CANCELLED, finished_at=utcnow())
+                    .returning(_c.id)
+                ).scalars()
+            )
+
+    # -- relay -------------------------------------------------------------
+
+    def claim_pending(self, connection, grace, limit):
+        """Pending rows older than ``grace`` seconds and due, locked for the
+        transaction of ``connection``; rows another relay holds are skipped."""
+        now = utcnow()
+        query = (
+            select(_table)
+            .where(
+                _c.state == PENDING,
+                _c.created_at <= now - timedelta(seconds=grace),
+                (_c.publish_after.is_(None)) | (_c.publish_after <= now),
+            )
+            .order_by(_c.created_at)
+            .limit(limit)
+        )
+        if self.dialect == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        return [row._asdict() for row in connection.execute(query)]
+
+    def relayed(self, connection, sent):
+        """Mark rows the relay published (``[(id, eta)]``)."""
+        now = utcnow()
+        for job_id, eta in sent:
+            state = SCHEDULED if eta is not None and eta > now else QUEUED
+            connection.execute(
+                update(_table)
+                .where(_c.id == job_id, _c.state == PENDING)
+                .values(state=state, published_at=now, publish_after=None)
+            )
+
+    def relay_failed(self, connection, row, attempts_left):
+        """Count a failed publish of ``row``: back off, or ``dead``."""
+        attempts = row["publish_attempts"] + 1
+        values = {"publish_attempts": attempts}
+        if attempts_left <= 1:
+            values.update(state=DEAD, finished_at=utcnow())
+        else:
+            delay = min(300.0, self.settings.relay_interval * 2**attempts)
+            values["publish_after"] = utcnow() + timedelta(seconds=delay)
+        connection.execute(
+            update(_table).where(_c.id == row["id"], _c.state == PENDING).values(values)
+        )
+        return values.get("state")
+
+    def expired_leases(self, connection, lease, limit):
+        """``started`` jobs whose worker sent no heartbeat for ``lease``
+        seconds, made ``pending`` again for the relay; their ids."""
+        cutoff = utcnow() - timedelta(seconds=lease)
+        query = (
+            select(_c.id, _c.worker)
+            .where(_c.state == STARTED, _c.heartbeat_at < cutoff)
+            .limit(limit)
+        )
+        if self.dialect == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        rows = connection.execute(query).all()
+        rescued = []
+        for job_id, worker in rows:
+            if (
+                self.dialect == "postgresql"
+                and not connection.execute(
+                    # A transactional task still holding its lock is alive,
+                    # heartbeat or not (a stopped process, a long GC pause).
+                    text("SELECT pg_try_advisory_xact_lock(hashtextextended(:id, 0))"),
+                    {"id": job_id},
+                ).scalar()
+            ):
+                continue
+            count = connection.execute(
+                update(_table)
+                .where(_c.id == job_id, _c.state == STARTED)
+                .values(state=PENDING, publish_after=None)
+            ).rowcount
+            if count:
+                rescued.append((job_id, worker))
+        return rescued

@@ -1,0 +1,253 @@
+"""Web side of durable mode: the job rows commit with the business data.
+
+At the commit of a transaction that scheduled tasks, the rows are inserted
+through the SQLAlchemy session already joined to it (the same connection,
+the same COMMIT), one multi-row INSERT.  After the commit the batch is
+published with a short bound and the rows confirmed by the broker are
+marked ``queued`` in one UPDATE; what the broker did not take stays
+``pending`` for the relay.
+"""
+
+import logging
+from datetime import timedelta
+
+from celery.utils.time import maybe_make_aware
+from dateutil.parser import isoparse
+from pyramid.threadlocal import get_current_request
+from zope.interface import implementedBy, providedBy
+from zope.sqlalchemy import mark_changed
+from zope.sqlalchemy.datamanager import SessionDataManager
+
+from ..publish import publish
+from ..request import close_request, make_request
+from .events import JobCreated
+from .model import PENDING, QUEUED, Job, utcnow
+
+__all__ = ["JobRecorder"]
+
+log = logging.getLogger(__name__)
+
+# apply_async options that are not part of the message (the relay sends it
+# with the rest as they were given).
+_NOT_STORED = frozenset({"producer", "connection", "retry_policy"})
+
+
+class JobRecorder:
+    """``registry.pyramid_tasks_jobs``: durable mode of one app."""
+
+    def __init__(self, registry, settings, store):
+        self.registry = registry
+        self.settings = settings
+        self.store = store
+        self._listened = {}
+
+    # -- events ------------------------------------------------------------
+
+    def listened(self, event_class):
+        """Whether any subscriber listens for ``event_class`` (cached: the
+        configuration is committed before the first job)."""
+        try:
+            return self._listened[event_class]
+        except KeyError:
+            found = bool(
+                self.registry.adapters.subscriptions(
+                    (implementedBy(event_class),), None
+                )
+            )
+            self._listened[event_class] = found
+            return found
+
+    def notify(self, event_class, run, *extra):
+        """Worker side: send ``event_class`` about ``run`` with a new request."""
+        if not self.listened(event_class):
+            return
+        settings = self.registry.pyramid_tasks_settings
+        request = make_request(self.registry, settings.site_url)
+        try:
+            self._send(event_class(request, run.task, run.id, *extra))
+        finally:
+            close_request(request, run.task.name)
+
+    def created(self, send):
+        """Web side: :class:`JobCreated` for ``send``, in its transaction."""
+        if not self.listened(JobCreated):
+            return
+        request = get_current_request()
+        if request is not None:
+            self._send(JobCreated(request, send.task, send.task_id))
+            return
+        settings = self.registry.pyramid_tasks_settings
+        request = make_request(self.registry, settings.site_url, send.tm)
+        try:
+            self._send(JobCreated(request, send.task, send.task_id))
+        finally:
+            close_request(request, send.task.name, owns_tm=False)
+
+    def _send(self, event):
+        for handler in self.registry.adapters.subscriptions((providedBy(event),), None):
+            try:
+                handler(event)
+            except Exception:
+                log.exception(
+                    "A subscriber of %s for job %s[%s] failed; the job goes on.",
+                    type(event).__name__,
+                    event.task_name,
+                    event.job_id,
+                )
+
+    # -- rows ----------------------------------------------------------------
+
+    def row(self, task, task_id, args, kwargs, options, state=PENDING, now=None):
+        """The row of a task about to be sent."""
+        now = now or utcnow()
+        return {
+            "id": task_id,
+            "name": task.name,
+            "title": None,
+            "queue": _queue(task, args, kwargs, options),
+            "priority": options.get("priority"),
+            "args": list(args or ()),
+            "kwargs": dict(kwargs or {}),
+            "options": {k: v for k, v in options.items() if k not in _NOT_STORED},
+            "state": state,
+            "attempts": 0,
+            "publish_attempts": 0,
+            "created_at": now,
+            "eta": _eta(options, now),
+            "parent_id": _parent_id(),
+        }
+
+    # -- at the commit -------------------------------------------------------
+
+    def write(self, txn, sends):
+        """Insert the rows of ``sends`` in ``txn``, before anything commits.
+
+        Through the session joined to ``txn`` on the job table's database;
+        with none, on a connection of its own that commits only if the whole
+        transaction does (:class:`_OwnConnection`, returned).
+        """
+        now = utcnow()
+        rows = [
+            self.row(s.task, s.task_id, s.args, s.kwargs, s.options, now=now)
+            for s in sends
+        ]
+        session = self._joined_session(txn)
+        if session is not None:
+            self.store.insert(session.connection(), rows)
+            mark_changed(session)  # Core writes are invisible to zope.sqlalchemy
+            return None
+        own = _OwnConnection(self.store.engine.connect())
+        try:
+            own.connection.begin()
+            self.store.insert(own.connection, rows)
+        except BaseException:
+            own.rollback()
+            raise
+        return own
+
+    def _joined_session(self, txn):
+        for resource in txn._resources:
+            if not isinstance(resource, SessionDataManager):
+                continue
+            bind = resource.session.get_bind(mapper=Job.__mapper__)
+            if getattr(bind, "engine", bind) is self.store.engine:
+                return resource.session
+        return None
+
+    # -- after the commit ----------------------------------------------------
+
+    def publish(self, app, sends):
+        """Publish committed ``sends`` within ``tasks.jobs.publish_timeout``;
+        mark those the broker took ``queued``."""
+        sent = publish(app, sends, durable=True)
+        try:
+            self.store.mark_published(
+                [(send.task_id, _eta(send.options)) for send in sent]
+            )
+        except Exception as exc:
+            # The rows stay pending: the relay sends them again, and a worker
+            # runs the job once (transactional classes) or at least once.
+            log.warning(
+                "%d committed job(s) were sent but not marked queued: %s",
+                len(sent),
+                " ".join(str(exc).split())[:500],
+            )
+
+    def record_sent(self, task, task_id, args, kwargs, options):
+        """The row of a task sent at once (no ``tm``): written after the send,
+        ``queued``, unless a worker already made it."""
+        if task.app.conf.task_always_eager:
+            return  # it ran already, and made its row
+        row = self.row(task, task_id, args, kwargs, options, state=QUEUED)
+        row["published_at"] = row["created_at"]
+        try:
+            self.store.insert_missing([row])
+        except Exception as exc:
+            log.warning(
+                "Job %s[%s] was sent; its row could not be written (the worker "
+                "that starts it will): %s",
+                task.name,
+                task_id,
+                " ".join(str(exc).split())[:500],
+            )
+
+
+class _OwnConnection:
+    """Job rows of a transaction that joined no session on their database:
+    committed in ``tpc_finish``, after every resource voted, rolled back on
+    abort."""
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    def commit(self):
+        try:
+            self.connection.commit()
+        except Exception as exc:
+            # The transaction has committed everywhere else: its tasks are
+            # still sent, and a worker makes each row as it starts the job.
+            log.error(
+                "The job rows of a committed transaction could not be committed: %s",
+                " ".join(str(exc).split())[:500],
+            )
+        finally:
+            self.connection.close()
+
+    def rollback(self):
+        try:
+            self.connection.rollback()
+        finally:
+            self.connection.close()
+
+
+def _queue(task, args, kwargs, options):
+    queue = options.get("queue")
+    if isinstance(queue, str):
+        return queue
+    if queue is not None:
+        return getattr(queue, "name", str(queue))
+    try:
+        route = task.app.amqp.router.route(options, task.name, args, kwargs)
+        return route["queue"].name
+    except Exception:  # a router that fails fails again at the publish
+        return None
+
+
+def _eta(options, now=None):
+    eta = options.get("eta")
+    if eta is not None:
+        if isinstance(eta, str):
+            eta = isoparse(eta)
+        return maybe_make_aware(eta)
+    countdown = options.get("countdown")
+    if countdown:
+        return (now or utcnow()) + timedelta(seconds=countdown)
+    return None
+
+
+def _parent_id():
+    from celery import current_task
+
+    task = current_task
+    request = getattr(task, "request", None) if task else None
+    return getattr(request, "id", None)
