@@ -273,6 +273,19 @@ def check_beat_tasks(registry):
             )
 
 
+def check_jobs_settings(registry):
+    """``tasks.jobs.*`` settings need ``pyramid_tasks.jobs``: never ignored."""
+    if getattr(registry, "pyramid_tasks_jobs", None) is not None:
+        return
+    keys = sorted(k for k in registry.settings if k.startswith("tasks.jobs."))
+    if keys:
+        raise ConfigurationError(
+            f"Setting {keys[0]} is set, but the app does not include "
+            "pyramid_tasks.jobs: add config.include('pyramid_tasks.jobs') (or "
+            "remove the tasks.jobs.* settings)."
+        )
+
+
 def _action(func, *args):
     """A deferred action calling ``func(*args)``: a configuration error leaves
     it as a message, without the frames below it or its cause.
@@ -348,5 +361,10 @@ def _declare(config):
     config.action(
         "pyramid_tasks:check_beat",
         _action(check_beat_tasks, registry),
+        order=_CHECK_ORDER,
+    )
+    config.action(
+        "pyramid_tasks:check_jobs",
+        _action(check_jobs_settings, registry),
         order=_CHECK_ORDER,
     )

@@ -8,9 +8,11 @@ finished and failed, and a late writer never overwrites a newer attempt.
 import logging
 import socket
 import traceback as traceback_module
+from contextlib import contextmanager
 from datetime import timedelta
 
 from sqlalchemy import insert, select, text, update
+from sqlalchemy.exc import DBAPIError
 
 from ..masking import mask_secrets
 from .model import (
@@ -29,7 +31,7 @@ from .model import (
     utcnow,
 )
 
-__all__ = ["JobStore"]
+__all__ = ["JobStore", "JobTableMissing"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,29 @@ _c = _table.c
 # Rows per INSERT statement: PostgreSQL takes at most 65,535 parameters in
 # one statement, SQLite 32,766; a job row has 20 or so.
 _INSERT_CHUNK = 1000
+
+
+class JobTableMissing(RuntimeError):
+    """The database has no ``pyramid_tasks_job`` table."""
+
+
+@contextmanager
+def explain_missing_table(engine):
+    """Turn the database's "no such table" into :class:`JobTableMissing`."""
+    try:
+        yield
+    except DBAPIError as exc:
+        message = str(exc.orig)
+        if Job.__tablename__ in message and (
+            "does not exist" in message or "no such table" in message
+        ):
+            where = engine.url.render_as_string(hide_password=True)
+            raise JobTableMissing(
+                f"The job table {Job.__tablename__} does not exist in {where}: "
+                "create it with `tasks-celery CONFIG jobs init-db` or your "
+                "migrations (docs/jobs.rst)."
+            ) from exc
+        raise
 
 
 def _chunks(items, size):
@@ -61,8 +86,9 @@ class JobStore:
 
     def insert(self, connection, rows):
         """Insert ``rows`` (dicts) on ``connection``: one statement a chunk."""
-        for chunk in _chunks(rows, _INSERT_CHUNK):
-            connection.execute(insert(_table).values(chunk))
+        with explain_missing_table(self.engine):
+            for chunk in _chunks(rows, _INSERT_CHUNK):
+                connection.execute(insert(_table).values(chunk))
 
     def insert_missing(self, rows):
         """Insert ``rows`` in a short transaction, skipping ids already there."""
@@ -133,7 +159,7 @@ class JobStore:
             "progress": None,
             "progress_message": None,
         }
-        with self.engine.begin() as connection:
+        with explain_missing_table(self.engine), self.engine.begin() as connection:
             for _ in range(2):
                 attempt = connection.execute(
                     update(_table)

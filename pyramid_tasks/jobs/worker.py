@@ -188,7 +188,7 @@ class _Running:
                 self.pid = os.getpid()
                 self.thread = threading.Thread(
                     target=self._beat,
-                    args=(run.jobs,),
+                    args=(run.jobs.settings.lease / 3,),
                     name="pyramid_tasks-heartbeat",
                     daemon=True,
                 )
@@ -198,14 +198,20 @@ class _Running:
         with self.lock:
             self.runs.discard(run)
 
-    def _beat(self, jobs):
-        interval = jobs.settings.lease / 3
+    def _beat(self, interval):
         while True:
             time.sleep(interval)
-            with self.lock:
-                ids = [run.id for run in self.runs]
+            self.beat()
+
+    def beat(self):
+        """Renew the leases of the running jobs, one UPDATE per job store."""
+        with self.lock:
+            stores = {}
+            for run in self.runs:
+                stores.setdefault(run.jobs.store, []).append(run.id)
+        for store, ids in stores.items():
             try:
-                jobs.store.heartbeat(ids)
+                store.heartbeat(ids)
             except Exception as exc:
                 log.warning("Job heartbeat failed: %s", " ".join(str(exc).split()))
 
