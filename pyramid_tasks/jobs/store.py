@@ -160,26 +160,27 @@ class JobStore:
             "progress_message": None,
         }
         with explain_missing_table(self.engine), self.engine.begin() as connection:
-            for _ in range(2):
-                attempt = connection.execute(
-                    update(_table)
-                    .where(_c.id == row["id"], _c.state.in_(RUNNABLE))
-                    .values(values)
-                    .returning(_c.attempts)
-                ).scalar_one_or_none()
-                if attempt is not None:
-                    return attempt, STARTED
-                state = self.state(row["id"], connection)
-                if state is not None:
-                    return None, state
-                # Sent without a row: created now.  A concurrent delivery of
-                # the same message may create it first, hence the loop.
+            attempt = self._mark_started(connection, row["id"], values)
+            if attempt is None and self.state(row["id"], connection) is None:
+                # Sent without a row: made now.  A concurrent delivery of the
+                # same message may make it first; then this one sees it.
                 connection.execute(
                     self._insert_ignore(
                         [{**row, "state": QUEUED, "created_at": now, "attempts": 0}]
                     )
                 )
-        raise RuntimeError(f"job {row['id']} could not be started")  # unreachable
+                attempt = self._mark_started(connection, row["id"], values)
+            if attempt is None:
+                return None, self.state(row["id"], connection)
+            return attempt, STARTED
+
+    def _mark_started(self, connection, job_id, values):
+        return connection.execute(
+            update(_table)
+            .where(_c.id == job_id, _c.state.in_(RUNNABLE))
+            .values(values)
+            .returning(_c.attempts)
+        ).scalar_one_or_none()
 
     def lock(self, connection, job_id):
         """Lock ``job_id`` for the transaction of ``connection``; its state.
@@ -187,19 +188,17 @@ class JobStore:
         PostgreSQL: a transaction-scoped advisory lock on the id, so a second
         delivery of the message waits here until the first one's transaction
         ends, while progress, heartbeats and cancellation still write the row.
-        SQLite: the database's own write lock (a write that changes nothing).
+        Elsewhere a write that changes nothing: SQLite's database lock.
         """
         if self.dialect == "postgresql":
             connection.execute(
                 text("SELECT pg_advisory_xact_lock(hashtextextended(:id, 0))"),
                 {"id": job_id},
             )
-        elif self.dialect == "sqlite":
+        else:  # a write: SQLite's database lock, a row lock elsewhere
             connection.execute(
                 update(_table).where(_c.id == job_id).values(attempts=_c.attempts)
             )
-        else:  # pragma: no cover - the two databases the suite runs on
-            connection.execute(select(_c.id).where(_c.id == job_id).with_for_update())
         return self.state(job_id, connection)
 
     def succeed_in(self, connection, job_id):
