@@ -1,0 +1,298 @@
+"""The job store, the relay's rounds and the heartbeat, on real PostgreSQL
+and Redis, driven round by round (``Relay.run_once``), no worker thread."""
+
+import logging
+import threading
+import uuid
+from datetime import timedelta
+
+import pytest
+import redis
+import sqlalchemy
+import transaction
+from pyramid.config import Configurator
+from pyramid.exceptions import ConfigurationError, ConfigurationExecutionError
+from sqlalchemy import select, text, update
+
+from pyramid_tasks import (
+    PyramidTask,
+    RetryableTransactionTask,
+    ScheduleOnCommitTask,
+    TransactionalTask,
+)
+from pyramid_tasks.jobs import Job, metadata
+from pyramid_tasks.jobs.model import utcnow
+from pyramid_tasks.jobs.relay import Relay, RelayStep, install
+from pyramid_tasks.jobs.store import JobTableMissing
+from pyramid_tasks.jobs.worker import _Running
+
+_c = Job.__table__.c
+
+
+def noop(self, *args):
+    return args
+
+
+@pytest.fixture
+def jobs_app(database_url, pg_schema, redis_url):
+    """A durable app on this test's schema and queue: ``(app, engine, queue)``."""
+    queue = f"pyramid_tasks_jobs_{uuid.uuid4().hex[:10]}"
+    settings = {
+        "sqlalchemy.url": database_url,
+        "demo.schema": pg_schema,
+        "demo.create_tables": "true",
+        "celery.broker_url": redis_url,
+        "celery.task_default_queue": queue,
+        "tasks.jobs.relay_grace": "0",
+        "tasks.jobs.publish_attempts": "2",
+        "tasks.jobs.lease": "5s",
+    }
+    config = Configurator(settings=settings)
+    config.include("demo_app.models")
+    config.include("pyramid_tasks.jobs")
+    config.add_route("order", "/orders/{id}")
+    config.add_task(noop, bind=True, base=ScheduleOnCommitTask, name="noop")
+    config.add_task(noop, bind=True, base=PyramidTask, name="plain")
+    config.add_task(noop, bind=True, base=RetryableTransactionTask, name="tx")
+    config.add_task(
+        noop, bind=True, base=TransactionalTask, name="tx_early", acks_late=False
+    )
+    config.commit()
+    registry = config.registry
+    engine = registry["dbsession_factory"].kw["bind"]
+    metadata.create_all(engine)
+    app = registry.celery_app
+    client = redis.Redis.from_url(redis_url)
+    yield app, engine, queue, client
+    client.delete(queue)
+    client.close()
+    app.close()
+
+
+def rows(engine):
+    with engine.connect() as connection:
+        return [r._asdict() for r in connection.execute(select(Job.__table__))]
+
+
+def insert_pending(engine, name="noop", count=1, **extra):
+    now = utcnow()
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    with engine.begin() as connection:
+        connection.execute(
+            Job.__table__.insert(),
+            [
+                {
+                    "id": job_id,
+                    "name": name,
+                    "args": [i],
+                    "kwargs": {},
+                    "options": {},
+                    "state": "pending",
+                    "attempts": 0,
+                    "publish_attempts": 0,
+                    "created_at": now - timedelta(seconds=60),
+                    **extra,
+                }
+                for i, job_id in enumerate(ids)
+            ],
+        )
+    return ids
+
+
+def test_the_relay_sends_pending_rows_once_and_marks_them_queued(jobs_app, caplog):
+    app, engine, queue, client = jobs_app
+    ids = insert_pending(engine, count=3)
+    caplog.set_level(logging.WARNING, "pyramid_tasks")
+    assert Relay(app).run_once() == (0, 3, 0)
+    assert {r["id"]: r["state"] for r in rows(engine)} == dict.fromkeys(ids, "queued")
+    assert client.llen(queue) == 3
+    assert Relay(app).run_once() == (0, 0, 0)  # nothing pending: nothing sent
+    assert client.llen(queue) == 3
+    sent_lines = [r for r in caplog.records if "the relay sent it" in r.getMessage()]
+    assert len(sent_lines) == 3
+
+
+def test_the_relay_keeps_an_eta_as_scheduled(jobs_app):
+    app, engine, queue, client = jobs_app
+    eta = utcnow() + timedelta(hours=1)
+    insert_pending(engine, eta=eta, options={"countdown": 3600})
+    assert Relay(app).run_once() == (0, 1, 0)
+    (row,) = rows(engine)
+    assert row["state"] == "scheduled"
+    assert client.llen(queue) == 1
+
+
+def test_a_row_of_an_unknown_task_backs_off_then_is_dead(jobs_app, caplog):
+    app, engine, _queue, _client = jobs_app
+    (job_id,) = insert_pending(engine, name="no.such.task")
+    caplog.set_level(logging.WARNING, "pyramid_tasks")
+    assert Relay(app).run_once() == (0, 0, 0)
+    (row,) = rows(engine)
+    assert (row["state"], row["publish_attempts"]) == ("pending", 1)
+    assert row["publish_after"] > utcnow()  # backed off
+    assert Relay(app).run_once() == (0, 0, 0)  # not due yet
+    with engine.begin() as connection:
+        connection.execute(update(Job.__table__).values(publish_after=None))
+    assert Relay(app).run_once() == (0, 0, 1)  # tasks.jobs.publish_attempts = 2
+    (row,) = rows(engine)
+    assert (row["state"], row["publish_attempts"]) == ("dead", 2)
+    dead = [r for r in caplog.records if "is dead" in r.getMessage()]
+    assert [r.levelname for r in dead] == ["ERROR"]
+    assert job_id in dead[0].getMessage()
+
+
+def test_an_expired_lease_is_requeued_unless_its_lock_is_held(jobs_app, caplog):
+    app, engine, queue, client = jobs_app
+    stale = utcnow() - timedelta(seconds=60)
+    dead_id, alive_id = insert_pending(
+        engine, count=2, state="started", heartbeat_at=stale, worker="w1"
+    )
+    caplog.set_level(logging.WARNING, "pyramid_tasks")
+    # A transactional run still inside its transaction holds the job's lock.
+    with engine.connect() as holder, holder.begin():
+        holder.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:id, 0))"),
+            {"id": alive_id},
+        )
+        assert Relay(app).run_once() == (1, 1, 0)
+    states = {r["id"]: r["state"] for r in rows(engine)}
+    assert states == {dead_id: "queued", alive_id: "started"}
+    assert client.llen(queue) == 1
+    requeued = [r for r in caplog.records if "re-queued" in r.getMessage()]
+    assert len(requeued) == 1 and dead_id in requeued[0].getMessage()
+
+
+def test_a_failing_round_is_logged_and_the_loop_goes_on(jobs_app, caplog):
+    app = jobs_app[0]
+    relay = Relay(app)
+    relay.settings = type(relay.settings)(relay_interval=0.01)
+    rounds = []
+    failed_twice = threading.Event()
+
+    def failing_round():
+        rounds.append(1)
+        if len(rounds) >= 2:
+            failed_twice.set()
+        raise RuntimeError("database\nunreachable")
+
+    relay.run_once = failing_round
+    caplog.set_level(logging.WARNING, "pyramid_tasks")
+    relay.start()
+    assert failed_twice.wait(10)
+    relay.stop()
+    assert not relay.thread.is_alive()
+    lines = [
+        r.getMessage() for r in caplog.records if "relay's round" in r.getMessage()
+    ]
+    assert lines and lines[0].endswith("database unreachable")
+
+
+def test_the_relay_step_and_the_beat_relay_start_and_stop(jobs_app):
+    app, engine, queue, client = jobs_app
+    install(app)
+    assert RelayStep in app.steps["worker"]
+
+    class Worker:
+        pass
+
+    worker = Worker()
+    worker.app = app
+    step = RelayStep(worker)
+    step.stop(worker)  # never started: nothing to stop
+    step.start(worker)
+    insert_pending(engine)
+    # The relay's thread sends the row within a few of its rounds.
+    from .conftest import wait_for
+
+    wait_for(lambda: client.llen(queue) == 1, timeout=10, message="the relay")
+    step.stop(worker)
+    assert not step.relay.thread.is_alive()
+
+    from celery import signals
+
+    class Beat:
+        pass
+
+    beat = Beat()
+    beat.app = object()  # another app's beat: no relay here
+    signals.beat_init.send(sender=beat)
+    assert not hasattr(app, "pyramid_beat_relay")
+    beat.app = app
+    signals.beat_init.send(sender=beat)
+    app.pyramid_beat_relay.stop()
+    assert not app.pyramid_beat_relay.thread.is_alive()
+
+
+def test_heartbeats_renew_the_leases_of_running_jobs_only(jobs_app, caplog):
+    app, engine, _queue, _client = jobs_app
+    jobs = app.pyramid_registry.pyramid_tasks_jobs
+    stale = utcnow() - timedelta(seconds=60)
+    running_id, other_id = insert_pending(
+        engine, count=2, state="started", heartbeat_at=stale
+    )
+
+    class Run:
+        pass
+
+    run = Run()
+    run.jobs, run.id = jobs, running_id
+    running = _Running()
+    running.runs.add(run)
+    running.beat()
+    beats = {r["id"]: r["heartbeat_at"] for r in rows(engine)}
+    assert beats[running_id] > utcnow() - timedelta(seconds=5)
+    assert beats[other_id] == stale
+
+    # A database error is one WARNING line; the next beat tries again.
+    caplog.set_level(logging.WARNING, "pyramid_tasks")
+    Job.__table__.drop(engine)
+    running.beat()
+    assert any("heartbeat failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_missing_job_table_is_named_at_the_commit(jobs_app):
+    app, engine, _queue, _client = jobs_app
+    Job.__table__.drop(engine)
+    registry = app.pyramid_registry
+    tm = transaction.TransactionManager(explicit=True)
+    from demo_app.models import Order
+    from pyramid_tasks.sqlalchemy import get_tm_session
+
+    tm.begin()
+    session = get_tm_session(registry["dbsession_factory"], tm)
+    session.add(Order(email="a@example.com"))
+    app.tasks["noop"].apply_async((1,), tm=tm)
+    with pytest.raises(JobTableMissing, match="tasks-celery CONFIG jobs init-db"):
+        tm.commit()
+    tm.abort()
+    with engine.connect() as connection:
+        assert connection.scalar(select(sqlalchemy.func.count(Order.id))) == 0
+
+
+def test_tasks_jobs_settings_without_the_include_are_refused():
+    config = Configurator(
+        settings={
+            "celery.broker_url": "memory://",
+            "tasks.jobs.relay_grace": "5s",
+        }
+    )
+    config.include("pyramid_tasks")
+    with pytest.raises(ConfigurationExecutionError) as info:
+        config.commit()
+    assert isinstance(info.value.evalue, ConfigurationError)
+    assert "tasks.jobs.relay_grace" in str(info.value.evalue)
+    assert "config.include('pyramid_tasks.jobs')" in str(info.value.evalue)
+
+
+def test_durable_mode_makes_transactional_tasks_redeliverable(jobs_app):
+    app = jobs_app[0]
+    acks = {
+        name: (app.tasks[name].acks_late, app.tasks[name].reject_on_worker_lost)
+        for name in ("noop", "plain", "tx", "tx_early")
+    }
+    assert acks == {
+        "noop": (False, None),
+        "plain": (False, None),
+        "tx": (True, True),
+        "tx_early": (False, True),  # the app's own choice is kept
+    }
