@@ -4,11 +4,14 @@ At the commit of a transaction that scheduled tasks, the rows are inserted
 through the SQLAlchemy session already joined to it (the same connection,
 the same COMMIT), one multi-row INSERT.  After the commit the batch is
 published with a short bound and the rows confirmed by the broker are
-marked ``queued`` in one UPDATE; what the broker did not take stays
-``pending`` for the relay.
+marked ``queued`` in one UPDATE, from a thread of its own; what the broker
+did not take stays ``pending`` for the relay.
 """
 
+import atexit
 import logging
+import os
+import threading
 from datetime import timedelta
 
 from celery.utils.time import maybe_make_aware
@@ -158,20 +161,16 @@ class JobRecorder:
 
     def publish(self, app, sends):
         """Publish committed ``sends`` within ``tasks.jobs.publish_timeout``;
-        mark those the broker took ``queued``."""
+        those the broker took are marked ``queued`` by the marker thread."""
         sent = publish(app, sends, durable=True)
-        try:
-            self.store.mark_published(
-                [(send.task_id, _eta(send.options)) for send in sent]
-            )
-        except Exception as exc:
-            # The rows stay pending: the relay sends them again, and a worker
-            # runs the job once (transactional classes) or at least once.
-            log.warning(
-                "%d committed job(s) were sent but not marked queued: %s",
-                len(sent),
-                " ".join(str(exc).split())[:500],
-            )
+        if sent:
+            _marker.put(self.store, [(s.task_id, _eta(s.options)) for s in sent])
+
+    def flush(self, timeout=None):
+        """Wait until the rows published so far are marked; False on timeout.
+
+        For tests and scripts: ``registry.pyramid_tasks_jobs.flush(5)``."""
+        return _marker.flush(timeout)
 
     def record_sent(self, task, task_id, args, kwargs, options):
         """The row of a task sent at once (no ``tm``): written after the send,
@@ -218,6 +217,73 @@ class _OwnConnection:
             self.connection.rollback()
         finally:
             self.connection.close()
+
+
+class _Marker:
+    """Marks published rows ``queued`` from a thread of its own, so the
+    request that committed them never waits for that UPDATE: one UPDATE per
+    job store for everything published since the last one.
+
+    A mark that never happens (the process killed first) leaves the row
+    ``pending``: the relay sends it again after ``tasks.jobs.relay_grace``
+    unless a worker started it, and the transactional classes absorb the
+    second delivery.  At a normal exit the marks are flushed (2 s at most).
+    """
+
+    def __init__(self):
+        self.condition = threading.Condition()
+        self.items = []
+        self.busy = False
+        self.pid = None
+
+    def put(self, store, sent):
+        with self.condition:
+            self.items.append((store, sent))
+            self.condition.notify_all()
+            if self.pid != os.getpid():  # the first mark, or a forked child's
+                self.pid = os.getpid()
+                threading.Thread(
+                    target=self._run, name="pyramid_tasks-marker", daemon=True
+                ).start()
+
+    def flush(self, timeout=None):
+        with self.condition:
+            return self.condition.wait_for(
+                lambda: not self.items and not self.busy, timeout
+            )
+
+    def _run(self):
+        while True:
+            with self.condition:
+                self.condition.wait_for(lambda: self.items)
+                items, self.items = self.items, []
+                self.busy = True
+            try:
+                self.mark(items)
+            finally:
+                with self.condition:
+                    self.busy = False
+                    self.condition.notify_all()
+
+    @staticmethod
+    def mark(items):
+        by_store = {}
+        for store, sent in items:
+            by_store.setdefault(store, []).extend(sent)
+        for store, sent in by_store.items():
+            try:
+                store.mark_published(sent)
+            except Exception as exc:
+                log.warning(
+                    "%d committed job(s) were sent but not marked queued (the "
+                    "relay may send them again): %s",
+                    len(sent),
+                    " ".join(str(exc).split())[:500],
+                )
+
+
+_marker = _Marker()
+atexit.register(_marker.flush, 2)
 
 
 def _queue(task, args, kwargs, options):
