@@ -44,7 +44,10 @@ def _parser():
             "Load a Pyramid INI file, then run a Celery command on its app: "
             "everything after -- is passed to Celery's own command line."
         ),
-        epilog=f"Example: {EXAMPLE}",
+        epilog=(
+            f"Example: {EXAMPLE}. The job table's commands (durable mode): "
+            "tasks-celery CONFIG_URI jobs --help"
+        ),
     )
     parser.add_argument("config_uri", help="the INI file, e.g. conf/production.ini")
     parser.add_argument(
