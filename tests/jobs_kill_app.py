@@ -27,10 +27,12 @@ def main(global_config, **settings):
     return config.make_wsgi_app()
 
 
-def _effect(task, key, wait):
+def _effect(task, key, wait, fail=False):
     request = task.get_request()
     request.dbsession.add(Order(email=key))
     request.dbsession.flush()
+    if fail:
+        raise RuntimeError(f"{key} failed")
     client = redis.Redis.from_url(request.registry.settings["probe.redis_url"])
     try:
         client.rpush(f"{key}:started", os.getpid())
@@ -41,9 +43,9 @@ def _effect(task, key, wait):
 
 
 @task(bind=True, base=TransactionalTask)
-def effect(self, key, wait=True):
+def effect(self, key, wait=True, fail=False):
     """Durable defaults: ``acks_late`` and ``reject_on_worker_lost``."""
-    _effect(self, key, wait)
+    _effect(self, key, wait, fail)
 
 
 @task(bind=True, base=TransactionalTask, acks_late=False)

@@ -11,22 +11,30 @@ a relay round every 200 ms, a one-message prefetch.
 """
 
 import os
+import pwd
+import re
 import shutil
-import signal
+import sqlite3
 import subprocess
 import tempfile
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 import transaction
+from pyramid.paster import get_app
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError, ProgrammingError
 
 from demo_app.models import Order
+from pyramid_tasks.jobs import Job
+from pyramid_tasks.jobs.worker import _database_unreachable
 from pyramid_tasks.sqlalchemy import get_tm_session
 
-from .conftest import free_port, wait_for
+from .conftest import free_port, overlay_ini, unavailable, wait_for
 
 EFFECT = "tests.jobs_kill_app.effect"
 EFFECT_ACKED_EARLY = "tests.jobs_kill_app.effect_acked_early"
@@ -253,3 +261,197 @@ def test_one_message_delivered_to_two_workers_at_once_takes_effect_once(
     assert (row["state"], row["attempts"]) == ("succeeded", 2)
     assert "this delivery changes nothing" not in running.log
     jobs.close()
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@contextmanager
+def throwaway_postgres(tmp_path):
+    """``(url, pg_ctl)`` of a PostgreSQL cluster of this test's own on a free
+    port (trust authentication, no Unix socket, no fsync), removed at the end.
+
+    ``pg_ctl("stop", "-m", "fast")`` and ``pg_ctl("start")`` stop and start
+    it.  initdb refuses to run as root: as root, the cluster runs as the
+    ``postgres`` user, in a folder that user can enter (pytest's folders are
+    root's alone).
+    """
+    if not (PG_BIN / "initdb").exists():
+        unavailable("PostgreSQL's initdb", f"not found in {PG_BIN}")
+    as_user = []
+    folder = tmp_path / "pg"
+    if os.geteuid() == 0:
+        folder = Path(tempfile.mkdtemp(prefix="pyramid_tasks_pg_"))
+        owner = pwd.getpwnam("postgres")
+        os.chown(folder, owner.pw_uid, owner.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = folder / "data", free_port()
+
+    def run(*command, check=True):
+        return subprocess.run(
+            [*as_user, *map(str, command)], check=check, capture_output=True
+        )
+
+    run(PG_BIN / "initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync")
+    options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories="
+    options += " -c fsync=off"
+
+    def pg_ctl(*args):
+        return run(
+            PG_BIN / "pg_ctl",
+            "-D",
+            data,
+            "-o",
+            options,
+            "-l",
+            folder / "log",
+            "-w",
+            *args,
+        )
+
+    pg_ctl("start")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", pg_ctl
+    finally:
+        run(PG_BIN / "pg_ctl", "-D", data, "stop", "-m", "immediate", check=False)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def sent_again(log):
+    """The ids of the jobs the worker sent again, the database unreachable."""
+    return set(re.findall(r"\[([-0-9a-f]+)\]: the database is unreachable", log))
+
+
+def test_postgresql_restarted_under_a_running_worker(start, ini_vars, tmp_path):
+    """Two batches of jobs, each behind a first job holding its transaction
+    open.  Under the first, ``pg_ctl restart -m fast``: the held job's
+    connection is gone when it commits.  Under the second the cluster stops,
+    every job of the batch reaches the worker while it is down, then it
+    starts.  Each job the database failed is sent again; every job takes
+    effect once."""
+    size = 10
+    with throwaway_postgres(tmp_path) as (url, pg_ctl):
+        ini_vars["database_url"] = url
+        worker = start()
+        jobs = Jobs(worker, ini_vars["redis_url"])
+        keys = [jobs.key(index) for index in range(2 * size)]
+        batches = [keys[:size], keys[size:]]
+        ids = []
+
+        def schedule(batch):
+            ids.extend(jobs.schedule(RETRYABLE_EFFECT, batch[:1], wait=True))
+            ids.extend(jobs.schedule(RETRYABLE_EFFECT, batch[1:]))
+
+        def succeeded(batch):
+            states = [jobs.row(ids[keys.index(key)])["state"] for key in batch]
+            return states == ["succeeded"] * len(batch)
+
+        # 1. Restarted under the held job; the batch drains behind it.
+        schedule(batches[0])
+        wait_for(lambda: jobs.started(batches[0][0]), message="the held job")
+        pg_ctl("restart", "-m", "fast")
+        jobs.engine.dispose()  # the test's own connections died too
+        jobs.go(batches[0][0])
+        wait_for(lambda: succeeded(batches[0]), message="the first batch")
+
+        # 2. Stopped under the held job; the batch reaches a worker without
+        # a database; started again.
+        schedule(batches[1])
+        wait_for(lambda: jobs.started(batches[1][0]), message="the second held job")
+        pg_ctl("stop", "-m", "fast")
+        jobs.go(batches[1][0])
+        wait_for(
+            lambda: set(ids[size:]) <= sent_again(worker.log),
+            message="every job of the batch to meet the stopped database",
+        )
+        pg_ctl("start")
+        jobs.engine.dispose()
+        wait_for(lambda: succeeded(batches[1]), message="the second batch")
+
+        again = sent_again(worker.log)
+        counts = figures(
+            len(ids),
+            sum(len(jobs.started(key)) for key in keys),
+            None,
+            [jobs.effects(key) for key in keys],
+        )
+        rows = [jobs.row(job_id) for job_id in ids]
+        print(
+            f"sent again (the database unreachable): {len(again & set(ids[:size]))}"
+            f" of the restart's batch, {len(again & set(ids[size:]))} of the"
+            " stop's batch; rows succeeded:"
+            f" {sum(row['state'] == 'succeeded' for row in rows)}"
+        )
+        # The two held jobs ran their bodies twice (the first run rolled
+        # back); the others of the second batch never got past the start.
+        assert counts == {
+            "scheduled": 2 * size,
+            "runs started": 2 * size + 2,
+            "effects": 2 * size,
+            "duplicates": 0,
+            "lost": 0,
+        }
+        assert again == {ids[0], *ids[size:]}
+        jobs.close()
+        worker.stop()  # while its database is still there
+
+
+def test_errors_that_are_no_outage_fail_the_run_as_before(ini_vars, tmp_path):
+    """Only a refused or lost connection sends a job again: the body's own
+    error fails the job, and so does a job table that is not there."""
+    settings = {"probe.redis_url": ini_vars["redis_url"]}
+    ini = overlay_ini(tmp_path / "app.ini", "jobs_kill", ini_vars, settings)
+    app = get_app(str(ini)).registry.celery_app
+    store = app.pyramid_registry.pyramid_tasks_jobs.store
+    result = app.tasks[EFFECT].apply(("boom",), {"wait": False, "fail": True})
+    assert isinstance(result.result, RuntimeError)
+    row = store.get(result.id)
+    assert (row["state"], row["error"]) == ("failed", "RuntimeError: boom failed")
+
+    Job.__table__.drop(store.engine)
+    result = app.tasks[EFFECT].apply(("gone",), {"wait": False})
+    assert isinstance(result.result, ProgrammingError)
+    assert "pyramid_tasks_job" in str(result.result)
+
+
+def _wrapped(error, invalidated=False):
+    return DBAPIError.instance(
+        "SELECT 1", {}, error, psycopg.Error, connection_invalidated=invalidated
+    )
+
+
+@pytest.mark.parametrize(
+    "error, unreachable",
+    [
+        pytest.param(ValueError("no"), False, id="not-a-database-error"),
+        pytest.param(
+            _wrapped(psycopg.OperationalError("connection failed")),
+            True,
+            id="connection-refused",
+        ),
+        pytest.param(
+            _wrapped(psycopg.errors.AdminShutdown("terminating"), True),
+            True,
+            id="connection-lost",
+        ),
+        pytest.param(
+            _wrapped(psycopg.errors.QueryCanceled("statement timeout")),
+            False,
+            id="statement-timeout",
+        ),
+        pytest.param(
+            _wrapped(psycopg.errors.UndefinedTable("no table")),
+            False,
+            id="programming-error",
+        ),
+        pytest.param(
+            DBAPIError.instance(
+                "SELECT 1", {}, sqlite3.OperationalError("locked"), sqlite3.Error
+            ),
+            False,
+            id="sqlite",
+        ),
+    ],
+)
+def test_what_counts_as_the_database_unreachable(error, unreachable):
+    assert _database_unreachable(error) is unreachable
