@@ -149,6 +149,8 @@ class JobRun:
         count against the task's ``max_retries``; the database coming back
         is not the task's business."""
         request, settings = self.request, self.jobs.settings
+        if request.is_eager:  # run in the caller, nothing queued: it sees why
+            raise exc
         # Sends so far (a message header): the delay doubles, up to a lease.
         sends = getattr(request, _SENDS_HEADER, None) or 0
         delay = min(settings.lease, settings.relay_interval * 2**sends)
