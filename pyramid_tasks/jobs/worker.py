@@ -14,6 +14,7 @@ import threading
 import time
 
 from celery.exceptions import Retry
+from sqlalchemy.exc import DBAPIError, OperationalError
 from zope.sqlalchemy import mark_changed
 
 from .events import JobFailed, JobStarted, JobSucceeded
@@ -22,6 +23,9 @@ from .model import CANCELLED, SUCCEEDED
 __all__ = ["JobCancelled", "JobRun", "durable_task_options"]
 
 log = logging.getLogger(__name__)
+
+# The message header counting the sends of a job the database was down for.
+_SENDS_HEADER = "pyramid_tasks_unreachable_sends"
 
 # Seconds between two progress writes of one run (the last one always goes).
 PROGRESS_INTERVAL = 0.5
@@ -89,7 +93,14 @@ class JobRun:
             "queue": (request.delivery_info or {}).get("routing_key"),
             "parent_id": request.parent_id,
         }
-        self.attempt, state = self.jobs.store.start(row)
+        try:
+            self.attempt, state = self.jobs.store.start(row)
+        except Exception as exc:
+            if not _database_unreachable(exc):
+                raise
+            # Nothing ran and nothing is recorded: acknowledging this message
+            # would leave the job queued with no message to run it.
+            self._send_again(exc)
         if self.attempt is None:
             self.skip = True
             log.info("Job %s[%s] is %s: not run.", self.task.name, self.id, state)
@@ -118,9 +129,46 @@ class JobRun:
         if isinstance(exc, Retry):
             store.retrying(self.id, self.attempt, exc.exc)
             return False
+        if self.transactional and _database_unreachable(exc):
+            # The run's transaction lost its database: its effects rolled
+            # back or, the COMMIT lost on its way back, committed with the
+            # job's succeeded mark, which the next run finds.  Either way a
+            # second run is safe; failing the job would lose it.
+            try:
+                store.retrying(self.id, self.attempt, exc)
+            except Exception as error:  # still down: the lease expires
+                log.debug("Job %s: not marked retrying: %s", self.id, error)
+            self._send_again(exc)
         store.fail(self.id, self.attempt, exc)
         self.jobs.notify(JobFailed, self, exc)
         return False
+
+    def _send_again(self, exc):
+        """Send this job's message again in a while and raise Celery's
+        ``Retry``, which acknowledges this one.  Celery's ``retry()`` would
+        count against the task's ``max_retries``; the database coming back
+        is not the task's business."""
+        request, settings = self.request, self.jobs.settings
+        if request.is_eager:  # run in the caller, nothing queued: it sees why
+            raise exc
+        # Sends so far (a message header): the delay doubles, up to a lease.
+        sends = getattr(request, _SENDS_HEADER, None) or 0
+        delay = min(settings.lease, settings.relay_interval * 2**sends)
+        log.warning(
+            "Job %s[%s]: the database is unreachable (%s): sent again in %g s.",
+            self.task.name,
+            self.id,
+            " ".join(str(exc).split())[:300],
+            delay,
+        )
+        signature = self.task.signature_from_request(
+            request,
+            countdown=delay,
+            retries=request.retries,
+            headers={**(request.headers or {}), _SENDS_HEADER: sends + 1},
+        )
+        signature.apply_async()
+        raise Retry(exc=exc, when=delay) from exc
 
     # -- inside the task's transaction --------------------------------------
 
@@ -170,6 +218,19 @@ class JobRun:
 
     def row(self):
         return self.jobs.store.get(self.id)
+
+
+def _database_unreachable(exc):
+    """The database refused or lost the connection (not a statement's error):
+    a connection SQLAlchemy invalidated, or an OperationalError the server
+    gave no SQLSTATE (psycopg's connection refused, timed out...)."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    code = getattr(orig, "sqlstate", getattr(orig, "pgcode", False))
+    return isinstance(exc, OperationalError) and code is None
 
 
 class _Running:
