@@ -31,6 +31,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
 from demo_app.models import Order
 from pyramid_tasks.jobs import Job
+from pyramid_tasks.jobs.store import JobTableMissing
 from pyramid_tasks.jobs.worker import _database_unreachable
 from pyramid_tasks.sqlalchemy import get_tm_session
 
@@ -429,8 +430,9 @@ def test_errors_that_are_no_outage_fail_the_run_as_before(ini_vars, tmp_path):
 
     Job.__table__.drop(store.engine)
     result = app.tasks[EFFECT].apply(("gone",), {"wait": False})
-    assert isinstance(result.result, ProgrammingError)
-    assert "pyramid_tasks_job" in str(result.result)
+    assert isinstance(result.result, JobTableMissing)
+    assert isinstance(result.result.__cause__, ProgrammingError)
+    assert "jobs init-db" in str(result.result)
 
 
 def _wrapped(error, invalidated=False):
