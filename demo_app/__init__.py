@@ -21,6 +21,9 @@ def main(global_config, **settings):
         config.include("pyramid_jinja2")
         config.include(".models")
         config.include("pyramid_tasks")
+        # Durable mode: every task sent is a row of the job table, written
+        # with the data that asked for it (registry["dbsession_factory"]).
+        config.include("pyramid_tasks.jobs")
         config.include(".routes")
         config.scan()
     return config.make_wsgi_app()
