@@ -20,10 +20,10 @@ def main(global_config, **settings):
     with Configurator(settings=settings) as config:
         config.include("pyramid_jinja2")
         config.include(".models")
+        # conf/local.ini and conf/development.ini add durable mode with
+        # ``pyramid.includes = pyramid_tasks.jobs``: the same as
+        # config.include("pyramid_tasks.jobs") here.
         config.include("pyramid_tasks")
-        # Durable mode: every task sent is a row of the job table, written
-        # with the data that asked for it (registry["dbsession_factory"]).
-        config.include("pyramid_tasks.jobs")
         config.include(".routes")
         config.scan()
     return config.make_wsgi_app()

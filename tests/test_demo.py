@@ -38,6 +38,7 @@ def eager_app(tmp_path):
         {},
         **{
             "sqlalchemy.url": f"sqlite:///{tmp_path}/demo.sqlite",
+            "pyramid.includes": "pyramid_tasks.jobs",  # as conf/development.ini
             "demo.create_tables": "true",
             "demo.report_seconds": "0",
             "celery.broker_url": "memory://",
