@@ -479,12 +479,14 @@ def _first_row(demo, table):
 
 def _report_progress(demo):
     """``(percent, message)`` of the running report's job, as its bar shows
-    it; None when no bar is shown."""
+    it; None while no bar is shown, or before the task's first progress
+    report (the bar at 0, no message)."""
     cells = _first_row(demo, 1)
     bar = cells and cells[2].find("progress")
-    if not bar:
+    message = cells and cells[2].find("small")
+    if not bar or not message:
         return None
-    return int(bar["value"]), cells[2].find("small").text
+    return int(bar["value"]), message.text
 
 
 def _done_report(demo):
