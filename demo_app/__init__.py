@@ -20,6 +20,9 @@ def main(global_config, **settings):
     with Configurator(settings=settings) as config:
         config.include("pyramid_jinja2")
         config.include(".models")
+        # conf/local.ini and conf/development.ini add durable mode with
+        # ``pyramid.includes = pyramid_tasks.jobs``: the same as
+        # config.include("pyramid_tasks.jobs") here.
         config.include("pyramid_tasks")
         config.include(".routes")
         config.scan()

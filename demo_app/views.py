@@ -4,6 +4,8 @@ from pyramid.httpexceptions import HTTPFound, HTTPNotFound
 from pyramid.renderers import render_to_response
 from pyramid.view import view_config
 
+from pyramid_tasks.jobs import UNFINISHED, Job
+
 from .models import Order, Report
 from .tasks import build_report, confirm_order
 
@@ -11,15 +13,31 @@ from .tasks import build_report, confirm_order
 @view_config(route_name="home", request_method="GET", renderer="templates/home.jinja2")
 def home(request):
     dbsession = request.dbsession
-    orders = dbsession.query(Order).order_by(Order.id.desc()).limit(20).all()
-    reports = dbsession.query(Report).order_by(Report.id.desc()).limit(5).all()
+    # Each with the row of its task's job (None until the request that sent
+    # it commits, and for rows made before the demo recorded jobs).
+    orders = (
+        dbsession.query(Order, Job)
+        .outerjoin(Job, Job.id == Order.job_id)
+        .order_by(Order.id.desc())
+        .limit(20)
+        .all()
+    )
+    reports = (
+        dbsession.query(Report, Job)
+        .outerjoin(Job, Job.id == Report.job_id)
+        .order_by(Report.id.desc())
+        .limit(5)
+        .all()
+    )
+    jobs = [job for _, job in orders + reports if job is not None]
     return {
         "orders": orders,
         "reports": reports,
         # The page refreshes only while a task has work to show: an email
         # being typed is not wiped out by an idle page.
-        "busy": any(order.status == "new" for order in orders)
-        or any(report.state != "done" for report in reports),
+        "busy": any(order.status == "new" for order, _ in orders)
+        or any(report.state != "done" for report, _ in reports)
+        or any(job.state in UNFINISHED for job in jobs),
         "eager": request.celery_app.conf.task_always_eager,
         "email": "ann@example.com",
         "error": None,
@@ -50,7 +68,8 @@ def place_order(request):
     request.dbsession.flush()
     # Sent when this request's transaction commits, so the worker finds the
     # order; if the request fails, no confirmation goes out.
-    confirm_order.apply_async((order.id,), tm=request.tm)
+    # The AsyncResult's id is the job's: the page finds its row by it.
+    order.job_id = confirm_order.apply_async((order.id,), tm=request.tm).id
     if request.POST.get("fail"):
         raise RuntimeError("the order page failed after scheduling: nothing is sent")
     return HTTPFound(request.route_url("home"))
@@ -61,7 +80,7 @@ def request_report(request):
     report = Report()
     request.dbsession.add(report)
     request.dbsession.flush()
-    build_report.apply_async((report.id,), tm=request.tm)
+    report.job_id = build_report.apply_async((report.id,), tm=request.tm).id
     return HTTPFound(request.route_url("home"))
 
 

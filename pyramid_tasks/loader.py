@@ -39,6 +39,10 @@ class PyramidLoader(AppLoader):
             conf.worker_consumer = "pyramid_tasks.malformed:Consumer"
         self.app.steps["worker"].add(TimeLimitCheck)
         self.app.steps["worker"].add(ConsumerCheck)
+        # ``worker --beat`` forks beat from the worker's main process: it
+        # must not use the connections it inherited either (durable mode
+        # writes the rows of beat's sends; SQLite says "disk I/O error").
+        signals.beat_embedded_init.connect(_dispose_in_embedded_beat, weak=False)
         jobs = getattr(self.app.pyramid_registry, "pyramid_tasks_jobs", None)
         if jobs is not None and jobs.settings.relay:
             from .jobs.relay import install
@@ -52,13 +56,26 @@ class PyramidLoader(AppLoader):
         registry.notify(WorkerProcessInit(self.app, registry))
 
 
-def _dispose_inherited_engines():
+# The pools an embedded beat inherited, never collected: Celery closed their
+# descriptors when it forked beat, and closing one of those numbers again
+# (as a collected connection does) could close a file beat has since opened.
+_inherited_pools = []
+
+
+def _dispose_in_embedded_beat(sender=None, **kwargs):
+    disposed = _dispose_inherited_engines(keep=_inherited_pools)
+    log.debug("Embedded beat: disposed %d inherited engine pool(s).", disposed)
+
+
+def _dispose_inherited_engines(keep=None):
     # A forked child shares its parent's pooled sockets; using one from two
     # processes corrupts both sessions.  ``dispose(close=False)`` drops the
     # child's references without closing the parent's connections.  Engines
     # are found by type because the app may keep them anywhere.
     engines = [obj for obj in gc.get_objects() if isinstance(obj, Engine)]
     for engine in engines:
+        if keep is not None:
+            keep.append(engine.pool)
         engine.dispose(close=False)
     return len(engines)
 

@@ -5,8 +5,8 @@ import fcntl
 import functools
 import json
 import os
+import re
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +38,7 @@ def eager_app(tmp_path):
         {},
         **{
             "sqlalchemy.url": f"sqlite:///{tmp_path}/demo.sqlite",
+            "pyramid.includes": "pyramid_tasks.jobs",  # as conf/development.ini
             "demo.create_tables": "true",
             "demo.report_seconds": "0",
             "celery.broker_url": "memory://",
@@ -143,8 +144,8 @@ def test_a_report_counts_the_orders(eager_app):
     eager_app.post("/reports", status=302)
     row = eager_app.get("/").html.select("table")[1].select("tr")[1]
     cells = [cell.text.strip() for cell in row.select("td")]
-    assert cells[1] == "done"
-    assert cells[4:7] == ["1", "1", "0"]
+    assert cells[1:3] == ["done", "succeeded"]  # the report, its job
+    assert cells[5:8] == ["1", "1", "0"]
 
 
 def test_beat_task_expires_stale_orders(eager_app):
@@ -180,10 +181,36 @@ def test_a_real_worker_confirms_what_the_page_shows(start_worker, ini_vars):
     assert "lost@example.com" not in page
 
 
-def _local_ini(tmp_path):
-    """A copy of ``conf/local.ini`` whose ``var/`` is under ``tmp_path``."""
+def _local_ini(tmp_path, settings=None):
+    """A copy of ``conf/local.ini`` whose ``var/`` is under ``tmp_path``;
+    ``settings`` replace those of ``[app:main]`` it names."""
     (tmp_path / "conf").mkdir()
-    return shutil.copy(ROOT / "conf" / "local.ini", tmp_path / "conf" / "local.ini")
+    text = (ROOT / "conf" / "local.ini").read_text()
+    for key, value in (settings or {}).items():
+        line = re.search(f"^{re.escape(key)} = .*$", text, re.MULTILINE)
+        assert line, f"conf/local.ini has no {key}"
+        text = text.replace(line.group(), f"{key} = {value}")
+    path = tmp_path / "conf" / "local.ini"
+    path.write_text(text)
+    return str(path)
+
+
+def _job_rows(tmp_path):
+    """(name, state, attempts, progress) of the web's jobs in the demo's job
+    table, read straight from its SQLite file (beat's are left out)."""
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path}/var/local.sqlite")
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                text(
+                    "SELECT name, state, attempts, progress FROM pyramid_tasks_job"
+                    " WHERE id IN (SELECT job_id FROM orders"
+                    " UNION SELECT job_id FROM reports) ORDER BY name"
+                )
+            )
+            return [tuple(row) for row in rows]
+    finally:
+        engine.dispose()
 
 
 def test_a_port_in_use_is_refused_before_anything_starts(tmp_path):
@@ -275,8 +302,9 @@ class _Demo:
         ignore_sigint=False,
         terminal=False,
         python=("-m", "demo_app"),
+        settings=None,
     ):
-        config = _local_ini(tmp_path)
+        config = _local_ini(tmp_path, settings)
         self.tmp_path = tmp_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
@@ -438,9 +466,42 @@ def _order(demo, email):
     urllib.request.urlopen(demo.url + "orders", data=data, timeout=5).close()
 
 
+def _first_row(demo, table):
+    """The cells of the newest row of the home page's ``table`` (0: orders,
+    1: reports), as the page shows them; None if it did not answer."""
+    page = demo.page()
+    if page is None:
+        return None
+    html = bs4.BeautifulSoup(page, "html.parser")
+    row = html.select("table")[table].select("tr")[1]
+    return row.select("td")
+
+
+def _report_progress(demo):
+    """``(percent, message)`` of the running report's job, as its bar shows
+    it; None while no bar is shown, or before the task's first progress
+    report (the bar at 0, no message)."""
+    cells = _first_row(demo, 1)
+    bar = cells and cells[2].find("progress")
+    message = cells and cells[2].find("small")
+    if not bar or not message:
+        return None
+    return int(bar["value"]), message.text
+
+
+def _done_report(demo):
+    """The cells of the newest report once it is done; None before."""
+    cells = _first_row(demo, 1)
+    return cells if cells and cells[1].text == "done" else None
+
+
 def test_the_one_command_demo_runs_and_stops_cleanly(tmp_path):
-    """Started as ``cmd &`` leaves it (SIGINT ignored), ``kill -INT`` stops it all."""
-    with _running_demo(tmp_path, ignore_sigint=True) as demo:
+    """Started as ``cmd &`` leaves it (SIGINT ignored), ``kill -INT`` stops it all.
+
+    Meanwhile the page shows each order's job and the report's progress bar
+    moving, read from the job table (durable mode on SQLite)."""
+    settings = {"demo.report_seconds": "4"}  # ten parts: a write each 0.4 s
+    with _running_demo(tmp_path, ignore_sigint=True, settings=settings) as demo:
         demo.wait_ready()
         assert demo.url in demo.log()
         _order(demo, "ann@example.com")
@@ -453,6 +514,35 @@ def test_the_one_command_demo_runs_and_stops_cleanly(tmp_path):
         assert order["url"] == f"{demo.url}orders/1"
         page = bs4.BeautifulSoup(demo.page(), "html.parser")
         assert page.find("a", href=order["url"]).text == order["url"]
+        # The order's job: committed with it, run once (status, then job).
+        cells = _first_row(demo, 0)
+        assert [cell.text for cell in cells[2:4]] == ["confirmed", "succeeded"]
+
+        urllib.request.urlopen(demo.url + "reports", data=b"", timeout=5).close()
+        seen = []  # the bar's (percent, message) while the report runs
+
+        def moved():
+            progress = _report_progress(demo)
+            if progress is not None and progress not in seen:
+                seen.append(progress)
+            return len([p for p, _ in seen if 0 < p < 100]) >= 2
+
+        wait_for(moved, timeout=30, message=f"the report's bar to move: {seen}")
+        cells = wait_for(
+            lambda: _done_report(demo), timeout=30, message="the report to be done"
+        )
+        print(f"report progress seen on the page: {seen}")
+        assert cells[2].text.strip() == "succeeded"
+        assert cells[2].find("progress") is None  # the bar only while it runs
+        assert seen == sorted(seen)  # it only moves forward
+        for percent, message in seen:  # set_progress(step, 10, "... step + 1 ...")
+            assert message == f"working on part {percent // 10 + 1} of 10"
+        jobs = _job_rows(tmp_path)
+        print(f"job rows: {jobs}")
+        assert jobs == [
+            ("demo_app.tasks.build_report", "succeeded", 1, 100),
+            ("demo_app.tasks.confirm_order", "succeeded", 1, 100),
+        ]
 
         processes = demo.record()
         web, worker, below_worker = _tree(demo, processes)

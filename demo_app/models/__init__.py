@@ -6,6 +6,7 @@ from pyramid.settings import asbool
 from sqlalchemy import engine_from_config, text
 from sqlalchemy.orm import sessionmaker
 
+from pyramid_tasks import jobs
 from pyramid_tasks.sqlalchemy import get_tm_session, register_factory
 
 from .meta import Base
@@ -47,6 +48,9 @@ def create_tables(engine, schema=None):
         if schema:
             connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
         Base.metadata.create_all(connection)
+        # pyramid_tasks_job, durable mode's job table (an app with Alembic
+        # lists jobs.metadata in its env.py's target_metadata instead).
+        jobs.metadata.create_all(connection)
 
 
 def includeme(config):

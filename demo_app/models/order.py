@@ -16,3 +16,6 @@ class Order(Base):
     )
     confirmation_url = Column(Text)
     confirmed_at = Column(DateTime(timezone=True))
+    # The Celery task id of its confirm_order: the id of its row in the job
+    # table (pyramid_tasks.jobs), which the home page shows.
+    job_id = Column(Text)

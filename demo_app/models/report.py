@@ -19,3 +19,4 @@ class Report(Base):
     confirmed = Column(Integer)
     expired = Column(Integer)
     seconds = Column(Float)
+    job_id = Column(Text)  # its build_report's job (and Celery task id)

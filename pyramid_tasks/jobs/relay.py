@@ -134,6 +134,9 @@ class RelayStep(bootsteps.StartStopStep):
 
     def __init__(self, worker, **kwargs):
         self.relay = None
+        # Before any step starts: a beat this worker embeds (``worker
+        # --beat``, forked or a thread) sees it and runs no relay of its own.
+        worker.app.pyramid_worker_relay = True
 
     def start(self, worker):
         self.relay = Relay(worker.app).start()
@@ -144,11 +147,20 @@ class RelayStep(bootsteps.StartStopStep):
 
 
 def install(app):
-    """Run the relay in ``app``'s worker and beat processes."""
+    """Run the relay in ``app``'s worker and beat processes.
+
+    One a worker: the beat that ``worker --beat`` embeds runs none (its
+    worker's does the work), so a worker on SQLite, which has no ``SKIP
+    LOCKED``, runs one relay.
+    """
     app.steps["worker"].add(RelayStep)
 
     def start_in_beat(sender=None, **kwargs):
-        if sender is not None and sender.app is app:
+        if (
+            sender is not None
+            and sender.app is app
+            and not getattr(app, "pyramid_worker_relay", False)
+        ):
             app.pyramid_beat_relay = Relay(app).start()
 
     signals.beat_init.connect(start_in_beat, weak=False)
