@@ -108,7 +108,7 @@ class JobRecorder:
             "priority": options.get("priority"),
             "args": list(args or ()),
             "kwargs": dict(kwargs or {}),
-            "options": {k: v for k, v in options.items() if k not in _NOT_STORED},
+            "options": _stored_options(options),
             "state": state,
             "attempts": 0,
             "publish_attempts": 0,
@@ -218,6 +218,19 @@ class _OwnConnection:
             self.connection.rollback()
         finally:
             self.connection.close()
+
+
+def _stored_options(options):
+    """``options`` as the row keeps them: JSON, a kombu ``Queue`` or
+    ``Exchange`` by its name (the relay publishes to that name)."""
+    stored = {}
+    for key, value in options.items():
+        if key in _NOT_STORED:
+            continue
+        if key in ("queue", "exchange") and not isinstance(value, str | None):
+            value = getattr(value, "name", value)
+        stored[key] = value
+    return stored
 
 
 def _queue(task, args, kwargs, options):
