@@ -32,7 +32,7 @@ from demo_app.models import Order
 from pyramid_tasks import PyramidTask, ScheduleOnCommitTask, TransactionalTask
 from pyramid_tasks.jobs import Job, JobCreated, metadata
 from pyramid_tasks.jobs.relay import Relay
-from pyramid_tasks.sqlalchemy import get_tm_session
+from pyramid_tasks.sqlalchemy import get_tm_session, register_factory
 
 from .conftest import NullDataManager, free_port, wait_for
 from .test_publish_faults import frozen
@@ -465,10 +465,7 @@ def test_a_session_on_another_database_is_not_used_for_the_rows(
     rows go on the job engine's own connection, and both commit."""
     d = durable()
     other_engine = sqlalchemy.create_engine(database_url)
-    other = sqlalchemy.orm.sessionmaker(bind=other_engine)
-    from pyramid_tasks.sqlalchemy import register_factory
-
-    register_factory(other)
+    other = register_factory(sqlalchemy.orm.sessionmaker(bind=other_engine))
     seen = Statements(d.engine)
     try:
         with d.tm:
@@ -479,6 +476,28 @@ def test_a_session_on_another_database_is_not_used_for_the_rows(
         assert len(writes(seen.sql, "INSERT")) == 1
     finally:
         other_engine.dispose()
+
+
+def test_a_session_bound_per_mapper_without_the_job_table(durable):
+    """The app's session binds its own mappers only (``binds=``) and the job
+    engine is named as an engine: the rows go on their own connection, the
+    order and the job both commit."""
+
+    def setup(config):
+        config.registry["jobs_engine"] = config.registry["dbsession_factory"].kw["bind"]
+
+    d = durable(setup=setup, **{"tasks.jobs.session_factory": "jobs_engine"})
+    factory = register_factory(sqlalchemy.orm.sessionmaker(binds={Order: d.engine}))
+    seen = Statements(d.engine)
+    with d.tm:
+        get_tm_session(factory, d.tm).add(Order(email="ann@example.com"))
+        job_id = d.echo.apply_async((1,), tm=d.tm).id
+    [(job_pid, _)] = writes(seen.sql, "INSERT")
+    [(order_pid, _)] = writes(seen.sql, "INSERT", "orders")
+    assert job_pid != order_pid
+    assert {job_pid, order_pid} <= set(seen.commits)
+    assert d.states() == {job_id: "queued"}
+    assert d.emails() == ["ann@example.com"]
 
 
 # -- tasks scheduled while the transaction commits -------------------------

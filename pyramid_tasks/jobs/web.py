@@ -14,6 +14,7 @@ from datetime import timedelta
 from celery.utils.time import maybe_make_aware
 from dateutil.parser import isoparse
 from pyramid.threadlocal import get_current_request
+from sqlalchemy.exc import UnboundExecutionError
 from zope.interface import implementedBy, providedBy
 from zope.sqlalchemy import mark_changed
 from zope.sqlalchemy.datamanager import SessionDataManager
@@ -149,7 +150,10 @@ class JobRecorder:
         for resource in txn._resources:
             if not isinstance(resource, SessionDataManager):
                 continue
-            bind = resource.session.get_bind(mapper=Job.__mapper__)
+            try:
+                bind = resource.session.get_bind(mapper=Job.__mapper__)
+            except UnboundExecutionError:  # bound per mapper, not for jobs
+                continue
             if getattr(bind, "engine", bind) is self.store.engine:
                 return resource.session
         return None
