@@ -951,11 +951,11 @@ class OwnRedis:
         self.process.wait(timeout=10)
 
     def close(self):
+        """Woken and ended by its PID (Popen signals nothing once it exited)."""
         self.client.close()
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            self.process.wait(timeout=10)
+        self.process.send_signal(signal.SIGCONT)
+        self.process.terminate()
+        self.process.wait(timeout=10)
 
 
 @pytest.fixture
