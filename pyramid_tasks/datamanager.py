@@ -94,6 +94,8 @@ def schedule(tm, send, publish, jobs=None):
         txn.join(pending)
         pending.joined = True
     pending.sends.append(send)
+    if jobs is not None and txn.status == _COMMITTING and not pending.will_write:
+        pending.write_late(txn, send)
 
 
 @dataclass(eq=False)
@@ -110,8 +112,33 @@ class PendingSends:
     jobs: object = None
     # Job rows on a connection of their own, committed in tpc_finish.
     own_rows: object = None
+    # Whether commit() wrote the job rows already.
+    rows_written: bool = False
+    # Rows of sends scheduled during the commit, on connections of their own.
+    late_rows: list = field(default_factory=list)
+
+    @property
+    def will_write(self):
+        """Whether commit() will write the rows of sends added now."""
+        return self.joined and not self.rows_written
+
+    def write_late(self, txn, send):
+        """The job row of ``send``, scheduled during the commit (an ORM flush
+        in zope.sqlalchemy's tpc_begin or vote) after commit() wrote the rows
+        or with this list not joined: written now, through the session that
+        flushes, or on a connection of its own settled by the after-commit
+        hook."""
+        own = self.jobs.write(txn, [send])
+        if own is not None:
+            self.late_rows.append(own)
 
     def after_commit(self, committed, publish):
+        late, self.late_rows = self.late_rows, []
+        for own in late:
+            if committed:
+                own.commit()
+            else:
+                own.rollback()
         sends = [send for send in self.sends if not send.taken]
         self.sends = []
         if committed and sends:
@@ -132,6 +159,7 @@ class PendingSends:
     def commit(self, txn):
         # Every resource has flushed (tpc_begin); none has committed: the
         # job rows join the database transaction of the business data.
+        self.rows_written = True
         sends = [send for send in self.sends if not send.taken]
         if self.jobs is not None and sends:
             self.own_rows = self.jobs.write(txn, sends)

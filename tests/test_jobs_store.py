@@ -10,6 +10,7 @@ import pytest
 import redis
 import sqlalchemy
 import transaction
+from celery import signals
 from pyramid.config import Configurator
 from pyramid.exceptions import ConfigurationError, ConfigurationExecutionError
 from sqlalchemy import select, text, update
@@ -25,6 +26,8 @@ from pyramid_tasks.jobs.model import utcnow
 from pyramid_tasks.jobs.relay import Relay, RelayStep, install
 from pyramid_tasks.jobs.store import JobTableMissing
 from pyramid_tasks.jobs.worker import _Running
+
+from .conftest import wait_for
 
 _c = Job.__table__.c
 
@@ -187,33 +190,15 @@ def test_a_failing_round_is_logged_and_the_loop_goes_on(jobs_app, caplog):
     assert lines and lines[0].endswith("database unreachable")
 
 
-def test_the_relay_step_and_the_beat_relay_start_and_stop(jobs_app):
+def test_the_beat_relay_and_the_relay_step_start_and_stop(jobs_app):
     app, engine, queue, client = jobs_app
     install(app)
     assert RelayStep in app.steps["worker"]
 
-    class Worker:
+    class Process:
         pass
 
-    worker = Worker()
-    worker.app = app
-    step = RelayStep(worker)
-    step.stop(worker)  # never started: nothing to stop
-    step.start(worker)
-    insert_pending(engine)
-    # The relay's thread sends the row within a few of its rounds.
-    from .conftest import wait_for
-
-    wait_for(lambda: client.llen(queue) == 1, timeout=10, message="the relay")
-    step.stop(worker)
-    assert not step.relay.thread.is_alive()
-
-    from celery import signals
-
-    class Beat:
-        pass
-
-    beat = Beat()
+    beat = Process()
     beat.app = object()  # another app's beat: no relay here
     signals.beat_init.send(sender=beat)
     assert not hasattr(app, "pyramid_beat_relay")
@@ -221,6 +206,17 @@ def test_the_relay_step_and_the_beat_relay_start_and_stop(jobs_app):
     signals.beat_init.send(sender=beat)
     app.pyramid_beat_relay.stop()
     assert not app.pyramid_beat_relay.thread.is_alive()
+
+    worker = Process()
+    worker.app = app
+    step = RelayStep(worker)
+    step.stop(worker)  # never started: nothing to stop
+    step.start(worker)
+    insert_pending(engine)
+    # The relay's thread sends the row within a few of its rounds.
+    wait_for(lambda: client.llen(queue) == 1, timeout=10, message="the relay")
+    step.stop(worker)
+    assert not step.relay.thread.is_alive()
 
 
 def test_heartbeats_renew_the_leases_of_running_jobs_only(jobs_app, caplog):

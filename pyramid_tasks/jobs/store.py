@@ -69,6 +69,14 @@ def explain_missing_table(engine):
 _ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
 
 
+def one_line(exc):
+    """A database error's own message, first line (no SQL, no parameters),
+    or any other error's text, on one line, secrets masked."""
+    text_ = str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
+    line = text_.strip().splitlines()[0] if text_.strip() else type(exc).__name__
+    return " ".join(mask_secrets(line).split())[:500]
+
+
 def _chunks(items, size):
     for start in range(0, len(items), size):
         yield items[start : start + size]

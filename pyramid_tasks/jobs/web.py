@@ -17,6 +17,7 @@ from datetime import timedelta
 from celery.utils.time import maybe_make_aware
 from dateutil.parser import isoparse
 from pyramid.threadlocal import get_current_request
+from sqlalchemy.exc import UnboundExecutionError
 from zope.interface import implementedBy, providedBy
 from zope.sqlalchemy import mark_changed
 from zope.sqlalchemy.datamanager import SessionDataManager
@@ -25,6 +26,7 @@ from ..publish import publish
 from ..request import close_request, make_request
 from .events import JobCreated
 from .model import PENDING, QUEUED, Job, utcnow
+from .store import one_line
 
 __all__ = ["JobRecorder"]
 
@@ -111,7 +113,7 @@ class JobRecorder:
             "priority": options.get("priority"),
             "args": list(args or ()),
             "kwargs": dict(kwargs or {}),
-            "options": {k: v for k, v in options.items() if k not in _NOT_STORED},
+            "options": _stored_options(options),
             "state": state,
             "attempts": 0,
             "publish_attempts": 0,
@@ -152,7 +154,10 @@ class JobRecorder:
         for resource in txn._resources:
             if not isinstance(resource, SessionDataManager):
                 continue
-            bind = resource.session.get_bind(mapper=Job.__mapper__)
+            try:
+                bind = resource.session.get_bind(mapper=Job.__mapper__)
+            except UnboundExecutionError:  # bound per mapper, not for jobs
+                continue
             if getattr(bind, "engine", bind) is self.store.engine:
                 return resource.session
         return None
@@ -278,12 +283,25 @@ class _Marker:
                     "%d committed job(s) were sent but not marked queued (the "
                     "relay may send them again): %s",
                     len(sent),
-                    " ".join(str(exc).split())[:500],
+                    one_line(exc),
                 )
 
 
 _marker = _Marker()
 atexit.register(_marker.flush, 2)
+
+
+def _stored_options(options):
+    """``options`` as the row keeps them: JSON, a kombu ``Queue`` or
+    ``Exchange`` by its name (the relay publishes to that name)."""
+    stored = {}
+    for key, value in options.items():
+        if key in _NOT_STORED:
+            continue
+        if key in ("queue", "exchange") and not isinstance(value, str | None):
+            value = getattr(value, "name", value)
+        stored[key] = value
+    return stored
 
 
 def _queue(task, args, kwargs, options):
