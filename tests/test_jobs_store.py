@@ -292,3 +292,30 @@ def test_durable_mode_makes_transactional_tasks_redeliverable(jobs_app):
         "tx": (True, True),
         "tx_early": (False, True),  # the app's own choice is kept
     }
+
+
+def test_tasks_run_by_the_testing_helpers_run_every_time(database_url, pg_schema):
+    """pyramid_tasks.testing runs a captured task as often as asked, durable
+    mode or not: no job row is read or written for it."""
+    from pyramid_tasks.testing import get_task_capture
+
+    config = Configurator(
+        settings={
+            "sqlalchemy.url": database_url,
+            "demo.schema": pg_schema,
+            "demo.create_tables": "true",
+        }
+    )
+    config.include("demo_app.models")
+    config.include("pyramid_tasks.jobs")
+    config.include("pyramid_tasks.testing")
+    config.add_task(noop, bind=True, base=RetryableTransactionTask, name="tx")
+    config.commit()
+    registry = config.registry
+    app = registry.celery_app
+    app.tasks["tx"].delay(7)
+    (captured,) = get_task_capture(registry).sent
+    assert captured.run() == (7,)
+    assert captured.run() == (7,)
+    engine = registry["dbsession_factory"].kw["bind"]
+    assert not sqlalchemy.inspect(engine).has_table("pyramid_tasks_job")
