@@ -69,16 +69,23 @@ def _create(app):
     """A pool on the app's broker connection; on Redis, the connection has
     ``tasks.publish_timeout`` as its socket timeouts (a shorter one of the
     broker's transport options is kept) and never ``retry_on_timeout``:
-    redis-py would write again a command Redis may have received."""
+    redis-py would write again a command Redis may have received.  In
+    durable mode the connection is tried once, never re-established in a
+    loop (kombu's, up to ``broker_connection_timeout``): the job rows are
+    committed and the relay sends what the broker did not take."""
     timeout = app.pyramid_registry.pyramid_tasks_settings.publish_timeout
     connection = app.connection_for_write()
+    bounds = {}
     if connection.transport.driver_type == "redis":
         options = connection.transport_options
-        bounds = {"retry_on_timeout": False}
+        bounds["retry_on_timeout"] = False
         if timeout is not None:
             bounds.update(
                 (n, min(options.get(n) or timeout, timeout)) for n in _REDIS_TIMEOUTS
             )
+    if getattr(app.pyramid_registry, "pyramid_tasks_jobs", None) is not None:
+        bounds["max_retries"] = 0
+    if bounds:
         connection = app.connection_for_write(transport_options=bounds)
     limit = app.conf.broker_pool_limit
     return ProducerPool(connection.Pool(limit), limit=limit, Producer=app.amqp.Producer)
