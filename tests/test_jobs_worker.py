@@ -1,0 +1,265 @@
+"""Durable mode, worker side: real ``tasks-celery`` workers record each run
+of a job in its row (``pyramid_tasks_job``, in the test's own schema).
+
+The probe app's tasks (tests/jobs_probe_app.py) count their runs in Redis,
+outside any transaction, and leave their effect in the database: an
+``orders`` row whose email is the test's key.
+"""
+
+import uuid
+
+import sqlalchemy
+import transaction
+from sqlalchemy import func, select
+
+from demo_app.models import Order, get_tm_session
+
+from .conftest import wait_for
+
+SECTION = "jobs_probe"
+
+
+def start_jobs_worker(start_worker, ini_vars, *args, settings=None):
+    """A worker on ``conf/test.ini#jobs_probe``; the test gets its app too."""
+    settings = {"probe.redis_url": ini_vars["redis_url"], **(settings or {})}
+    return start_worker(*args, section=SECTION, settings=settings)
+
+
+class Probe:
+    """The test's side of the probe app: send jobs, read rows and effects."""
+
+    def __init__(self, app, redis_client):
+        self.app = app
+        self.redis = redis_client
+        registry = app.pyramid_registry
+        self.store = registry.pyramid_tasks_jobs.store
+        self.session_factory = registry["dbsession_factory"]
+        self.schema = registry.settings["demo.schema"]
+        self.keys = []
+
+    def key(self):
+        """A key of this test's own: the effect's email, and Redis keys."""
+        key = f"jobs:{uuid.uuid4().hex}"
+        self.keys.append(key)
+        return key
+
+    def task(self, name):
+        return self.app.tasks[f"tests.jobs_probe_app.{name}"]
+
+    def commit(self, name, *calls, web_key=None):
+        """One web transaction: an ``orders`` row ``web_key`` (if given) and
+        one job per item of ``calls`` (its args), sent on commit; their ids."""
+        tm = transaction.TransactionManager(explicit=True)
+        with tm:
+            if web_key is not None:
+                get_tm_session(self.session_factory, tm).add(Order(email=web_key))
+            task = self.task(name)
+            return [task.apply_async(args, tm=tm).id for args in calls]
+
+    def job(self, job_id):
+        return self.store.get(job_id)
+
+    def wait_state(self, job_id, *states, timeout=30):
+        """The job's row, once its state is one of ``states``."""
+        wait_for(
+            lambda: self.store.state(job_id) in states,
+            timeout=timeout,
+            message=f"job {job_id} to be {'/'.join(states)}",
+        )
+        return self.job(job_id)
+
+    def effects(self, email):
+        """Rows of ``orders`` with this email: the effect, once per commit."""
+        with self.store.engine.connect() as connection:
+            return connection.scalar(
+                select(func.count()).select_from(Order).where(Order.email == email)
+            )
+
+    def emails(self, prefix):
+        with self.store.engine.connect() as connection:
+            return sorted(
+                connection.scalars(
+                    select(Order.email).where(Order.email.startswith(prefix))
+                )
+            )
+
+    def runs(self, key):
+        """Runs of the body (counted in Redis: never rolled back)."""
+        return int(self.redis.get(f"{key}:runs") or 0)
+
+    def xmin(self, table, column, value):
+        """PostgreSQL's id of the transaction that last wrote the row."""
+        sql = f'SELECT xmin::text FROM "{self.schema}".{table} WHERE {column} = :v'
+        with self.store.engine.connect() as connection:
+            return connection.scalar(sqlalchemy.text(sql), {"v": value})
+
+    def close(self):
+        suffixes = (":runs", ":ready", ":go", ":started")
+        self.redis.delete(*[key + end for key in self.keys for end in suffixes])
+
+
+def test_transactional_jobs_mark_succeeded_in_their_own_transaction(
+    start_worker, ini_vars, redis_client
+):
+    """The effect and the ``succeeded`` mark are one commit (one PostgreSQL
+    transaction id); a failure rolls the effect back and records the error
+    and its traceback; a job sent by name, with no row, gets one."""
+    worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
+    probe = Probe(worker.celery_app, redis_client)
+    ok, once, failing, named = (probe.key() for _ in range(4))
+    ok_id, fail_id = probe.commit("record", (ok,), (failing, "it fails"))
+    [once_id] = probe.commit("record_once", (once,))
+    named_id = worker.celery_app.send_task(
+        "tests.jobs_probe_app.record_once", args=[named]
+    ).id
+
+    for job_id, key in ((ok_id, ok), (once_id, once), (named_id, named)):
+        row = probe.wait_state(job_id, "succeeded", "failed")
+        assert (row["state"], row["attempts"], row["error"]) == ("succeeded", 1, None)
+        assert (probe.runs(key), probe.effects(key), row["progress"]) == (1, 1, 100)
+        assert row["finished_at"] >= row["started_at"]
+        assert probe.xmin("orders", "email", key) == probe.xmin(
+            "pyramid_tasks_job", "id", job_id
+        )
+    row = probe.wait_state(fail_id, "failed", "succeeded")
+    assert (row["state"], row["attempts"]) == ("failed", 1)
+    assert row["error"] == "ValueError: it fails"
+    assert row["traceback"].startswith("Traceback (most recent call last):")
+    assert "jobs_probe_app.py" in row["traceback"]
+    assert row["traceback"].rstrip().endswith("ValueError: it fails")
+    assert (probe.runs(failing), probe.effects(failing)) == (1, 0)
+    # Sent by name: the worker made the row as it started the job.
+    row = probe.job(named_id)
+    assert (row["name"], row["args"], row["published_at"]) == (
+        "tests.jobs_probe_app.record_once",
+        [named],
+        None,
+    )
+    assert row["queue"] == ini_vars["queue"]
+    assert row["created_at"] == row["started_at"]
+    probe.close()
+
+
+def test_celery_retry_marks_the_job_retrying_then_succeeded(
+    start_worker, ini_vars, redis_client
+):
+    worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
+    probe = Probe(worker.celery_app, redis_client)
+    key = probe.key()
+    [job_id] = probe.commit("retried", (key,))
+
+    row = probe.wait_state(job_id, "retrying")  # for the second of countdown
+    assert (row["attempts"], row["error"]) == (1, "KeyError: 'first run'")
+    assert probe.effects(key) == 0
+    row = probe.wait_state(job_id, "succeeded")
+    assert row["attempts"] == 2
+    assert (probe.runs(key), probe.effects(key)) == (2, 1)
+    probe.close()
+
+
+def test_a_plain_task_shows_its_progress_and_job_while_it_runs(
+    start_worker, ini_vars, redis_client
+):
+    """The classes that are not transactional are marked in short
+    transactions of their own: started and the progress are visible while
+    the task runs, succeeded after."""
+    worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
+    probe = Probe(worker.celery_app, redis_client)
+    key, plain = probe.key(), probe.key()
+    [job_id] = probe.commit("watched", (key,))
+
+    wait_for(lambda: redis_client.llen(f"{key}:ready"), message="the task to run")
+    row = probe.job(job_id)
+    assert (row["state"], row["attempts"]) == ("started", 1)
+    assert (row["progress"], row["progress_message"]) == (25, "one of four")
+    assert row["heartbeat_at"] == row["started_at"]
+    assert row["worker"]
+    redis_client.rpush(f"{key}:go", "go")
+    result = worker.celery_app.AsyncResult(job_id).get(timeout=30)
+    # self.job, read by the task: its row as it ran.
+    assert result == {
+        "id": job_id,
+        "state": "started",
+        "attempts": 1,
+        "progress": 25,
+        "cancel_requested": False,
+    }
+    row = probe.wait_state(job_id, "succeeded")
+    assert (row["attempts"], row["progress"]) == (1, 100)
+
+    plain_id = probe.task("plain").delay(plain).id  # its row written after the send
+    row = probe.wait_state(plain_id, "succeeded", "failed")
+    assert (row["state"], probe.effects(plain)) == ("succeeded", 1)
+    # Its own transaction for the effect, another for the mark.
+    assert probe.xmin("orders", "email", plain) != probe.xmin(
+        "pyramid_tasks_job", "id", plain_id
+    )
+    probe.close()
+
+
+def test_a_running_task_sees_its_job_cancelled(start_worker, ini_vars, redis_client):
+    """Cooperative cancellation: cancel_requested() turns true; the plain task
+    returns and its row stays cancelled; a transactional one is rolled back."""
+    worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
+    probe = Probe(worker.celery_app, redis_client)
+    results = {}
+    for name in ("watched", "watched_in_tm"):
+        key = probe.key()
+        [job_id] = probe.commit(name, (key,))
+        wait_for(lambda k=key: redis_client.llen(f"{k}:ready"), message=name)
+        assert probe.store.cancel([job_id]) == [job_id]
+        redis_client.rpush(f"{key}:go", "go")
+        result = worker.celery_app.AsyncResult(job_id).get(timeout=30)
+        results[name] = (result, probe.job(job_id), key)
+
+    result, row, _ = results["watched"]
+    assert (result["state"], result["cancel_requested"]) == ("cancelled", True)
+    assert (row["state"], row["attempts"], row["progress"]) == ("cancelled", 1, 25)
+    # The body saw the cancellation and returned True; the commit found the
+    # job cancelled: rolled back, and the task returns None.
+    result, row, key = results["watched_in_tm"]
+    assert result is None
+    assert (row["state"], row["attempts"]) == ("cancelled", 1)
+    assert (probe.runs(key), probe.effects(key)) == (1, 0)
+    assert f"[{row['id']}] was cancelled while it ran: rolled back." in worker.log
+    probe.close()
+
+
+def test_job_events_run_on_the_worker_with_a_working_request(
+    start_worker, ini_vars, redis_client
+):
+    """JobStarted, JobSucceeded and JobFailed subscribers write through the
+    event's request.tm and dbsession; one that raises is rolled back and
+    logged, and changes nothing else."""
+    worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
+    probe = Probe(worker.celery_app, redis_client)
+    ok, failing = probe.key(), probe.key()
+    ok_id, fail_id = probe.commit("evented", (ok,), (failing, True))
+
+    assert probe.wait_state(ok_id, "succeeded", "failed")["state"] == "succeeded"
+    assert probe.wait_state(fail_id, "failed", "succeeded")["state"] == "failed"
+    assert (probe.effects(ok), probe.effects(failing)) == (1, 0)
+    wait_for(
+        lambda: len(probe.emails("event:")) == 4, message="the events' rows"
+    )  # JobFailed runs after the failed mark
+    assert probe.emails("event:") == sorted(
+        [
+            f"event:{ok_id}:JobStarted",
+            f"event:{ok_id}:JobSucceeded",
+            f"event:{fail_id}:JobStarted",
+            f"event:{fail_id}:JobFailed:ValueError",
+        ]
+    )
+    assert probe.emails("raised:") == []
+    log = worker.log
+    for event, job_id in (
+        ("JobStarted", ok_id),
+        ("JobSucceeded", ok_id),
+        ("JobStarted", fail_id),
+        ("JobFailed", fail_id),
+    ):
+        assert (
+            f"A subscriber of {event} for job tests.jobs_probe_app.evented"
+            f"[{job_id}] failed; the job goes on." in log
+        )
+    probe.close()
