@@ -134,7 +134,9 @@ class JobStore:
             "progress_message": None,
         }
         with self.engine.begin() as connection:
-            for _ in range(2):
+            # Each statement sees what committed before it: another pass
+            # comes only after a concurrent writer changed the row.
+            while True:
                 attempt = connection.execute(
                     update(_table)
                     .where(_c.id == row["id"], _c.state.in_(RUNNABLE))
@@ -144,16 +146,18 @@ class JobStore:
                 if attempt is not None:
                     return attempt, STARTED
                 state = self.state(row["id"], connection)
-                if state is not None:
-                    return None, state
-                # Sent without a row: created now.  A concurrent delivery of
-                # the same message may create it first, hence the loop.
-                connection.execute(
-                    self._insert_ignore(
-                        [{**row, "state": QUEUED, "created_at": now, "attempts": 0}]
+                if state is None:
+                    # Sent without a row: created now (or by a concurrent
+                    # delivery of the same message first), then started.
+                    connection.execute(
+                        self._insert_ignore(
+                            [{**row, "state": QUEUED, "created_at": now, "attempts": 0}]
+                        )
                     )
-                )
-        raise RuntimeError(f"job {row['id']} could not be started")  # unreachable
+                elif state not in RUNNABLE:
+                    return None, state
+                # Else the row was committed after the UPDATE looked (a task
+                # sent without tm= writes it after the send): start it.
 
     def lock(self, connection, job_id):
         """Lock ``job_id`` for the transaction of ``connection``; its state.
