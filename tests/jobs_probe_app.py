@@ -2,6 +2,8 @@
 that count their runs in Redis (outside any transaction) and leave their
 effect in the database (an ``orders`` row whose email is the test's key)."""
 
+import time
+
 import redis
 from pyramid.config import Configurator
 from pyramid.events import subscriber
@@ -91,6 +93,7 @@ def watched(self, key):
     sees of its job then."""
     client = _redis(self.get_request())
     self.set_progress(1, 4, "one of four")
+    self.set_progress(2, 4, "two of four")  # within the throttle: not written
     client.rpush(f"{key}:ready", "1")
     client.blpop([f"{key}:go"], timeout=30)
     job = self.job
@@ -101,6 +104,19 @@ def watched(self, key):
         "progress": job["progress"],
         "cancel_requested": self.cancel_requested(),
     }
+
+
+@task(bind=True, base=ScheduleOnCommitTask)
+def cancellable(self, key):
+    """Work in small steps until cancel_requested(): how many it checked."""
+    client = _redis(self.get_request())
+    client.rpush(f"{key}:ready", "1")
+    deadline = time.monotonic() + 30
+    checks = 1
+    while not self.cancel_requested() and time.monotonic() < deadline:
+        checks += 1
+        time.sleep(0.05)
+    return {"checks": checks, "cancelled": self.cancel_requested()}
 
 
 @task(bind=True, base=TransactionalTask)

@@ -17,13 +17,12 @@ import time
 import pytest
 import redis
 from celery.utils import uuid
-from pyramid.paster import get_app
 from sqlalchemy import event
 
 from pyramid_tasks.jobs.relay import Relay
 
-from .conftest import ROOT, free_port, overlay_ini, wait_for
-from .test_jobs_worker import SECTION, Probe, start_jobs_worker
+from .conftest import ROOT, free_port, wait_for
+from .test_jobs_worker import Probe, start_jobs_worker, web_app
 
 
 def counts(probe, keys, runs=None):
@@ -79,14 +78,6 @@ def broker(tmp_path):
     server.stop()
 
 
-def web_app(tmp_path, ini_vars, name, settings=None, **values):
-    """The probe app as a web process of its own would load it."""
-    values = {**ini_vars, **values}
-    settings = {"probe.redis_url": ini_vars["redis_url"], **(settings or {})}
-    ini = overlay_ini(tmp_path / f"{name}.ini", SECTION, values, settings)
-    return get_app(str(ini)).registry.celery_app
-
-
 def test_broker_down_at_commit_the_relay_sends_every_job_once_it_returns(
     start_worker, ini_vars, redis_client, broker
 ):
@@ -95,7 +86,7 @@ def test_broker_down_at_commit_the_relay_sends_every_job_once_it_returns(
     on the same port and the relay sends them."""
     ini_vars["broker_url"] = broker.url
     worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
-    probe = Probe(worker.celery_app, redis_client)
+    probe = Probe(worker.celery_app, redis_client, worker)
     broker.stop()
     keys = [probe.key() for _ in range(10)]
     ids, held = [], []
@@ -178,7 +169,7 @@ def test_web_process_killed_between_commit_and_publish(
     assert probe.effects(f"{key}:web") == 1
     assert redis_client.llen(ini_vars["queue"]) == 0  # never published
 
-    worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
+    probe.worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
     row = probe.wait_state(job_id, "succeeded")
     figures = counts(probe, [key])
     print(figures)
@@ -190,7 +181,8 @@ def test_web_process_killed_between_commit_and_publish(
         "lost": 0,
     }
     assert row["attempts"] == 1
-    assert worker.log.count(f"[{job_id}] was committed but not at the broker") == 1
+    log = probe.worker.log
+    assert log.count(f"[{job_id}] was committed but not at the broker") == 1
     probe.close()
 
 
@@ -200,7 +192,7 @@ def test_the_same_message_twice_takes_effect_once(start_worker, ini_vars, redis_
     finds it succeeded and changes nothing."""
     worker = start_jobs_worker(start_worker, ini_vars, "-P", "threads", "-c", "2")
     app = worker.celery_app
-    probe = Probe(app, redis_client)
+    probe = Probe(app, redis_client, worker)
 
     late = probe.key()
     [late_id] = probe.commit("record_once", (late,))
@@ -326,7 +318,7 @@ def test_cancelled_jobs_never_run(start_worker, ini_vars, redis_client, tmp_path
         [pending_id, queued_id]
     )
 
-    worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
+    worker = probe.worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
     probe.wait_state(pending_next_id, "succeeded")  # sent by the relay
     probe.wait_state(queued_next_id, "succeeded")  # behind the cancelled one
     wait_for(

@@ -8,15 +8,26 @@ outside any transaction, and leave their effect in the database: an
 
 import uuid
 
+import pytest
 import sqlalchemy
 import transaction
-from sqlalchemy import func, select
+from celery.utils import uuid as task_id
+from pyramid.paster import get_app
+from sqlalchemy import event, func, select
 
 from demo_app.models import Order, get_tm_session
 
-from .conftest import wait_for
+from .conftest import overlay_ini, wait_for
 
 SECTION = "jobs_probe"
+
+
+def web_app(tmp_path, ini_vars, name, settings=None, **values):
+    """The probe app's Celery app, as a web process of its own loads it."""
+    values = {**ini_vars, **values}
+    settings = {"probe.redis_url": ini_vars["redis_url"], **(settings or {})}
+    ini = overlay_ini(tmp_path / f"{name}.ini", SECTION, values, settings)
+    return get_app(str(ini)).registry.celery_app
 
 
 def start_jobs_worker(start_worker, ini_vars, *args, settings=None):
@@ -28,9 +39,10 @@ def start_jobs_worker(start_worker, ini_vars, *args, settings=None):
 class Probe:
     """The test's side of the probe app: send jobs, read rows and effects."""
 
-    def __init__(self, app, redis_client):
+    def __init__(self, app, redis_client, worker=None):
         self.app = app
         self.redis = redis_client
+        self.worker = worker
         registry = app.pyramid_registry
         self.store = registry.pyramid_tasks_jobs.store
         self.session_factory = registry["dbsession_factory"]
@@ -61,11 +73,11 @@ class Probe:
 
     def wait_state(self, job_id, *states, timeout=30):
         """The job's row, once its state is one of ``states``."""
-        wait_for(
-            lambda: self.store.state(job_id) in states,
-            timeout=timeout,
-            message=f"job {job_id} to be {'/'.join(states)}",
-        )
+        try:
+            wait_for(lambda: self.store.state(job_id) in states, timeout=timeout)
+        except pytest.fail.Exception:
+            log = self.worker.log[-5000:] if self.worker else ""
+            pytest.fail(f"job {job_id}: {self.job(job_id)}\n{log}")
         return self.job(job_id)
 
     def effects(self, email):
@@ -105,7 +117,7 @@ def test_transactional_jobs_mark_succeeded_in_their_own_transaction(
     transaction id); a failure rolls the effect back and records the error
     and its traceback; a job sent by name, with no row, gets one."""
     worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
-    probe = Probe(worker.celery_app, redis_client)
+    probe = Probe(worker.celery_app, redis_client, worker)
     ok, once, failing, named = (probe.key() for _ in range(4))
     ok_id, fail_id = probe.commit("record", (ok,), (failing, "it fails"))
     [once_id] = probe.commit("record_once", (once,))
@@ -144,7 +156,7 @@ def test_celery_retry_marks_the_job_retrying_then_succeeded(
     start_worker, ini_vars, redis_client
 ):
     worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
-    probe = Probe(worker.celery_app, redis_client)
+    probe = Probe(worker.celery_app, redis_client, worker)
     key = probe.key()
     [job_id] = probe.commit("retried", (key,))
 
@@ -164,13 +176,14 @@ def test_a_plain_task_shows_its_progress_and_job_while_it_runs(
     transactions of their own: started and the progress are visible while
     the task runs, succeeded after."""
     worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
-    probe = Probe(worker.celery_app, redis_client)
+    probe = Probe(worker.celery_app, redis_client, worker)
     key, plain = probe.key(), probe.key()
     [job_id] = probe.commit("watched", (key,))
 
     wait_for(lambda: redis_client.llen(f"{key}:ready"), message="the task to run")
     row = probe.job(job_id)
     assert (row["state"], row["attempts"]) == ("started", 1)
+    # The second call came within the throttle's half second: not written.
     assert (row["progress"], row["progress_message"]) == (25, "one of four")
     assert row["heartbeat_at"] == row["started_at"]
     assert row["worker"]
@@ -198,26 +211,28 @@ def test_a_plain_task_shows_its_progress_and_job_while_it_runs(
 
 
 def test_a_running_task_sees_its_job_cancelled(start_worker, ini_vars, redis_client):
-    """Cooperative cancellation: cancel_requested() turns true; the plain task
-    returns and its row stays cancelled; a transactional one is rolled back."""
+    """Cooperative cancellation: cancel_requested() turns true within about a
+    second; the task returns and its row stays cancelled; a transactional
+    task that returns normally is rolled back all the same."""
     worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
-    probe = Probe(worker.celery_app, redis_client)
-    results = {}
-    for name in ("watched", "watched_in_tm"):
+    probe = Probe(worker.celery_app, redis_client, worker)
+    rows = {}
+    for name in ("cancellable", "watched_in_tm"):
         key = probe.key()
         [job_id] = probe.commit(name, (key,))
         wait_for(lambda k=key: redis_client.llen(f"{k}:ready"), message=name)
         assert probe.store.cancel([job_id]) == [job_id]
         redis_client.rpush(f"{key}:go", "go")
         result = worker.celery_app.AsyncResult(job_id).get(timeout=30)
-        results[name] = (result, probe.job(job_id), key)
+        rows[name] = (result, probe.job(job_id), key)
 
-    result, row, _ = results["watched"]
-    assert (result["state"], result["cancel_requested"]) == ("cancelled", True)
-    assert (row["state"], row["attempts"], row["progress"]) == ("cancelled", 1, 25)
+    result, row, _ = rows["cancellable"]
+    assert result["cancelled"] is True
+    assert result["checks"] > 1  # it worked until it was told
+    assert (row["state"], row["attempts"], row["progress"]) == ("cancelled", 1, None)
     # The body saw the cancellation and returned True; the commit found the
     # job cancelled: rolled back, and the task returns None.
-    result, row, key = results["watched_in_tm"]
+    result, row, key = rows["watched_in_tm"]
     assert result is None
     assert (row["state"], row["attempts"]) == ("cancelled", 1)
     assert (probe.runs(key), probe.effects(key)) == (1, 0)
@@ -232,7 +247,7 @@ def test_job_events_run_on_the_worker_with_a_working_request(
     event's request.tm and dbsession; one that raises is rolled back and
     logged, and changes nothing else."""
     worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
-    probe = Probe(worker.celery_app, redis_client)
+    probe = Probe(worker.celery_app, redis_client, worker)
     ok, failing = probe.key(), probe.key()
     ok_id, fail_id = probe.commit("evented", (ok,), (failing, True))
 
@@ -252,14 +267,46 @@ def test_job_events_run_on_the_worker_with_a_working_request(
     )
     assert probe.emails("raised:") == []
     log = worker.log
-    for event, job_id in (
+    for name, job_id in (
         ("JobStarted", ok_id),
         ("JobSucceeded", ok_id),
         ("JobStarted", fail_id),
         ("JobFailed", fail_id),
     ):
         assert (
-            f"A subscriber of {event} for job tests.jobs_probe_app.evented"
+            f"A subscriber of {name} for job tests.jobs_probe_app.evented"
             f"[{job_id}] failed; the job goes on." in log
         )
     probe.close()
+
+
+def test_a_row_committed_as_the_worker_starts_the_job_does_not_skip_it(
+    ini_vars, redis_client, tmp_path
+):
+    """A task sent without tm= (delay(), beat) gets its row after the send:
+    it may commit between the worker's UPDATE, which found no row, and its
+    read of the state.  The job is started, not skipped as if finished."""
+    app = web_app(tmp_path, ini_vars, "web")
+    jobs = app.pyramid_registry.pyramid_tasks_jobs
+    task = app.tasks["tests.jobs_probe_app.plain"]
+    job_id = task_id()
+    sender_row = jobs.row(task, job_id, ("k",), {}, {}, state="queued")
+    committed = []
+
+    def sender_commits(conn, cursor, statement, parameters, context, many):
+        if statement.startswith("UPDATE") and not committed:
+            jobs.store.insert_missing([sender_row])  # another connection
+            committed.append(job_id)
+
+    event.listen(jobs.store.engine, "after_cursor_execute", sender_commits)
+    try:
+        started = jobs.store.start(
+            {"id": job_id, "name": task.name, "args": ["k"], "kwargs": {}}
+        )
+    finally:
+        event.remove(jobs.store.engine, "after_cursor_execute", sender_commits)
+    assert committed == [job_id]
+    assert started == (1, "started")
+    row = jobs.store.get(job_id)
+    assert (row["state"], row["attempts"]) == ("started", 1)
+    app.close()
