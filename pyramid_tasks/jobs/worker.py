@@ -60,6 +60,7 @@ class JobRun:
         "request",
         "skip",
         "task",
+        "took_effect",
         "transactional",
         "was_cancelled",
     )
@@ -71,6 +72,8 @@ class JobRun:
         self.transactional = transactional
         self.attempt = None
         self.skip = False
+        # False when the job's lock found it done by another delivery.
+        self.took_effect = True
         self.last_progress = 0.0
         self.last_cancel_check = 0.0
         self.was_cancelled = False
@@ -106,7 +109,8 @@ class JobRun:
         if exc is None:
             if not self.transactional:
                 store.succeed(self.id, self.attempt)
-            self.jobs.notify(JobSucceeded, self)
+            if self.took_effect:
+                self.jobs.notify(JobSucceeded, self)
             return False
         if isinstance(exc, JobCancelled):
             log.info(
@@ -138,6 +142,7 @@ class JobRun:
                 self.id,
                 state,
             )
+            self.took_effect = False
             return False
         return True
 
