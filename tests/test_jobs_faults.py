@@ -216,9 +216,10 @@ def test_the_same_message_twice_takes_effect_once(start_worker, ini_vars, redis_
     )
     redis_client.rpush(f"{both}:go", "go")
     wait_for(
-        lambda: f"[{both_id}] is succeeded: this delivery changes" in worker.log,
-        message="the second copy to find the job done",
+        lambda: worker.log.count(f"held[{both_id}] succeeded in") == 2,
+        message="both copies to return",
     )
+    assert f"[{both_id}] is succeeded: this delivery changes nothing." in worker.log
 
     figures = counts(probe, [late, both])
     print(figures)
@@ -233,6 +234,12 @@ def test_the_same_message_twice_takes_effect_once(start_worker, ini_vars, redis_
     assert (late_row["state"], late_row["attempts"]) == ("succeeded", 1)
     assert (both_row["state"], both_row["attempts"]) == ("succeeded", 2)
     assert redis_client.llen(f"{both}:started") == 1
+    # Each delivery started; one succeeded, and only its subscribers heard.
+    assert probe.emails(f"event:{both_id}:") == [
+        f"event:{both_id}:JobStarted",
+        f"event:{both_id}:JobStarted",
+        f"event:{both_id}:JobSucceeded",
+    ]
     probe.close()
 
 
