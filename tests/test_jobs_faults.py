@@ -22,7 +22,7 @@ from sqlalchemy import event
 from pyramid_tasks.jobs.relay import Relay
 
 from .conftest import ROOT, free_port, wait_for
-from .test_jobs_worker import Probe, start_jobs_worker, web_app
+from .test_jobs_worker import Probe, web_app, worker_starter
 
 
 def counts(probe, keys, runs=None):
@@ -46,7 +46,6 @@ class RestartableRedis:
         self.folder = folder
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = None
 
     def start(self):
         arguments = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
@@ -63,11 +62,14 @@ class RestartableRedis:
         wait_for(answers, timeout=10, message=f"redis-server on port {self.port}")
         client.close()
 
-    def stop(self):
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
+    def stop(self):  # again at teardown: a no-op
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def jobs_worker(start_worker, ini_vars):
+    yield from worker_starter(start_worker, ini_vars)
 
 
 @pytest.fixture
@@ -79,14 +81,14 @@ def broker(tmp_path):
 
 
 def test_broker_down_at_commit_the_relay_sends_every_job_once_it_returns(
-    start_worker, ini_vars, redis_client, broker
+    broker, jobs_worker, ini_vars, redis_client
 ):
     """The broker stops; N requests commit at once, their jobs pending; the
     worker's relay fails to send them and backs off; the broker starts again
     on the same port and the relay sends them."""
     ini_vars["broker_url"] = broker.url
-    worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
-    probe = Probe(worker.celery_app, redis_client, worker)
+    worker = jobs_worker("-P", "solo")
+    probe = Probe(worker.celery_app, redis_client)
     broker.stop()
     keys = [probe.key() for _ in range(10)]
     ids, held = [], []
@@ -148,7 +150,7 @@ tm.commit()
 
 
 def test_web_process_killed_between_commit_and_publish(
-    start_worker, ini_vars, redis_client, tmp_path
+    jobs_worker, ini_vars, redis_client, tmp_path
 ):
     app = web_app(tmp_path, ini_vars, "web")
     probe = Probe(app, redis_client)
@@ -169,7 +171,7 @@ def test_web_process_killed_between_commit_and_publish(
     assert probe.effects(f"{key}:web") == 1
     assert redis_client.llen(ini_vars["queue"]) == 0  # never published
 
-    probe.worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
+    worker = jobs_worker("-P", "solo")
     row = probe.wait_state(job_id, "succeeded")
     figures = counts(probe, [key])
     print(figures)
@@ -181,18 +183,17 @@ def test_web_process_killed_between_commit_and_publish(
         "lost": 0,
     }
     assert row["attempts"] == 1
-    log = probe.worker.log
-    assert log.count(f"[{job_id}] was committed but not at the broker") == 1
+    assert worker.log.count(f"[{job_id}] was committed but not at the broker") == 1
     probe.close()
 
 
-def test_the_same_message_twice_takes_effect_once(start_worker, ini_vars, redis_client):
+def test_the_same_message_twice_takes_effect_once(jobs_worker, redis_client):
     """A copy delivered after the job succeeded is skipped at the start; two
     copies running at the same moment meet at the job's lock: the second
     finds it succeeded and changes nothing."""
-    worker = start_jobs_worker(start_worker, ini_vars, "-P", "threads", "-c", "2")
+    worker = jobs_worker("-P", "threads", "-c", "2")
     app = worker.celery_app
-    probe = Probe(app, redis_client, worker)
+    probe = Probe(app, redis_client)
 
     late = probe.key()
     [late_id] = probe.commit("record_once", (late,))
@@ -302,7 +303,7 @@ def test_two_relays_never_publish_a_job_twice(ini_vars, redis_client, tmp_path):
     probe.close()
 
 
-def test_cancelled_jobs_never_run(start_worker, ini_vars, redis_client, tmp_path):
+def test_cancelled_jobs_never_run(jobs_worker, ini_vars, redis_client, tmp_path):
     """A pending job (its broker was down at commit) and a queued one are
     cancelled before any worker runs: the relay skips the first, the worker
     skips the message of the second; their neighbours run."""
@@ -325,7 +326,7 @@ def test_cancelled_jobs_never_run(start_worker, ini_vars, redis_client, tmp_path
         [pending_id, queued_id]
     )
 
-    worker = probe.worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
+    worker = jobs_worker("-P", "solo")
     probe.wait_state(pending_next_id, "succeeded")  # sent by the relay
     probe.wait_state(queued_next_id, "succeeded")  # behind the cancelled one
     wait_for(

@@ -30,19 +30,32 @@ def web_app(tmp_path, ini_vars, name, settings=None, **values):
     return get_app(str(ini)).registry.celery_app
 
 
-def start_jobs_worker(start_worker, ini_vars, *args, settings=None):
-    """A worker on ``conf/test.ini#jobs_probe``; the test gets its app too."""
-    settings = {"probe.redis_url": ini_vars["redis_url"], **(settings or {})}
-    return start_worker(*args, section=SECTION, settings=settings)
+def worker_starter(start_worker, ini_vars):
+    """Start workers on ``conf/test.ini#jobs_probe`` (the test gets their app
+    too); their logs are printed at teardown, shown when the test fails."""
+    workers = []
+
+    def start(*args):
+        settings = {"probe.redis_url": ini_vars["redis_url"]}
+        workers.append(start_worker(*args, section=SECTION, settings=settings))
+        return workers[-1]
+
+    yield start
+    for worker in workers:
+        print(f"--- the log of {worker.node} ends:\n{worker.log[-5000:]}")
+
+
+@pytest.fixture
+def jobs_worker(start_worker, ini_vars):
+    yield from worker_starter(start_worker, ini_vars)
 
 
 class Probe:
     """The test's side of the probe app: send jobs, read rows and effects."""
 
-    def __init__(self, app, redis_client, worker=None):
+    def __init__(self, app, redis_client):
         self.app = app
         self.redis = redis_client
-        self.worker = worker
         registry = app.pyramid_registry
         self.store = registry.pyramid_tasks_jobs.store
         self.session_factory = registry["dbsession_factory"]
@@ -73,11 +86,11 @@ class Probe:
 
     def wait_state(self, job_id, *states, timeout=30):
         """The job's row, once its state is one of ``states``."""
-        try:
-            wait_for(lambda: self.store.state(job_id) in states, timeout=timeout)
-        except pytest.fail.Exception:
-            log = self.worker.log[-5000:] if self.worker else ""
-            pytest.fail(f"job {job_id}: {self.job(job_id)}\n{log}")
+        wait_for(
+            lambda: self.store.state(job_id) in states,
+            timeout=timeout,
+            message=f"job {job_id} to be {'/'.join(states)}",
+        )
         return self.job(job_id)
 
     def effects(self, email):
@@ -111,13 +124,13 @@ class Probe:
 
 
 def test_transactional_jobs_mark_succeeded_in_their_own_transaction(
-    start_worker, ini_vars, redis_client
+    jobs_worker, ini_vars, redis_client
 ):
     """The effect and the ``succeeded`` mark are one commit (one PostgreSQL
     transaction id); a failure rolls the effect back and records the error
     and its traceback; a job sent by name, with no row, gets one."""
-    worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
-    probe = Probe(worker.celery_app, redis_client, worker)
+    worker = jobs_worker("-P", "solo")
+    probe = Probe(worker.celery_app, redis_client)
     ok, once, failing, named = (probe.key() for _ in range(4))
     ok_id, fail_id = probe.commit("record", (ok,), (failing, "it fails"))
     [once_id] = probe.commit("record_once", (once,))
@@ -152,11 +165,9 @@ def test_transactional_jobs_mark_succeeded_in_their_own_transaction(
     probe.close()
 
 
-def test_celery_retry_marks_the_job_retrying_then_succeeded(
-    start_worker, ini_vars, redis_client
-):
-    worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
-    probe = Probe(worker.celery_app, redis_client, worker)
+def test_celery_retry_marks_the_job_retrying_then_succeeded(jobs_worker, redis_client):
+    worker = jobs_worker("-P", "solo")
+    probe = Probe(worker.celery_app, redis_client)
     key = probe.key()
     [job_id] = probe.commit("retried", (key,))
 
@@ -170,13 +181,13 @@ def test_celery_retry_marks_the_job_retrying_then_succeeded(
 
 
 def test_a_plain_task_shows_its_progress_and_job_while_it_runs(
-    start_worker, ini_vars, redis_client
+    jobs_worker, redis_client
 ):
     """The classes that are not transactional are marked in short
     transactions of their own: started and the progress are visible while
     the task runs, succeeded after."""
-    worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
-    probe = Probe(worker.celery_app, redis_client, worker)
+    worker = jobs_worker("-P", "solo")
+    probe = Probe(worker.celery_app, redis_client)
     key, plain = probe.key(), probe.key()
     [job_id] = probe.commit("watched", (key,))
 
@@ -210,12 +221,12 @@ def test_a_plain_task_shows_its_progress_and_job_while_it_runs(
     probe.close()
 
 
-def test_a_running_task_sees_its_job_cancelled(start_worker, ini_vars, redis_client):
+def test_a_running_task_sees_its_job_cancelled(jobs_worker, redis_client):
     """Cooperative cancellation: cancel_requested() turns true within about a
     second; the task returns and its row stays cancelled; a transactional
     task that returns normally is rolled back all the same."""
-    worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
-    probe = Probe(worker.celery_app, redis_client, worker)
+    worker = jobs_worker("-P", "solo")
+    probe = Probe(worker.celery_app, redis_client)
     rows = {}
     for name in ("cancellable", "watched_in_tm"):
         key = probe.key()
@@ -240,14 +251,12 @@ def test_a_running_task_sees_its_job_cancelled(start_worker, ini_vars, redis_cli
     probe.close()
 
 
-def test_job_events_run_on_the_worker_with_a_working_request(
-    start_worker, ini_vars, redis_client
-):
+def test_job_events_run_on_the_worker_with_a_working_request(jobs_worker, redis_client):
     """JobStarted, JobSucceeded and JobFailed subscribers write through the
     event's request.tm and dbsession; one that raises is rolled back and
     logged, and changes nothing else."""
-    worker = start_jobs_worker(start_worker, ini_vars, "-P", "solo")
-    probe = Probe(worker.celery_app, redis_client, worker)
+    worker = jobs_worker("-P", "solo")
+    probe = Probe(worker.celery_app, redis_client)
     ok, failing = probe.key(), probe.key()
     ok_id, fail_id = probe.commit("evented", (ok,), (failing, True))
 
