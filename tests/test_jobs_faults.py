@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 import redis
@@ -83,9 +84,10 @@ def broker(tmp_path):
 def test_broker_down_at_commit_the_relay_sends_every_job_once_it_returns(
     broker, jobs_worker, ini_vars, redis_client
 ):
-    """The broker stops; N requests commit at once, their jobs pending; the
-    worker's relay fails to send them and backs off; the broker starts again
-    on the same port and the relay sends them."""
+    """The broker stops; N requests commit at once, their jobs pending (the
+    last one with a countdown); the worker's relay fails to send them and
+    backs off; the broker starts again on the same port and the relay sends
+    them, the last one with its eta."""
     ini_vars["broker_url"] = broker.url
     worker = jobs_worker("-P", "solo")
     probe = Probe(worker.celery_app, redis_client)
@@ -93,8 +95,9 @@ def test_broker_down_at_commit_the_relay_sends_every_job_once_it_returns(
     keys = [probe.key() for _ in range(10)]
     ids, held = [], []
     for key in keys:
+        options = {"countdown": 5} if key == keys[-1] else {}
         started = time.monotonic()
-        ids += probe.commit("record", (key,), web_key=f"{key}:web")
+        ids += probe.commit("record", (key,), web_key=f"{key}:web", **options)
         held.append(time.monotonic() - started)
     print(f"commits held at most {max(held):.3f} s")
     assert max(held) < 1.0, held  # measured: 0.01 s; the bound is 0.2 s
@@ -111,8 +114,13 @@ def test_broker_down_at_commit_the_relay_sends_every_job_once_it_returns(
     assert {row["state"] for row in rows} == {"pending"}
     print("relay tries while down:", [row["publish_attempts"] for row in rows])
     broker.start()
+    # Sent with the eta the countdown gave it at the commit, still ahead.
+    probe.wait_state(ids[-1], "scheduled", timeout=20)
     for job_id in ids:
         probe.wait_state(job_id, "succeeded", timeout=60)
+    delayed = probe.job(ids[-1])
+    assert delayed["eta"] == delayed["created_at"] + timedelta(seconds=5)
+    assert delayed["started_at"] >= delayed["eta"]
     figures = counts(probe, keys)
     print(figures)
     assert figures == {
