@@ -106,9 +106,11 @@ class JobRun:
             return False
         _running.discard(self)
         store = self.jobs.store
+        # The events follow the row: none when this run's mark did not land
+        # (the job was cancelled meanwhile, or another delivery had it).
         if exc is None:
             if not self.transactional:
-                store.succeed(self.id, self.attempt)
+                self.took_effect = store.succeed(self.id, self.attempt)
             if self.took_effect:
                 self.jobs.notify(JobSucceeded, self)
             return False
@@ -122,8 +124,8 @@ class JobRun:
         if isinstance(exc, Retry):
             store.retrying(self.id, self.attempt, exc.exc)
             return False
-        store.fail(self.id, self.attempt, exc)
-        self.jobs.notify(JobFailed, self, exc)
+        if store.fail(self.id, self.attempt, exc):
+            self.jobs.notify(JobFailed, self, exc)
         return False
 
     # -- inside the task's transaction --------------------------------------
