@@ -107,14 +107,16 @@ def watched(self, key):
 
 
 @task(bind=True, base=ScheduleOnCommitTask)
-def cancellable(self, key):
+def cancellable(self, key, fail=False):
     """Work in small steps until cancel_requested() (read once before the
-    test is told it runs, then as the loop asks)."""
+    test is told it runs, then as the loop asks); raise then if ``fail``."""
     before = self.cancel_requested()
     _redis(self.get_request()).rpush(f"{key}:ready", "1")
     deadline = time.monotonic() + 30
     while not self.cancel_requested() and time.monotonic() < deadline:
         time.sleep(0.05)
+    if fail:
+        raise RuntimeError("stopped: cancelled")
     return {"before": before, "cancelled": self.cancel_requested()}
 
 
@@ -130,7 +132,10 @@ def watched_in_tm(self, key):
     return self.cancel_requested()
 
 
-EVENTED = ("tests.jobs_probe_app.evented", "tests.jobs_probe_app.held")
+EVENTED = tuple(
+    f"tests.jobs_probe_app.{name}"
+    for name in ("evented", "held", "cancellable", "watched_in_tm")
+)
 
 
 @task(bind=True, base=TransactionalTask)

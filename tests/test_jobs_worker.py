@@ -224,30 +224,43 @@ def test_a_plain_task_shows_its_progress_and_job_while_it_runs(
 
 def test_a_running_task_sees_its_job_cancelled(jobs_worker, redis_client):
     """Cooperative cancellation: cancel_requested() turns true within about a
-    second; the task returns and its row stays cancelled; a transactional
-    task that returns normally is rolled back all the same."""
+    second; the task returns (or raises) and its row stays cancelled; a
+    transactional task that returns normally is rolled back all the same.
+    Neither JobSucceeded nor JobFailed is sent for a cancelled job."""
     worker = jobs_worker("-P", "solo")
     probe = Probe(worker.celery_app, redis_client)
-    rows = {}
-    for name in ("cancellable", "watched_in_tm"):
+    runs = {}
+    for case, name, fail in (
+        ("returns", "cancellable", False),
+        ("raises", "cancellable", True),
+        ("in_tm", "watched_in_tm", False),
+    ):
         key = probe.key()
-        [job_id] = probe.commit(name, (key,))
-        wait_for(lambda k=key: redis_client.llen(f"{k}:ready"), message=name)
+        [job_id] = probe.commit(name, (key, fail) if fail else (key,))
+        wait_for(lambda k=key: redis_client.llen(f"{k}:ready"), message=case)
         assert probe.store.cancel([job_id]) == [job_id]
         redis_client.rpush(f"{key}:go", "go")
-        result = worker.celery_app.AsyncResult(job_id).get(timeout=30)
-        rows[name] = (result, probe.job(job_id), key)
+        result = worker.celery_app.AsyncResult(job_id)
+        result.get(timeout=30, propagate=False)
+        runs[case] = (result, probe.job(job_id), key)
 
-    result, row, _ = rows["cancellable"]
-    assert result == {"before": False, "cancelled": True}
-    assert (row["state"], row["attempts"], row["progress"]) == ("cancelled", 1, None)
+    result, row, _ = runs["returns"]
+    assert result.result == {"before": False, "cancelled": True}
+    assert (row["state"], row["attempts"], row["error"]) == ("cancelled", 1, None)
+    result, row, _ = runs["raises"]
+    assert repr(result.result) == "RuntimeError('stopped: cancelled')"
+    assert (row["state"], row["attempts"], row["error"]) == ("cancelled", 1, None)
     # The body saw the cancellation and returned True; the commit found the
     # job cancelled: rolled back, and the task returns None.
-    result, row, key = rows["watched_in_tm"]
-    assert result is None
+    result, row, key = runs["in_tm"]
+    assert result.result is None
     assert (row["state"], row["attempts"]) == ("cancelled", 1)
     assert (probe.runs(key), probe.effects(key)) == (1, 0)
     assert f"[{row['id']}] was cancelled while it ran: rolled back." in worker.log
+    # Each run's JobStarted, and nothing after it.
+    assert probe.emails("event:") == sorted(
+        f"event:{row['id']}:JobStarted" for _, row, _ in runs.values()
+    )
     probe.close()
 
 
