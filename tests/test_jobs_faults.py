@@ -373,3 +373,64 @@ def test_cancelled_jobs_never_run(jobs_worker, ini_vars, redis_client, tmp_path)
     down.close()
     up.close()
     probe.close()
+
+
+def test_a_job_the_relay_cannot_send_ends_dead(
+    ini_vars, redis_client, tmp_path, caplog
+):
+    """The broker never returns: after ``publish_attempts`` failed sends, each
+    backed off, the job is dead, one ERROR line each; so is a job whose task
+    this app does not know."""
+    app = web_app(
+        tmp_path,
+        ini_vars,
+        "dead",
+        {
+            "tasks.jobs.relay_grace": "0",
+            "tasks.jobs.relay_interval": "0.01",
+            "tasks.jobs.publish_attempts": "2",
+        },
+        broker_url=f"redis://127.0.0.1:{free_port()}/0",
+    )
+    probe = Probe(app, redis_client)
+    jobs = app.pyramid_registry.pyramid_tasks_jobs
+    [known_id] = probe.commit("record_once", (probe.key(),))
+    unknown = jobs.row(probe.task("record_once"), uuid(), (), {}, {})
+    unknown["name"] = "tests.jobs_probe_app.gone"
+    with jobs.store.engine.begin() as connection:
+        jobs.store.insert(connection, [unknown])
+
+    rounds = []
+
+    def both_dead():
+        rounds.append(Relay(app).run_once())
+        return sum(dead for _, _, dead in rounds) == 2
+
+    with caplog.at_level("WARNING", logger="pyramid_tasks.jobs.relay"):
+        wait_for(both_dead, timeout=10, message="both jobs to be dead")
+    figures = {
+        "scheduled": 2,
+        "sent": sum(sent for _, sent, _ in rounds),
+        "dead": sum(dead for _, _, dead in rounds),
+        "rounds": len(rounds),
+    }
+    print(figures)
+    assert (figures["sent"], figures["dead"]) == (0, 2)
+    for job_id in (known_id, unknown["id"]):
+        row = probe.job(job_id)
+        assert (row["state"], row["publish_attempts"]) == ("dead", 2)
+        assert row["finished_at"] is not None
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert sorted(errors) == sorted(
+        f"Job {name}[{job_id}] is dead: the relay could not send it in 2 attempts."
+        for name, job_id in (
+            ("tests.jobs_probe_app.record_once", known_id),
+            ("tests.jobs_probe_app.gone", unknown["id"]),
+        )
+    )
+    assert (
+        f"Job tests.jobs_probe_app.gone[{unknown['id']}]: no task of that name is "
+        "registered here." in caplog.text
+    )
+    app.close()
+    probe.close()
