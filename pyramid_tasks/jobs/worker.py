@@ -72,7 +72,8 @@ class JobRun:
         self.transactional = transactional
         self.attempt = None
         self.skip = False
-        # False when the job's lock found it done by another delivery.
+        # False when this run's mark did not land: the lock found the job
+        # done (another delivery) or cancelled, or it was cancelled meanwhile.
         self.took_effect = True
         self.last_progress = 0.0
         self.last_cancel_check = 0.0
