@@ -184,27 +184,30 @@ class JobStore:
             "progress_message": None,
         }
         with explain_missing_table(self.engine), self.marking() as connection:
-            attempt = self._mark_started(connection, row["id"], values)
-            if attempt is None and self.state(row["id"], connection) is None:
-                # Sent without a row: made now.  A concurrent delivery of the
-                # same message may make it first; then this one sees it.
-                connection.execute(
-                    self._insert_ignore(
-                        [{**row, "state": QUEUED, "created_at": now, "attempts": 0}]
+            # Each statement sees what committed before it: another pass
+            # comes only after a concurrent writer changed the row.
+            while True:
+                attempt = connection.execute(
+                    update(_table)
+                    .where(_c.id == row["id"], _c.state.in_(RUNNABLE))
+                    .values(values)
+                    .returning(_c.attempts)
+                ).scalar_one_or_none()
+                if attempt is not None:
+                    return attempt, STARTED
+                state = self.state(row["id"], connection)
+                if state is None:
+                    # Sent without a row: created now (or by a concurrent
+                    # delivery of the same message first), then started.
+                    connection.execute(
+                        self._insert_ignore(
+                            [{**row, "state": QUEUED, "created_at": now, "attempts": 0}]
+                        )
                     )
-                )
-                attempt = self._mark_started(connection, row["id"], values)
-            if attempt is None:
-                return None, self.state(row["id"], connection)
-            return attempt, STARTED
-
-    def _mark_started(self, connection, job_id, values):
-        return connection.execute(
-            update(_table)
-            .where(_c.id == job_id, _c.state.in_(RUNNABLE))
-            .values(values)
-            .returning(_c.attempts)
-        ).scalar_one_or_none()
+                elif state not in RUNNABLE:
+                    return None, state
+                # Else the row was committed after the UPDATE looked (a task
+                # sent without tm= writes it after the send): start it.
 
     def lock(self, connection, job_id):
         """Lock ``job_id`` for the transaction of ``connection``; its state.

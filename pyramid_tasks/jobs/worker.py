@@ -64,6 +64,7 @@ class JobRun:
         "request",
         "skip",
         "task",
+        "took_effect",
         "transactional",
         "was_cancelled",
     )
@@ -75,6 +76,9 @@ class JobRun:
         self.transactional = transactional
         self.attempt = None
         self.skip = False
+        # False when this run's mark did not land: the lock found the job
+        # done (another delivery) or cancelled, or it was cancelled meanwhile.
+        self.took_effect = True
         self.last_progress = 0.0
         self.last_cancel_check = 0.0
         self.was_cancelled = False
@@ -114,10 +118,13 @@ class JobRun:
             return False
         _running.discard(self)
         store = self.jobs.store
+        # The events follow the row: none when this run's mark did not land
+        # (the job was cancelled meanwhile, or another delivery had it).
         if exc is None:
             if not self.transactional:
-                store.succeed(self.id, self.attempt)
-            self.jobs.notify(JobSucceeded, self)
+                self.took_effect = store.succeed(self.id, self.attempt)
+            if self.took_effect:
+                self.jobs.notify(JobSucceeded, self)
             return False
         if isinstance(exc, JobCancelled):
             log.info(
@@ -139,8 +146,8 @@ class JobRun:
             except Exception as error:  # still down: the lease expires
                 log.debug("Job %s: not marked retrying: %s", self.id, error)
             self._send_again(exc)
-        store.fail(self.id, self.attempt, exc)
-        self.jobs.notify(JobFailed, self, exc)
+        if store.fail(self.id, self.attempt, exc):
+            self.jobs.notify(JobFailed, self, exc)
         return False
 
     def _send_again(self, exc):
@@ -186,6 +193,7 @@ class JobRun:
                 self.id,
                 state,
             )
+            self.took_effect = False
             return False
         return True
 
