@@ -80,7 +80,10 @@ class Probe:
             if web_key is not None:
                 get_tm_session(self.session_factory, tm).add(Order(email=web_key))
             task = self.task(name)
-            return [task.apply_async(args, tm=tm, **options).id for args in calls]
+            ids = [task.apply_async(args, tm=tm, **options).id for args in calls]
+        # The rows the broker took are marked queued by the marker thread.
+        assert self.app.pyramid_registry.pyramid_tasks_jobs.flush(10)
+        return ids
 
     def job(self, job_id):
         return self.store.get(job_id)
