@@ -54,9 +54,11 @@ class JobRun:
 
     __slots__ = (
         "attempt",
+        "done_before",
         "jobs",
         "last_cancel_check",
         "last_progress",
+        "progress_unrecorded",
         "request",
         "skip",
         "task",
@@ -74,6 +76,9 @@ class JobRun:
         self.last_progress = 0.0
         self.last_cancel_check = 0.0
         self.was_cancelled = False
+        # The lock found the job finished by another delivery, or cancelled.
+        self.done_before = False
+        self.progress_unrecorded = False
 
     @property
     def id(self):
@@ -106,7 +111,8 @@ class JobRun:
         if exc is None:
             if not self.transactional:
                 store.succeed(self.id, self.attempt)
-            self.jobs.notify(JobSucceeded, self)
+            if not self.done_before:
+                self.jobs.notify(JobSucceeded, self)
             return False
         if isinstance(exc, JobCancelled):
             log.info(
@@ -138,6 +144,7 @@ class JobRun:
                 self.id,
                 state,
             )
+            self.done_before = True
             return False
         return True
 
@@ -151,6 +158,19 @@ class JobRun:
     # -- from the body ------------------------------------------------------
 
     def set_progress(self, current, total=None, message=None):
+        if self.transactional and self.jobs.store.dialect == "sqlite":
+            # SQLite has one writer: the task's own transaction holds the
+            # lock until the body ends, so the write could only wait for it
+            # and fail the task with "database is locked".
+            if not self.progress_unrecorded:
+                self.progress_unrecorded = True
+                log.warning(
+                    "Job %s[%s]: progress is not recorded on SQLite while a "
+                    "transactional task holds the database.",
+                    self.task.name,
+                    self.id,
+                )
+            return
         progress = round(100 * current / total) if total else round(current)
         progress = max(0, min(100, progress))
         now = time.monotonic()
