@@ -69,9 +69,7 @@ def with_password(database_url):
     """``database_url`` with a password to mask (PostgreSQL's trust
     authentication ignores one it did not ask for)."""
     url = sqlalchemy.make_url(database_url)
-    if url.password is None:
-        url = url.set(password="s3cret-never-shown")
-    return url
+    return url.set(password=url.password or "s3cret-never-shown")
 
 
 def indexes(engine, schema=None):
