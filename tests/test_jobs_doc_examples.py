@@ -8,9 +8,11 @@ the same worker-side code a delivered message goes through.
 
 import itertools
 import logging
+import re
 import sys
 import textwrap
 import types
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from sqlalchemy.orm import declarative_base
 from pyramid_tasks import RetryableTransactionTask
 from pyramid_tasks.jobs import Job, JobStarted, JobSucceeded, metadata
 from pyramid_tasks.jobs.relay import install
+from pyramid_tasks.settings import JobsSettings, parse_jobs_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "jobs.rst"
@@ -214,3 +217,15 @@ def test_an_embedded_beat_runs_no_relay_of_its_own(tmp_path, example):
         assert app.pyramid_beat_relay is None
     finally:
         relay.stop()
+
+
+def test_the_settings_shown_are_every_setting_and_its_default():
+    text = DOC.read_text()
+    ini = dict(re.findall(r"^    (tasks\.jobs\.\w+) = (\S+)$", text, re.M))
+    python = dict(re.findall(r'^        "(tasks\.jobs\.\w+)": "([^"]+)",$', text, re.M))
+
+    assert ini == python
+    assert sorted(ini) == sorted(f"tasks.jobs.{f.name}" for f in fields(JobsSettings))
+    assert parse_jobs_settings(ini) == JobsSettings()
+    for key, value in ini.items():
+        assert f"``{key}`` (``{value}``)" in text  # described, with its default
