@@ -210,6 +210,12 @@ def main_jobs(ours, jobs_args):
         config_uri, variables, _ = parse_args([*ours, "--"])
         app = load(config_uri, variables)
         return jobs_cli.run(app, options)
+    except SQLAlchemyError as exc:  # the database, at the command's work
+        print(
+            f"tasks-celery: error: jobs {options.command}: {_describe(exc)}",
+            file=sys.stderr,
+        )
+        return 1
     except UsageError as exc:
         print(f"tasks-celery: error: {exc}\nusage: {jobs_cli.USAGE}", file=sys.stderr)
         return 1

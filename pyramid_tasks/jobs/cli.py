@@ -22,7 +22,10 @@ class _Parser(argparse.ArgumentParser):
 
 def parser():
     parser = _Parser(prog="tasks-celery CONFIG_URI jobs", usage=USAGE)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Each command's own usage line: "... jobs init-db [-h]".
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", prog=USAGE.removesuffix(" COMMAND ...")
+    )
     commands.required = True
     commands.add_parser(
         "init-db",
@@ -55,13 +58,17 @@ def run(app, options, out=sys.stdout):
 
 def init_db(jobs, options, out):
     engine = jobs.store.engine
-    where = mask_secrets(engine.url.render_as_string(hide_password=True))
-    table = Job.__tablename__
-    if inspect(engine).has_table(table):
-        print(f"Table {table} already exists in {where}.", file=out)
-        return 0
-    metadata.create_all(engine)
-    print(f"Created table {table} in {where}.", file=out)
+    url = mask_secrets(engine.url.render_as_string(hide_password=True))
+    with engine.begin() as connection:
+        # The schema the table goes to: an engine's schema_translate_map
+        # (the demo's demo.schema) moves it out of the default one.
+        schema = connection.schema_for_object(Job.__table__)
+        table = f"{schema}.{Job.__tablename__}" if schema else Job.__tablename__
+        if inspect(connection).has_table(Job.__tablename__, schema=schema):
+            print(f"Table {table} already exists in {url}.", file=out)
+            return 0
+        metadata.create_all(connection)
+    print(f"Created table {table} in {url}.", file=out)
     return 0
 
 

@@ -61,6 +61,7 @@ class JobRun:
         "jobs",
         "last_cancel_check",
         "last_progress",
+        "progress_unrecorded",
         "request",
         "skip",
         "task",
@@ -82,6 +83,7 @@ class JobRun:
         self.last_progress = 0.0
         self.last_cancel_check = 0.0
         self.was_cancelled = False
+        self.progress_unrecorded = False
 
     @property
     def id(self):
@@ -207,6 +209,19 @@ class JobRun:
     # -- from the body ------------------------------------------------------
 
     def set_progress(self, current, total=None, message=None):
+        if self.transactional and self.jobs.store.dialect == "sqlite":
+            # SQLite has one writer: the task's own transaction holds the
+            # lock until the body ends, so the write could only wait for it
+            # and fail the task with "database is locked".
+            if not self.progress_unrecorded:
+                self.progress_unrecorded = True
+                log.warning(
+                    "Job %s[%s]: progress is not recorded on SQLite while a "
+                    "transactional task holds the database.",
+                    self.task.name,
+                    self.id,
+                )
+            return
         progress = round(100 * current / total) if total else round(current)
         progress = max(0, min(100, progress))
         now = time.monotonic()
