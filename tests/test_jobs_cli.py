@@ -110,11 +110,16 @@ def test_init_db_on_postgresql_creates_the_table_once(
     database_url, pg_schema, tmp_path
 ):
     url = with_password(database_url)
+    engine = sqlalchemy.create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE SCHEMA "{pg_schema}"'))
+    engine.dispose()
     ini = write_ini(
         tmp_path / "pg.ini",
         url.render_as_string(hide_password=False),
         f"demo.schema = {pg_schema}",
-        "demo.create_tables = true",  # the schema and the demo's own tables
+        # The demo would create the job table with its own at start.
+        "demo.create_tables = false",
     )
     masked = url.render_as_string(hide_password=True)
     table = f"{pg_schema}.pyramid_tasks_job"

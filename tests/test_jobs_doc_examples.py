@@ -16,8 +16,6 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from celery import signals
-from celery.beat import Service
 from pyramid.config import Configurator
 from pyramid.scripting import prepare
 from sqlalchemy import Column, Integer, Text, func, select
@@ -25,7 +23,6 @@ from sqlalchemy.orm import declarative_base
 
 from pyramid_tasks import RetryableTransactionTask
 from pyramid_tasks.jobs import Job, JobStarted, JobSucceeded, metadata
-from pyramid_tasks.jobs.relay import install
 from pyramid_tasks.settings import JobsSettings, parse_jobs_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,28 +192,6 @@ def test_on_sqlite_a_transactional_task_runs_without_recording_progress(
         f"Job tests_jobs_doc_example.import_rows[{job_id}]: progress is not "
         "recorded on SQLite while a transactional task holds the database."
     ]
-
-
-def test_an_embedded_beat_runs_no_relay_of_its_own(tmp_path, example):
-    settings = {
-        "sqlalchemy.url": f"sqlite:///{tmp_path}/app.sqlite",
-        "tasks.jobs.relay_interval": "1h",
-    }
-    registry, _engine = make_app(settings, example)
-    app = registry.celery_app
-    install(app)
-    beat = Service(app)
-
-    signals.beat_init.send(sender=beat)  # a beat process of its own
-    relay = app.pyramid_beat_relay
-    try:
-        assert relay.thread.is_alive()
-        signals.beat_embedded_init.send(sender=beat)  # worker -B's beat
-        signals.beat_embedded_init.send(sender=beat)  # nothing left to stop
-        assert not relay.thread.is_alive()
-        assert app.pyramid_beat_relay is None
-    finally:
-        relay.stop()
 
 
 def test_the_settings_shown_are_every_setting_and_its_default():

@@ -163,14 +163,4 @@ def install(app):
         ):
             app.pyramid_beat_relay = Relay(app).start()
 
-    def stop_in_embedded_beat(sender=None, **kwargs):
-        # ``worker -B``: beat_init, then this, in the beat process the worker
-        # forked.  The worker's own relay serves: one relay per worker keeps
-        # SQLite, which has no SKIP LOCKED, to one.
-        relay = getattr(app, "pyramid_beat_relay", None)
-        if sender is not None and sender.app is app and relay is not None:
-            relay.stop()
-            app.pyramid_beat_relay = None
-
     signals.beat_init.connect(start_in_beat, weak=False)
-    signals.beat_embedded_init.connect(stop_in_embedded_beat, weak=False)
