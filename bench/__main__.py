@@ -5,13 +5,14 @@ Needs the Redis (and, for the worker scenarios, PostgreSQL) the test suite uses.
 
 import argparse
 
-from . import dispatch, worker
+from . import dispatch, jobs, worker
 from .harness import header, save
 
 GROUPS = {
     "dispatch": dispatch.run,  # 3, 4
     "worker": worker.run,  # 1, 2, 6, 7
     "peer": worker.run_peer,  # 8
+    "jobs": jobs.run,  # P5, P9: durable mode against not
 }
 
 
@@ -33,6 +34,8 @@ def main(argv=None):
         for scenario in run(args.quick):
             scenarios.append(scenario)
             print(scenario.row(), flush=True)
+            if scenario.note:
+                print(f"    {scenario.note}", flush=True)
     print(f"\nresults: {save(scenarios, args.quick)}")
 
 

@@ -2,7 +2,8 @@
 
 Both run the same work on the same broker and database: a no-op, and one
 INSERT through SQLAlchemy.  Settings come from the environment (plain) and
-from ``bench/bench.ini`` with ``--var`` (ours).
+from ``bench/bench.ini`` with ``--var`` (ours).  ``bench.durable = true``
+includes ``pyramid_tasks.jobs`` (durable mode, scenarios P5 and P9).
 """
 
 import os
@@ -10,6 +11,7 @@ import os
 import redis
 from celery import Celery
 from pyramid.config import Configurator
+from pyramid.settings import asbool
 from sqlalchemy import create_engine, insert
 from sqlalchemy.orm import sessionmaker
 
@@ -67,6 +69,12 @@ def main(global_config, **settings):
         # carries its request's manager (the cookiecutter registers each
         # session: about 0.1 ms a task).
         factory = register_factory(sessionmaker(bind=engine))
+        config.registry["bench_dbsession_factory"] = factory
+        if asbool(settings.get("bench.durable", False)):
+            config.registry.settings.setdefault(
+                "tasks.jobs.session_factory", "bench_dbsession_factory"
+            )
+            config.include("pyramid_tasks.jobs")
 
         def dbsession(request):
             return get_tm_session(factory, request.tm, request=request)

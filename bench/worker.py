@@ -12,6 +12,8 @@ import redis
 import sqlalchemy
 from celery import Celery
 
+from pyramid_tasks.jobs import metadata as jobs_metadata
+
 from .dispatch import REDIS_URL
 from .harness import Scenario, alternate
 from .schema import metadata
@@ -59,17 +61,20 @@ def _peer_ini(queue, schema):
 
 
 class Worker:
-    def __init__(self, variant, queue, schema):
+    def __init__(
+        self, variant, queue, schema, redis_url=REDIS_URL, database_url=DATABASE_URL
+    ):
         self.node = f"bench-{variant}-{uuid.uuid4().hex[:6]}@localhost"
         bin_dir = Path(sys.executable).parent
         env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
-            "BENCH_REDIS_URL": REDIS_URL,
-            "BENCH_DATABASE_URL": DATABASE_URL,
+            "BENCH_REDIS_URL": redis_url,
+            "BENCH_DATABASE_URL": database_url,
             "BENCH_SCHEMA": schema,
             "BENCH_QUEUE": queue,
         }
+        # "ours" and "durable" (pyramid_tasks.jobs included): tasks-celery.
         if variant == "plain":
             command = [str(bin_dir / "celery"), "-A", "bench.apps:plain", "worker"]
         elif variant == "peer":
@@ -77,10 +82,11 @@ class Worker:
             command += ["worker", "--ini", str(_peer_ini(queue, schema))]
         else:
             variables = {
-                "redis_url": REDIS_URL,
-                "database_url": DATABASE_URL,
+                "redis_url": redis_url,
+                "database_url": database_url,
                 "schema": schema,
                 "queue": queue,
+                "durable": str(variant == "durable").lower(),
             }
             command = [str(bin_dir / "tasks-celery"), str(ROOT / "bench" / "bench.ini")]
             for name, value in variables.items():
@@ -116,20 +122,23 @@ def wait_for(predicate, timeout=120):
 
 
 class Bench:
-    def __init__(self):
-        self.redis = redis.Redis.from_url(REDIS_URL)
-        self.sender = Celery("bench_sender", broker=REDIS_URL, set_as_current=False)
+    def __init__(self, redis_url=REDIS_URL, database_url=DATABASE_URL):
+        self.redis_url, self.database_url = redis_url, database_url
+        self.redis = redis.Redis.from_url(redis_url)
+        self.sender = Celery("bench_sender", broker=redis_url, set_as_current=False)
         self.schema = f"bench_{uuid.uuid4().hex[:8]}"
-        self.engine = sqlalchemy.create_engine(DATABASE_URL)
+        self.engine = sqlalchemy.create_engine(database_url)
         with self.engine.begin() as connection:
             connection.execute(sqlalchemy.text(f'CREATE SCHEMA "{self.schema}"'))
             connection.execute(sqlalchemy.text(f'SET search_path TO "{self.schema}"'))
             metadata.create_all(connection)
+            jobs_metadata.create_all(connection)  # durable mode's table
 
     def close(self):
         with self.engine.begin() as connection:
             connection.execute(sqlalchemy.text(f'DROP SCHEMA "{self.schema}" CASCADE'))
         self.engine.dispose()
+        self.redis.close()
 
     def fill(self, queue, task, count):
         """``count`` messages of ``task`` then a marker; returns the marker key."""
@@ -152,10 +161,12 @@ class Bench:
         assert worker.process.poll() is None, "worker died"
         return self.sender.control.ping(destination=[worker.node], timeout=0.2)
 
-    def drain(self, worker, task, count):
-        """Milliseconds per task to drain a queue of ``count`` tasks."""
+    def drain(self, worker, task, count, fill=None):
+        """Milliseconds per task to drain a queue of ``count`` tasks, sent by
+        ``fill(queue, task, count)`` (returns the marker key; default
+        :meth:`fill`)."""
         queue = f"bench_q_{uuid.uuid4().hex[:8]}"
-        key = self.fill(queue, task, count)
+        key = (fill or self.fill)(queue, task, count)
         start = time.perf_counter()
         self.sender.control.add_consumer(queue, destination=[worker.node], reply=True)
         wait_for(lambda: self.done(key))
@@ -166,10 +177,13 @@ class Bench:
         self.redis.delete(queue, key)
         return elapsed * 1000 / count
 
+    def worker(self, variant, queue):
+        return Worker(variant, queue, self.schema, self.redis_url, self.database_url)
+
     def start_workers(self, *variants):
         """Workers of ``variants`` on an idle queue, once each answers ping."""
         idle = f"bench_idle_{uuid.uuid4().hex[:8]}"
-        workers = {v: Worker(v, idle, self.schema) for v in variants}
+        workers = {v: self.worker(v, idle) for v in variants}
         for worker in workers.values():
             wait_for(lambda w=worker: self.ping(w))
         return workers
@@ -190,7 +204,7 @@ class Bench:
         """Seconds from launching a worker to its first task done."""
         queue = f"bench_q_{uuid.uuid4().hex[:8]}"
         key = self.fill(queue, "bench.noop", 0)
-        worker = Worker(variant, queue, self.schema)
+        worker = self.worker(variant, queue)
         wait_for(lambda: self.done(key))
         elapsed = time.perf_counter() - worker.started
         worker.stop()
