@@ -2,10 +2,10 @@
 
 At the commit of a transaction that scheduled tasks, the rows are inserted
 through the SQLAlchemy session already joined to it (the same connection,
-the same COMMIT), one multi-row INSERT.  After the commit the batch is
-published with a short bound and the rows confirmed by the broker are
-marked ``queued`` in one UPDATE, from a thread of its own; what the broker
-did not take stays ``pending`` for the relay.
+the same COMMIT), one INSERT executed for all of them.  After the commit
+the batch is published with a short bound and the rows confirmed by the
+broker are marked ``queued`` in one UPDATE, from a thread of its own; what
+the broker did not take stays ``pending`` for the relay.
 """
 
 import atexit
