@@ -1,0 +1,34 @@
+"""The durable-mode benchmark (``python -m bench --only jobs``) runs, with tiny
+counts: its scenarios measure what they say, on real workers, PostgreSQL and
+Redis.  The figures themselves are the benchmark's business, not the suite's."""
+
+import sqlalchemy
+
+from bench import jobs
+from bench.worker import Bench
+from pyramid_tasks.jobs import Job
+
+
+def test_the_durable_scenarios_run_with_tiny_counts(redis_url, database_url):
+    bench = Bench(redis_url, database_url)  # its own schema, its own queues
+    try:
+        scenarios = jobs.run(False, sizes=((2, 3), (2, 5), (2, 20)), bench=bench)
+        table = Job.__table__
+        with bench.engine.connect() as connection:
+            connection.execute(sqlalchemy.text(f'SET search_path TO "{bench.schema}"'))
+            drained = connection.execute(
+                sqlalchemy.select(sqlalchemy.func.count())
+                .select_from(table)
+                .where(table.c.name == "bench.insert", table.c.state == "succeeded")
+            ).scalar_one()
+    finally:
+        bench.close()
+    names = [scenario.name.split(":")[0] for scenario in scenarios]
+    rounds = [(len(s.baseline), len(s.ours)) for s in scenarios]
+    print(f"scenarios {names}, rounds {rounds}, durable jobs drained {drained}")
+    assert names == ["P5 web", "P5 web", "P5 worker", "P9"]
+    assert rounds == [(2, 2)] * 4
+    assert all(value > 0 for s in scenarios for value in s.baseline + s.ours)
+    # The durable worker ran and marked every job it drained: a warm-up of 5,
+    # then two rounds of 5 (P9 checks its own rows: all queued).
+    assert drained == 5 + 2 * 5
