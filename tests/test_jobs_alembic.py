@@ -87,7 +87,10 @@ def downgrade():
 # columns are plain JSON in the database.
 PRIVATE_TYPE = "pyramid_tasks.jobs.model._KombuJSON()"
 
-UNFINISHED = "state IN ('pending', 'queued', 'scheduled', 'started', 'retrying')"
+UNFINISHED = (
+    "unique_key IS NOT NULL AND "
+    "state IN ('pending', 'queued', 'scheduled', 'started', 'retrying')"
+)
 INDEXES = {
     "ix_pyramid_tasks_job_state_created": (["state", "created_at"], False),
     "ix_pyramid_tasks_job_queue_state": (["queue", "state"], False),

@@ -84,6 +84,7 @@ def check_indexes(found, where_key):
     where = str(found["ix_pyramid_tasks_job_unique_key"]["dialect_options"][where_key])
     assert all(f"'{state}'" in where for state in UNFINISHED), where
     assert "succeeded" not in where
+    assert "unique_key IS NOT NULL" in where, where
     for name, ix in found.items():
         if name != "ix_pyramid_tasks_job_unique_key":
             assert not ix["dialect_options"].get(where_key), name

@@ -85,7 +85,11 @@ class _Base(DeclarativeBase):
     metadata = metadata
 
 
-_unfinished = text("state IN ('pending', 'queued', 'scheduled', 'started', 'retrying')")
+# Rows without a key (most) take no entry of the unique index.
+_unfinished = text(
+    "unique_key IS NOT NULL AND "
+    "state IN ('pending', 'queued', 'scheduled', 'started', 'retrying')"
+)
 
 
 class Job(_Base):
