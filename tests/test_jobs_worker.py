@@ -259,7 +259,7 @@ def test_a_running_task_sees_its_job_cancelled(jobs_worker, redis_client):
     assert result.result is None
     assert (row["state"], row["attempts"]) == ("cancelled", 1)
     assert (probe.runs(key), probe.effects(key)) == (1, 0)
-    assert f"[{row['id']}] was cancelled while it ran: rolled back." in worker.log
+    assert f"[{row['id']}] became cancelled while it ran: rolled back." in worker.log
     # Each run's JobStarted, and nothing after it.
     assert probe.emails("event:") == sorted(
         f"event:{row['id']}:JobStarted" for _, row, _ in runs.values()

@@ -34,7 +34,14 @@ CANCEL_CHECK_INTERVAL = 1.0
 
 
 class JobCancelled(Exception):
-    """The job was cancelled while its transactional body ran: rolled back."""
+    """The job stopped being runnable while its transactional body ran (an
+    operator cancelled it, or another delivery finished it first): the
+    body's transaction is rolled back.  ``state`` is the job's state."""
+
+    def __init__(self, job_id, state):
+        super().__init__(job_id, state)
+        self.job_id = job_id
+        self.state = state
 
 
 def durable_task_options(base, options):
@@ -130,9 +137,10 @@ class JobRun:
             return False
         if isinstance(exc, JobCancelled):
             log.info(
-                "Job %s[%s] was cancelled while it ran: rolled back.",
+                "Job %s[%s] became %s while it ran: rolled back.",
                 self.task.name,
                 self.id,
+                exc.state,
             )
             return True  # the task returns None
         if isinstance(exc, Retry):
@@ -202,8 +210,9 @@ class JobRun:
     def succeed_in(self, request):
         """Write ``succeeded`` in ``request.tm``'s transaction."""
         session = self._session(request)
-        if not self.jobs.store.succeed_in(session.connection(), self.id):
-            raise JobCancelled(self.id)
+        connection = session.connection()
+        if not self.jobs.store.succeed_in(connection, self.id):
+            raise JobCancelled(self.id, self.jobs.store.state(self.id, connection))
         mark_changed(session)
 
     # -- from the body ------------------------------------------------------
