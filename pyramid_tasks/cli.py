@@ -211,8 +211,11 @@ def main_jobs(ours, jobs_args):
         app = load(config_uri, variables)
         return jobs_cli.run(app, options)
     except SQLAlchemyError as exc:  # the database, at the command's work
+        from .jobs.store import one_line
+
         print(
-            f"tasks-celery: error: jobs {options.command}: {_describe(exc)}",
+            f"tasks-celery: error: jobs {options.command}: "
+            f"{type(exc).__name__}: {one_line(exc)}",
             file=sys.stderr,
         )
         return 1

@@ -3,6 +3,7 @@
 import functools
 
 import venusian
+from pyramid.exceptions import ConfigurationError
 from pyramid.threadlocal import get_current_registry
 
 __all__ = ["TaskHandle", "TaskNotRegistered", "task"]
@@ -91,6 +92,12 @@ def task(func=None, /, **options):
 
         def callback(scanner, name, ob):
             config = scanner.config.with_package(ob.__module__)
+            if "add_task" not in getattr(config.registry, "_directives", {}):
+                raise ConfigurationError(
+                    f"config.scan() found {ob!r}, but the app does not include "
+                    "pyramid_tasks: add config.include('pyramid_tasks') (or "
+                    "pyramid_tasks.jobs) before the scan."
+                )
             config.add_task(ob, **options)
 
         # venusian matches callbacks by identity: attach to what we return.

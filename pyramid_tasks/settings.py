@@ -329,7 +329,9 @@ def parse_tasks_settings(settings, prefix=TASKS_PREFIX):
             continue
         name = key[len(prefix) :]
         if name not in _TASKS_KEYS:
-            raise _unknown_key(key, name, [*_TASKS_KEYS, "beat.<name>.task"], prefix)
+            candidates = [*_TASKS_KEYS, "beat.<name>.task"]
+            candidates += [f"jobs.{job_key}" for job_key in _JOBS_KEYS]
+            raise _unknown_key(key, name, candidates, prefix)
         field, parse = _TASKS_KEYS[name]
         values[field] = parse(key, value)
     parsed = TasksSettings(**values)

@@ -404,3 +404,14 @@ def test_a_route_to_a_queue_object_is_left_as_it_is():
     router = app.conf.task_routes[0]
     router.routers.append(lambda *a, **k: {"queue": special})
     assert router("x", (), {}, {}) == {"queue": special}
+
+
+def test_a_scan_without_the_include_says_what_is_missing():
+    config = Configurator(settings={"celery.broker_url": "memory://"})
+    with pytest.raises(ConfigurationError) as info:
+        config.scan("tests.pkgs.scanned")
+    assert str(info.value) == (
+        "config.scan() found <@task tests.pkgs.scanned.add>, but the app does "
+        "not include pyramid_tasks: add config.include('pyramid_tasks') (or "
+        "pyramid_tasks.jobs) before the scan."
+    )

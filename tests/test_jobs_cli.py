@@ -236,3 +236,20 @@ def test_a_word_jobs_after_double_dash_goes_to_celery(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"Usage: tasks-celery {ini} -- ")
     assert "No such command 'jobs'" in err
+
+
+def test_a_database_error_is_its_own_first_line(database_url, pg_schema, tmp_path):
+    """The schema named by demo.schema does not exist: init-db does not make
+    it, and says so in one line, without the SQL."""
+    url = with_password(database_url)
+    ini = write_ini(
+        tmp_path / "noschema.ini",
+        url.render_as_string(hide_password=False),
+        f"demo.schema = {pg_schema}",
+        "demo.create_tables = false",
+    )
+    status, out, err = run_jobs(ini, "init-db", cwd=tmp_path)
+    print(err)
+    assert (status, out) == (1, "")
+    assert err.startswith("tasks-celery: error: jobs init-db: ProgrammingError: ")
+    assert "CREATE TABLE" not in err and len(err.splitlines()) == 1

@@ -204,9 +204,12 @@ def test_worker_killed_mid_task_without_acks_late_is_requeued_by_the_relay(
     jobs.go(key)  # the rerun goes straight through
     second = start()
     wait_for(lambda: jobs.row(job_id)["state"] == "succeeded", message="the rerun")
-    assert f"Job {job_id} was started by" in second.log
+    assert f"Job {EFFECT_ACKED_EARLY}[{job_id}] was started by" in second.log
     assert "which sent no heartbeat for 2 s: re-queued." in second.log
-    assert f"Job {EFFECT_ACKED_EARLY}[{job_id}] was committed but not" in second.log
+    assert (
+        f"Job {EFFECT_ACKED_EARLY}[{job_id}] was re-queued: the relay sent it again."
+        in second.log
+    )
     counts = figures(1, len(jobs.started(key)), None, [jobs.effects(key)])
     assert counts == {
         "scheduled": 1,

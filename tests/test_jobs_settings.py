@@ -288,3 +288,13 @@ def test_bad_jobs_settings_fail_the_configuration():
         {"tasks.jobs.lease": "forever"}, dbsession_factory=SESSION_FACTORY
     )
     assert "Invalid setting tasks.jobs.lease = 'forever'" in message
+
+
+def test_a_tasks_key_missing_the_s_of_jobs_is_pointed_at_it():
+    from pyramid_tasks.settings import parse_tasks_settings
+
+    with pytest.raises(ConfigurationError) as info:
+        parse_tasks_settings({"tasks.job.lease": "1"})
+    assert str(info.value) == (
+        "Unknown setting tasks.job.lease: did you mean tasks.jobs.lease?"
+    )

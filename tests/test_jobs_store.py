@@ -319,3 +319,27 @@ def test_tasks_run_by_the_testing_helpers_run_every_time(database_url, pg_schema
     assert captured.run() == (7,)
     engine = registry["dbsession_factory"].kw["bind"]
     assert not sqlalchemy.inspect(engine).has_table("pyramid_tasks_job")
+
+
+def test_a_relay_without_its_table_says_what_to_do_and_backs_off(jobs_app, caplog):
+    app, engine, _queue, _client = jobs_app
+    Job.__table__.drop(engine)
+    relay = Relay(app)
+    relay.settings = type(relay.settings)(relay_interval=0.01)
+    caplog.set_level(logging.INFO, "pyramid_tasks")
+    relay.start()
+    wait_for(
+        lambda: len([r for r in caplog.records if r.levelname == "ERROR"]) >= 3,
+        message="three failed rounds",
+    )
+    relay.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0].startswith("Job relay started: every 0.01 s, on postgresql")
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors[0].startswith(
+        "The job relay's round failed (tried again in 0.02 s): The job table "
+        "pyramid_tasks_job does not exist in postgresql"
+    )
+    assert "tried again in 0.04 s" in errors[1]
+    assert "tasks-celery CONFIG jobs init-db" in errors[0]
+    assert "SELECT" not in errors[0]  # the database's message, not the SQL

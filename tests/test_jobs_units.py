@@ -95,3 +95,35 @@ def test_the_task_api_outside_a_tracked_run(database_url, pg_schema):
     # A tracked eager run asking about another task gets nothing of its own.
     assert task.apply(("other",)).get() == {"job": None, "cancel_requested": False}
     Relay(durable).stop()  # never started: nothing to stop
+
+
+def tx_body(self):
+    return "ran"
+
+
+def test_a_wrong_request_session_is_named(database_url, pg_schema):
+    from pyramid.exceptions import ConfigurationError
+
+    from pyramid_tasks import TransactionalTask
+
+    config = Configurator(
+        settings={
+            "sqlalchemy.url": database_url,
+            "demo.schema": pg_schema,
+            "demo.create_tables": "true",
+            "celery.broker_url": "memory://",
+            "celery.task_always_eager": "true",
+            "tasks.jobs.request_session": "db_session",
+        }
+    )
+    config.include("demo_app.models")
+    config.include("pyramid_tasks.jobs")
+    config.add_task(tx_body, bind=True, base=TransactionalTask, name="tx")
+    config.commit()
+    result = config.registry.celery_app.tasks["tx"].apply()
+    assert isinstance(result.result, ConfigurationError)
+    assert str(result.result) == (
+        "Setting tasks.jobs.request_session = 'db_session': the request of "
+        "task tx has no attribute 'db_session'; name the request attribute of "
+        "the session joined to request.tm (the cookiecutter's is dbsession)."
+    )

@@ -773,18 +773,48 @@ def test_a_row_a_worker_made_first_is_kept(durable):
 def test_a_row_that_cannot_be_written_after_the_send_is_logged(
     durable, pg_schema, redis_client, queue, caplog
 ):
-    """The job table is gone: the task is still sent; one WARNING names it."""
+    """The row of a task sent at once cannot be written: the task is still
+    sent, with one log line naming it: a WARNING when the database refused
+    the row (the worker that starts the job writes it), an ERROR saying what
+    to do when the job table is missing."""
     d = durable()
+    with d.engine.begin() as connection:
+        connection.execute(
+            text(
+                f'CREATE FUNCTION "{pg_schema}".refuse() RETURNS trigger '
+                "LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'no inserts now'; "
+                "END $$"
+            )
+        )
+        connection.execute(
+            text(
+                f'CREATE TRIGGER refuse BEFORE INSERT ON "{pg_schema}".'
+                "pyramid_tasks_job FOR EACH ROW EXECUTE FUNCTION "
+                f'"{pg_schema}".refuse()'
+            )
+        )
+    with caplog.at_level(logging.WARNING, logger="pyramid_tasks"):
+        refused_id = d.plain.delay(1).id
     with d.engine.begin() as connection:
         connection.execute(text(f'DROP TABLE "{pg_schema}".pyramid_tasks_job'))
     with caplog.at_level(logging.WARNING, logger="pyramid_tasks"):
-        job_id = d.plain.delay(1).id
-    assert [i for _, i, _ in published(redis_client, queue)] == [job_id]
-    [record] = caplog.records
-    assert record.levelno == logging.WARNING
-    assert f"Job plain[{job_id}] was sent; its row could not be written" in (
-        record.getMessage()
+        missing_id = d.plain.delay(2).id
+    assert [i for _, i, _ in published(redis_client, queue)] == [
+        refused_id,
+        missing_id,
+    ]
+    refused, missing = caplog.records
+    assert (refused.levelno, refused.getMessage()) == (
+        logging.WARNING,
+        f"Job plain[{refused_id}] was sent; its row could not be written (the "
+        "worker that starts it will): no inserts now",
     )
+    assert missing.levelno == logging.ERROR
+    assert missing.getMessage().startswith(
+        f"Job plain[{missing_id}] was sent with no row: The job table "
+        "pyramid_tasks_job does not exist in "
+    )
+    assert "jobs init-db" in missing.getMessage()
 
 
 def test_in_eager_mode_the_run_makes_and_marks_its_row(durable):

@@ -16,6 +16,7 @@ from celery import bootsteps, signals
 
 from ..datamanager import Send
 from ..publish import publish
+from .store import JobTableMissing, explain_missing_table, one_line
 
 __all__ = ["Relay", "RelayStep", "install"]
 
@@ -48,25 +49,45 @@ class Relay:
             self.thread.join(10)
 
     def _loop(self):
-        while not self.stopped.wait(self.settings.relay_interval):
+        store = self.jobs.store
+        log.info(
+            "Job relay started: every %g s, on %s.",
+            self.settings.relay_interval,
+            store.engine.url.render_as_string(hide_password=True),
+        )
+        wait = self.settings.relay_interval
+        while not self.stopped.wait(wait):
             try:
-                self.run_once()
+                with explain_missing_table(store.engine):
+                    self.run_once()
             except Exception as exc:
-                log.warning(
-                    "The job relay's round failed (tried again in %g s): %s",
-                    self.settings.relay_interval,
-                    " ".join(str(exc).split())[:500],
+                # Failing rounds back off, up to a minute, and come back to
+                # the interval at the first round that works.
+                wait = min(max(60.0, self.settings.relay_interval), wait * 2)
+                level = (
+                    logging.ERROR
+                    if isinstance(exc, JobTableMissing)
+                    else (logging.WARNING)
                 )
+                log.log(
+                    level,
+                    "The job relay's round failed (tried again in %g s): %s",
+                    wait,
+                    one_line(exc),
+                )
+            else:
+                wait = self.settings.relay_interval
 
     def run_once(self):
         """One round: ``(rescued, sent, dead)`` counts."""
         store = self.jobs.store
         with store.engine.begin() as connection:
             rescued = store.expired_leases(connection, self.settings.lease, _BATCH)
-        for job_id, worker in rescued:
+        for job_id, name, worker in rescued:
             log.warning(
-                "Job %s was started by %s, which sent no heartbeat for %g s: "
+                "Job %s[%s] was started by %s, which sent no heartbeat for %g s: "
                 "re-queued.",
+                name,
                 job_id,
                 worker,
                 self.settings.lease,
@@ -81,8 +102,9 @@ class Relay:
             for send in sent:
                 sent_count += 1
                 log.warning(
-                    "Job %s[%s] was committed but not at the broker: the relay "
-                    "sent it.",
+                    "Job %s[%s] was committed but not at the broker: the relay sent it."
+                    if not send.row["attempts"]
+                    else "Job %s[%s] was re-queued: the relay sent it again.",
                     send.task.name,
                     send.task_id,
                 )

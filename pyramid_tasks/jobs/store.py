@@ -11,7 +11,7 @@ import traceback as traceback_module
 from contextlib import contextmanager
 from datetime import timedelta
 
-from sqlalchemy import bindparam, func, insert, select, text, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import DBAPIError
 
 from ..masking import mask_secrets
@@ -67,6 +67,7 @@ _NO_FLUSH_WAIT = func.set_config("synchronous_commit", "off", True)
 # A transaction-scoped advisory lock on a job id (PostgreSQL).
 _LOCK_KEY = func.hashtextextended(bindparam("job_id"), 0)
 _LOCK = select(func.pg_advisory_xact_lock(_LOCK_KEY))
+_TRY_LOCK = select(func.pg_try_advisory_xact_lock(_LOCK_KEY))
 _TRY_LOCK_AND_READ = select(
     func.pg_try_advisory_xact_lock(_LOCK_KEY),
     select(_c.state).where(_c.id == bindparam("job_id")).scalar_subquery(),
@@ -74,11 +75,13 @@ _TRY_LOCK_AND_READ = select(
 
 
 def one_line(exc):
-    """A database error's own message, first line (no SQL, no parameters),
-    or any other error's text, on one line, secrets masked."""
-    text_ = str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
-    line = text_.strip().splitlines()[0] if text_.strip() else type(exc).__name__
-    return " ".join(mask_secrets(line).split())[:500]
+    """An error on one line, secrets masked: a database error's own message,
+    its first line (no SQL, no parameters, no context), else the text."""
+    if isinstance(exc, DBAPIError):
+        text_ = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+    else:
+        text_ = str(exc) or type(exc).__name__
+    return " ".join(mask_secrets(text_).split())[:500]
 
 
 class JobStore:
@@ -377,10 +380,10 @@ class JobStore:
 
     def expired_leases(self, connection, lease, limit):
         """``started`` jobs whose worker sent no heartbeat for ``lease``
-        seconds, made ``pending`` again for the relay; their ids."""
+        seconds, made ``pending`` again for the relay: ``(id, name, worker)``."""
         cutoff = utcnow() - timedelta(seconds=lease)
         query = (
-            select(_c.id, _c.worker)
+            select(_c.id, _c.name, _c.worker)
             .where(_c.state == STARTED, _c.heartbeat_at < cutoff)
             .limit(limit)
         )
@@ -388,22 +391,27 @@ class JobStore:
             query = query.with_for_update(skip_locked=True)
         rows = connection.execute(query).all()
         rescued = []
-        for job_id, worker in rows:
+        for job_id, name, worker in rows:
             if (
                 self.dialect == "postgresql"
                 and not connection.execute(
                     # A transactional task still holding its lock is alive,
                     # heartbeat or not (a stopped process, a long GC pause).
-                    text("SELECT pg_try_advisory_xact_lock(hashtextextended(:id, 0))"),
-                    {"id": job_id},
+                    _TRY_LOCK,
+                    {"job_id": job_id},
                 ).scalar()
             ):
                 continue
             count = connection.execute(
                 update(_table)
                 .where(_c.id == job_id, _c.state == STARTED)
-                .values(state=PENDING, publish_after=None)
+                .values(
+                    state=PENDING,
+                    publish_after=None,
+                    progress=None,
+                    progress_message=None,
+                )
             ).rowcount
             if count:
-                rescued.append((job_id, worker))
+                rescued.append((job_id, name, worker))
         return rescued

@@ -26,7 +26,7 @@ from ..publish import publish
 from ..request import close_request, make_request
 from .events import JobCreated
 from .model import PENDING, QUEUED, Job, utcnow
-from .store import one_line
+from .store import JobTableMissing, explain_missing_table, one_line
 
 __all__ = ["JobRecorder"]
 
@@ -185,14 +185,17 @@ class JobRecorder:
         row = self.row(task, task_id, args, kwargs, options, state=QUEUED)
         row["published_at"] = row["created_at"]
         try:
-            self.store.insert_missing([row])
+            with explain_missing_table(self.store.engine):
+                self.store.insert_missing([row])
+        except JobTableMissing as exc:
+            log.error("Job %s[%s] was sent with no row: %s", task.name, task_id, exc)
         except Exception as exc:
             log.warning(
                 "Job %s[%s] was sent; its row could not be written (the worker "
                 "that starts it will): %s",
                 task.name,
                 task_id,
-                " ".join(str(exc).split())[:500],
+                one_line(exc),
             )
 
 

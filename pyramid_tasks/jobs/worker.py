@@ -14,6 +14,7 @@ import threading
 import time
 
 from celery.exceptions import Retry
+from pyramid.exceptions import ConfigurationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from zope.sqlalchemy import mark_changed
 
@@ -190,7 +191,15 @@ class JobRun:
     # -- inside the task's transaction --------------------------------------
 
     def _session(self, request):
-        return getattr(request, self.jobs.settings.request_session)
+        name = self.jobs.settings.request_session
+        if not hasattr(type(request), name) and name not in vars(request):
+            raise ConfigurationError(
+                f"Setting tasks.jobs.request_session = {name!r}: the request of "
+                f"task {self.task.name} has no attribute {name!r}; name the "
+                "request attribute of the session joined to request.tm (the "
+                "cookiecutter's is dbsession)."
+            )
+        return getattr(request, name)
 
     def lock(self, request):
         """Lock the job in ``request.tm``'s transaction; False: do not run."""
