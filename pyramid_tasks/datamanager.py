@@ -173,7 +173,10 @@ class PendingSends:
             own.commit()
 
     def sortKey(self):
-        # Any order: it votes nothing and publishes only after every
+        # Before zope.sqlalchemy's "~sqlalchemy:" (and any name after "p"):
+        # durable mode's job rows are inserted in commit(), which must run
+        # before that session's own commit() closes a session with no
+        # changes marked.  It votes nothing and publishes only after every
         # resource has finished, from the after-commit hook.
         return f"pyramid_tasks:{id(self)}"
 

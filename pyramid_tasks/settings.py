@@ -374,8 +374,10 @@ class JobsSettings:
     publish_attempts: int = 10
     # The after-commit publish gives up after this; the relay sends the rest.
     publish_timeout: float = 0.2
-    # A started job whose worker sent no heartbeat for this long is re-queued.
+    # A started job whose worker sent no heartbeat for this long is re-queued,
     lease: float = 60.0
+    # ... unless its workers were lost this many times: then it is failed.
+    lost_attempts: int = 3
     retention: float = 7 * 86400.0
 
 
@@ -402,6 +404,7 @@ _JOBS_KEYS = {
     "publish_attempts": lambda k, v: as_int(k, v, minimum=1),
     "publish_timeout": lambda k, v: parse_duration(k, v, positive=True),
     "lease": lambda k, v: parse_duration(k, v, positive=True),
+    "lost_attempts": lambda k, v: as_int(k, v, minimum=1),
     "retention": parse_duration,
 }
 

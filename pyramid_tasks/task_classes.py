@@ -5,6 +5,7 @@ import threading
 from contextlib import contextmanager
 
 from celery import Task
+from celery.exceptions import Ignore
 from celery.utils import uuid
 from celery.utils.threads import LocalStack
 from transaction.interfaces import AlreadyInTransaction, NoTransaction
@@ -127,9 +128,7 @@ class PyramidTask(Task):
         if run is None:
             return self._call(args, kwargs, None)
         with run:  # records the job's run in its row
-            if not run.skip:
-                return self._call(args, kwargs, run)
-        return None
+            return self._call(args, kwargs, run)
 
     def _call(self, args, kwargs, job):
         with self._execution(job=job) as execution:
@@ -275,6 +274,7 @@ class ScheduleOnCommitTask(PyramidTask):
         if jobs is None:
             schedule(tm, send, functools.partial(publish, self.app))
         else:
+            jobs.check(send)
             schedule(tm, send, functools.partial(jobs.publish, self.app), jobs)
             jobs.created(send)
         return self.AsyncResult(task_id)
@@ -301,7 +301,7 @@ class TransactionalTask(ScheduleOnCommitTask):
         # same transaction: a second delivery finds it done.
         job = execution.job
         if job is not None and not job.lock(execution.get_request()):
-            return None
+            raise Ignore()  # done or cancelled: nothing to do, no callbacks
         try:
             result = self._call_body(args, kwargs)
         except AlreadyInTransaction as error:

@@ -231,7 +231,7 @@ def test_heartbeats_renew_the_leases_of_running_jobs_only(jobs_app, caplog):
         pass
 
     run = Run()
-    run.jobs, run.id = jobs, running_id
+    run.jobs, run.id, run.attempt = jobs, running_id, 0
     running = _Running()
     running.runs.add(run)
     running.beat()
@@ -343,3 +343,25 @@ def test_a_relay_without_its_table_says_what_to_do_and_backs_off(jobs_app, caplo
     assert "tried again in 0.04 s" in errors[1]
     assert "tasks-celery CONFIG jobs init-db" in errors[0]
     assert "SELECT" not in errors[0]  # the database's message, not the SQL
+
+
+def test_a_job_whose_workers_keep_dying_is_failed_not_rerun(jobs_app, caplog):
+    """tasks.jobs.lost_attempts (3): the third lost worker fails the job."""
+    app, engine, queue, client = jobs_app
+    stale = utcnow() - timedelta(seconds=60)
+    (job_id,) = insert_pending(
+        engine, state="started", heartbeat_at=stale, worker="w9", lost=2
+    )
+    caplog.set_level(logging.WARNING, "pyramid_tasks")
+    assert Relay(app).run_once() == (1, 0, 0)
+    (row,) = rows(engine)
+    assert (row["state"], row["lost"]) == ("failed", 3)
+    assert row["error"] == (
+        "WorkerLostError: its worker was lost 3 times (tasks.jobs.lost_attempts)"
+    )
+    assert client.llen(queue) == 0
+    [line] = [r for r in caplog.records if job_id in r.getMessage()]
+    assert line.levelname == "ERROR"
+    assert line.getMessage().endswith(
+        "failed, its worker lost 3 times (tasks.jobs.lost_attempts)."
+    )

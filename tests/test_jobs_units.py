@@ -5,13 +5,14 @@ import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import pytest
 import sqlalchemy
 from pyramid.config import Configurator
 from sqlalchemy import select
 
 from pyramid_tasks import PyramidTask
 from pyramid_tasks.jobs import Job, metadata
-from pyramid_tasks.jobs.model import utcnow
+from pyramid_tasks.jobs.model import loaded, stored, utcnow
 from pyramid_tasks.jobs.relay import Relay
 
 
@@ -50,24 +51,27 @@ def test_json_columns_keep_celery_types_and_nulls(database_url, pg_schema):
         connection.execute(
             Job.__table__.insert(),
             [
-                {
-                    "id": job_id,
-                    "name": "t",
-                    "state": "pending",
-                    "created_at": utcnow(),
-                    "args": [when, key, Decimal("1.5")],
-                    "kwargs": None,
-                    "options": {"eta": when},
-                }
+                stored(
+                    {
+                        "id": job_id,
+                        "name": "t",
+                        "state": "pending",
+                        "created_at": utcnow(),
+                        "args": [when, key, Decimal("1.5")],
+                        "kwargs": None,
+                        "options": {"eta": when},
+                    }
+                )
             ],
         )
     with engine.connect() as connection:
-        row = connection.execute(select(Job.__table__)).one()
+        row = loaded(connection.execute(select(Job.__table__)).one()._asdict())
         raw = connection.execute(
             select(sqlalchemy.cast(Job.__table__.c.args, sqlalchemy.Text))
         ).scalar()
-    assert row.args == [when, key, Decimal("1.5")]
-    assert (row.kwargs, row.options) == (None, {"eta": when})
+    assert row["args"] == [when, key, Decimal("1.5")]
+    assert (row["kwargs"], row["options"]) == (None, {"eta": when})
+    assert row["created_at"].tzinfo is not None
     assert '"__type__": "datetime"' in raw  # plain JSON in the database
     job = Job(id=job_id, name="t", state="pending")
     assert repr(job) == f"<Job t[{job_id}] pending>"
@@ -127,3 +131,181 @@ def test_a_wrong_request_session_is_named(database_url, pg_schema):
         "task tx has no attribute 'db_session'; name the request attribute of "
         "the session joined to request.tm (the cookiecutter's is dbsession)."
     )
+
+
+# -- Durable mode's answers to what a review found (eager, in-process) ------
+
+RECORDED = []
+
+
+def answer(self, value=1):
+    return value
+
+
+def record(self, value, key):
+    RECORDED.append((key, value))
+
+
+def ignoring(self, how):
+    from celery.exceptions import Ignore, Reject
+
+    raise Ignore() if how == "ignore" else Reject("no", requeue=False)
+
+
+def durable_app(settings, **extra):
+    from pyramid_tasks import ScheduleOnCommitTask, TransactionalTask
+
+    config = Configurator(settings={**settings, **extra})
+    config.include("demo_app.models")
+    config.include("pyramid_tasks.jobs")
+    config.add_task(answer, bind=True, base=TransactionalTask, name="answer")
+    config.add_task(record, bind=True, base=PyramidTask, name="record")
+    config.add_task(ignoring, bind=True, base=ScheduleOnCommitTask, name="ignoring")
+    config.commit()
+    registry = config.registry
+    return registry, registry.pyramid_tasks_jobs
+
+
+def eager_settings(database_url, pg_schema):
+    return {
+        "sqlalchemy.url": database_url,
+        "demo.schema": pg_schema,
+        "demo.create_tables": "true",
+        "celery.broker_url": "memory://",
+        "celery.task_always_eager": "true",
+    }
+
+
+def test_a_delivery_that_changes_nothing_sends_no_callback(database_url, pg_schema):
+    """A second delivery of a job that succeeded, and a cancelled job: Celery's
+    Ignore, so no result and no link/chain step with None."""
+    registry, jobs = durable_app(eager_settings(database_url, pg_schema))
+    app = registry.celery_app
+    key = uuid.uuid4().hex
+    link = app.tasks["record"].s(key)
+    first = app.tasks["answer"].apply(task_id="job-1", link=link)
+    again = app.tasks["answer"].apply(task_id="job-1", link=link)
+    cancelled_id = "job-2"
+    app.tasks["answer"].apply(task_id=cancelled_id)
+    with jobs.store.engine.begin() as connection:
+        connection.execute(
+            Job.__table__.update()
+            .where(Job.__table__.c.id == cancelled_id)
+            .values(state="cancelled")
+        )
+    cancelled = app.tasks["answer"].apply(task_id=cancelled_id, link=link)
+    runs = [r for r in RECORDED if r[0] == key]
+    print(f"states {first.state, again.state, cancelled.state}, callbacks {runs}")
+    assert (first.state, again.state, cancelled.state) == (
+        "SUCCESS",
+        "IGNORED",
+        "IGNORED",
+    )
+    assert runs == [(key, 1)]  # the first delivery's only
+
+
+def test_ignore_and_reject_put_the_job_back_in_line(database_url, pg_schema):
+    registry, jobs = durable_app(eager_settings(database_url, pg_schema))
+    app = registry.celery_app
+    for how in ("ignore", "reject"):
+        result = app.tasks["ignoring"].apply((how,), task_id=f"i-{how}")
+        row = jobs.store.get(f"i-{how}")
+        assert (row["state"], row["error"]) == ("queued", None), how
+        assert result.state in ("IGNORED", "REJECTED", "FAILURE")
+
+
+def test_a_failing_mark_or_event_changes_nothing_of_the_run(
+    database_url, pg_schema, caplog
+):
+    import logging
+
+    from pyramid_tasks.jobs import JobStarted
+
+    registry, jobs = durable_app(eager_settings(database_url, pg_schema))
+    app = registry.celery_app
+
+    def breaks_its_request(event):
+        event.request.add_finished_callback(lambda request: 1 / 0)
+
+    registry.registerHandler(breaks_its_request, (JobStarted,))
+    jobs._listened.clear()
+
+    def refused(job_id, attempt):
+        raise sqlalchemy.exc.OperationalError("UPDATE", {}, RuntimeError("down\nx"))
+
+    jobs.store.succeed = refused
+    caplog.set_level(logging.WARNING, "pyramid_tasks")
+    result = app.tasks["record"].apply((5, "k"), task_id="r-1")
+    assert (result.state, result.result) == ("SUCCESS", None)
+    assert jobs.store.get("r-1")["state"] == "started"  # its lease re-runs it
+    messages = [r.getMessage() for r in caplog.records]
+    assert "Sending JobStarted for job record[r-1] failed; the job goes on." in (
+        messages
+    )
+    assert "Job record[r-1]: its row was not updated (refused): down" in messages
+
+
+def test_arguments_a_row_cannot_hold_are_refused_at_the_call(database_url, pg_schema):
+    import transaction
+
+    registry, _jobs = durable_app(
+        eager_settings(database_url, pg_schema),
+        **{
+            "tasks.allow_pickle": "true",
+            "celery.task_serializer": "pickle",
+            "celery.accept_content": "pickle json",
+        },
+    )
+    tm = transaction.TransactionManager(explicit=True)
+    tm.begin()
+    with pytest.raises(TypeError) as info:
+        registry.celery_app.tasks["answer"].apply_async(({1, 2},), tm=tm)
+    tm.abort()
+    assert str(info.value).startswith(
+        "answer.apply_async(tm=...): durable mode keeps a job's arguments and "
+        "options as JSON, and Object of type set is not JSON serializable"
+    )
+
+
+def test_a_job_sent_with_a_countdown_is_scheduled(database_url, pg_schema):
+    settings = eager_settings(database_url, pg_schema)
+    settings["celery.task_always_eager"] = "false"
+    registry, jobs = durable_app(settings)
+    job_id = registry.celery_app.tasks["record"].apply_async((1, "k"), countdown=60).id
+    assert jobs.store.get(job_id)["state"] == "scheduled"
+    registry.celery_app.close()
+
+
+def test_on_sqlite_a_job_sent_at_once_gets_its_row_from_the_worker(tmp_path):
+    registry, jobs = durable_app(
+        {
+            "sqlalchemy.url": f"sqlite:///{tmp_path}/app.sqlite",
+            "demo.create_tables": "true",
+            "celery.broker_url": "memory://",
+        }
+    )
+    job_id = registry.celery_app.tasks["record"].delay(1, "k").id
+    assert jobs.store.get(job_id) is None  # no second writer on SQLite
+    registry.celery_app.close()
+
+
+def test_one_line_takes_a_statement_errors_own_first_line():
+    from pyramid_tasks.jobs.store import one_line
+
+    error = sqlalchemy.exc.StatementError(
+        "wrapped", "INSERT ...", {"secret": 1}, TypeError("bad value\nmore")
+    )
+    assert one_line(error) == "bad value"
+    assert one_line(RuntimeError("")) == "RuntimeError"
+
+
+def test_forked_children_and_ended_ones_keep_their_marks_apart():
+    from celery import signals
+
+    from pyramid_tasks.jobs.web import _marker
+
+    before = _marker.condition
+    signals.worker_process_shutdown.send(sender=None)  # flushes: nothing waits
+    _marker.forget()  # what a forked child does first
+    assert _marker.condition is not before
+    assert (_marker.items, _marker.busy, _marker.pid) == ([], False, None)

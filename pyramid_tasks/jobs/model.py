@@ -19,7 +19,6 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.types import TypeDecorator
 
 __all__ = [
     "FINISHED",
@@ -63,22 +62,45 @@ def utcnow():
     return datetime.now(UTC)
 
 
-class _KombuJSON(TypeDecorator):
-    """JSON holding what Celery's JSON serializer holds: datetimes, UUIDs and
-    decimals are stored with kombu's type markers and come back as they were."""
+# The columns are plain JSON and timestamps, so an Alembic revision of the
+# table needs nothing of this package.  The store converts on the way:
 
-    impl = JSON
-    cache_ok = True
+_JSON_COLUMNS = ("args", "kwargs", "options")
+_TIME_COLUMNS = (
+    "created_at",
+    "eta",
+    "publish_after",
+    "published_at",
+    "started_at",
+    "heartbeat_at",
+    "finished_at",
+)
 
-    def process_bind_param(self, value, dialect):
-        if value is None:
-            return None
-        return json.loads(kombu_json.dumps(value))
 
-    def process_result_value(self, value, dialect):
-        if value is None:
-            return None
-        return kombu_json.loads(json.dumps(value))
+def stored(row):
+    """``row`` (a dict) as the table keeps it: JSON holding what Celery's
+    JSON serializer holds (datetimes, UUIDs, decimals with kombu's type
+    markers).  Raises ``TypeError`` for what JSON cannot hold."""
+    return {
+        key: json.loads(kombu_json.dumps(value))
+        if key in _JSON_COLUMNS and value is not None
+        else value
+        for key, value in row.items()
+    }
+
+
+def loaded(row):
+    """A row of the table as a dict: the JSON columns decoded as Celery
+    would, the times aware, in UTC (SQLite gives them back naive)."""
+    row = dict(row)
+    for key in _JSON_COLUMNS:
+        if row.get(key) is not None:
+            row[key] = kombu_json.loads(json.dumps(row[key]))
+    for key in _TIME_COLUMNS:
+        value = row.get(key)
+        if value is not None and value.tzinfo is None:
+            row[key] = value.replace(tzinfo=UTC)
+    return row
 
 
 class _Base(DeclarativeBase):
@@ -106,14 +128,16 @@ class Job(_Base):
     title: Mapped[str | None] = mapped_column(String(255))
     queue: Mapped[str | None] = mapped_column(String(255))
     priority: Mapped[int | None] = mapped_column(Integer)
-    args: Mapped[list | None] = mapped_column(_KombuJSON)
-    kwargs: Mapped[dict | None] = mapped_column(_KombuJSON)
+    args: Mapped[list | None] = mapped_column(JSON)
+    kwargs: Mapped[dict | None] = mapped_column(JSON)
     # The message options the relay publishes it with again (countdown, eta,
     # expires, link...), as apply_async was given them.
-    options: Mapped[dict | None] = mapped_column(_KombuJSON)
+    options: Mapped[dict | None] = mapped_column(JSON)
     state: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     publish_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Times a worker died running it (its lease expired): failed at the limit.
+    lost: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     eta: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     publish_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

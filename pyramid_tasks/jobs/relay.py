@@ -83,15 +83,27 @@ class Relay:
         store = self.jobs.store
         with store.engine.begin() as connection:
             rescued = store.expired_leases(connection, self.settings.lease, _BATCH)
-        for job_id, name, worker in rescued:
-            log.warning(
-                "Job %s[%s] was started by %s, which sent no heartbeat for %g s: "
-                "re-queued.",
-                name,
-                job_id,
-                worker,
-                self.settings.lease,
-            )
+        for job_id, name, worker, state in rescued:
+            if state == "pending":
+                log.warning(
+                    "Job %s[%s] was started by %s, which sent no heartbeat for "
+                    "%g s: re-queued.",
+                    name,
+                    job_id,
+                    worker,
+                    self.settings.lease,
+                )
+            else:
+                log.error(
+                    "Job %s[%s] was started by %s, which sent no heartbeat for "
+                    "%g s: failed, its worker lost %d times "
+                    "(tasks.jobs.lost_attempts).",
+                    name,
+                    job_id,
+                    worker,
+                    self.settings.lease,
+                    self.settings.lost_attempts,
+                )
         sent_count = dead_count = 0
         with store.engine.begin() as connection:
             rows = store.claim_pending(connection, self.settings.relay_grace, _BATCH)
@@ -134,6 +146,8 @@ class Relay:
                 unknown.append(row)
                 continue
             options = dict(row["options"] or {})
+            if row["queue"] and not options.get("queue"):
+                options["queue"] = row["queue"]  # as it was routed first
             if row["eta"] is not None:  # a countdown counts from the call
                 options.pop("countdown", None)
                 options["eta"] = row["eta"]

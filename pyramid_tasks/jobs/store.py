@@ -11,8 +11,8 @@ import traceback as traceback_module
 from contextlib import contextmanager
 from datetime import timedelta
 
-from sqlalchemy import bindparam, func, insert, select, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import bindparam, func, insert, select, tuple_, update
+from sqlalchemy.exc import DBAPIError, StatementError
 
 from ..masking import mask_secrets
 from .model import (
@@ -28,6 +28,8 @@ from .model import (
     SUCCEEDED,
     UNFINISHED,
     Job,
+    loaded,
+    stored,
     utcnow,
 )
 
@@ -77,7 +79,7 @@ _TRY_LOCK_AND_READ = select(
 def one_line(exc):
     """An error on one line, secrets masked: a database error's own message,
     its first line (no SQL, no parameters, no context), else the text."""
-    if isinstance(exc, DBAPIError):
+    if isinstance(exc, StatementError) and exc.orig is not None:
         text_ = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
     else:
         text_ = str(exc) or type(exc).__name__
@@ -102,20 +104,21 @@ class JobStore:
         with self.engine.connect() as connection:
             yield connection.execution_options(isolation_level="AUTOCOMMIT")
 
-    def _mark(self, connection, statement, *returning):
+    def _mark(self, connection, statement, *returning, wait_flush=False):
         """Run the UPDATE ``statement`` on a :meth:`marking` connection; the
         rows it changed, as ``(id, *returning)``.
 
         A mark the job table can do without after a database crash (queued,
-        started, heartbeat, progress, the outcome of a non-transactional
-        run): on PostgreSQL its commit does not wait for the WAL flush (a
+        heartbeat, progress, the outcome of a non-transactional run; not
+        ``started``, ``wait_flush``): on PostgreSQL its commit does not wait
+        for the WAL flush (a
         ``set_config`` local to the statement's own transaction).  A mark lost
         that way costs a second delivery (the relay, a lease), which the
         transactional classes absorb; never a lost job.  The rows of
         committed jobs are never written this way.
         """
         columns = [_c.id, *returning]
-        if self.dialect == "postgresql":
+        if self.dialect == "postgresql" and not wait_flush:
             columns.append(_NO_FLUSH_WAIT)
         return connection.execute(statement.returning(*columns)).all()
 
@@ -130,13 +133,13 @@ class JobStore:
         """Insert ``rows`` (dicts with the same keys; at least one) on
         ``connection``."""
         with explain_missing_table(self.engine):
-            connection.execute(insert(_table), rows)
+            connection.execute(insert(_table), [stored(row) for row in rows])
 
     def insert_missing(self, rows):
         """Insert ``rows`` (at least one) in a short transaction, skipping ids
         already there."""
         with self.engine.begin() as connection:
-            connection.execute(self._insert_ignore(), rows)
+            connection.execute(self._insert_ignore(), [stored(row) for row in rows])
 
     def _insert_ignore(self):
         if self.dialect == "postgresql":
@@ -173,7 +176,7 @@ class JobStore:
         """The row of ``job_id`` as a mapping, or None."""
         with self.engine.connect() as connection:
             row = connection.execute(select(_table).where(_c.id == job_id)).first()
-        return None if row is None else row._asdict()
+        return None if row is None else loaded(row._asdict())
 
     def state(self, job_id, connection=None):
         if connection is None:
@@ -203,6 +206,8 @@ class JobStore:
             "worker": self.worker_name,
             "progress": None,
             "progress_message": None,
+            "error": None,
+            "traceback": None,
         }
         with explain_missing_table(self.engine), self.marking() as connection:
             # Each statement sees what committed before it: another pass
@@ -214,6 +219,9 @@ class JobStore:
                     .where(_c.id == row["id"], _c.state.in_(RUNNABLE))
                     .values(values),
                     _c.attempts,
+                    # Never lost: a job whose message was acknowledged and
+                    # whose "started" vanished would wait "queued" for ever.
+                    wait_flush=True,
                 )
                 if started:
                     return started[0][1], STARTED
@@ -223,7 +231,7 @@ class JobStore:
                     # delivery of the same message first), then started.
                     connection.execute(
                         self._insert_ignore(),
-                        [{**row, "state": QUEUED, "created_at": now, "attempts": 0}],
+                        [stored({**row, "state": QUEUED, "created_at": now})],
                     )
                 elif state not in RUNNABLE:
                     return None, state
@@ -284,6 +292,10 @@ class JobStore:
             values["error"] = mask_secrets(f"{type(exc).__name__}: {exc}")[:10000]
         return self._finish(job_id, attempt, finished=False, **values)
 
+    def requeued(self, job_id, attempt):
+        """Back in line (Celery's ``Ignore`` or ``Reject``): ``queued``."""
+        return self._finish(job_id, attempt, finished=False, state=QUEUED)
+
     def _finish(self, job_id, attempt, finished=True, **values):
         if finished:
             values["finished_at"] = utcnow()
@@ -296,16 +308,20 @@ class JobStore:
             )
         return len(changed) == 1
 
-    def heartbeat(self, ids):
-        """Renew the lease of the started jobs ``ids`` of this process."""
-        if not ids:
+    def heartbeat(self, runs):
+        """Renew the leases of this process's runs, ``[(id, attempt)]``: an
+        old run still going never renews a newer attempt's lease."""
+        if not runs:
             return 0
         with self.marking() as connection:
             return len(
                 self._mark(
                     connection,
                     update(_table)
-                    .where(_c.id.in_(list(ids)), _c.state == STARTED)
+                    .where(
+                        tuple_(_c.id, _c.attempts).in_(list(runs)),
+                        _c.state == STARTED,
+                    )
                     .values(heartbeat_at=utcnow()),
                 )
             )
@@ -351,7 +367,7 @@ class JobStore:
         )
         if self.dialect == "postgresql":
             query = query.with_for_update(skip_locked=True)
-        return [row._asdict() for row in connection.execute(query)]
+        return [loaded(row._asdict()) for row in connection.execute(query)]
 
     def relayed(self, connection, sent):
         """Mark rows the relay published (``[(id, eta)]``)."""
@@ -380,10 +396,13 @@ class JobStore:
 
     def expired_leases(self, connection, lease, limit):
         """``started`` jobs whose worker sent no heartbeat for ``lease``
-        seconds, made ``pending`` again for the relay: ``(id, name, worker)``."""
+        seconds: made ``pending`` again for the relay, or ``failed`` once
+        their workers were lost ``tasks.jobs.lost_attempts`` times (a job
+        that kills its worker is not run for ever).  ``[(id, name, worker,
+        new state)]``."""
         cutoff = utcnow() - timedelta(seconds=lease)
         query = (
-            select(_c.id, _c.name, _c.worker)
+            select(_c.id, _c.name, _c.worker, _c.lost)
             .where(_c.state == STARTED, _c.heartbeat_at < cutoff)
             .limit(limit)
         )
@@ -391,7 +410,7 @@ class JobStore:
             query = query.with_for_update(skip_locked=True)
         rows = connection.execute(query).all()
         rescued = []
-        for job_id, name, worker in rows:
+        for job_id, name, worker, lost in rows:
             if (
                 self.dialect == "postgresql"
                 and not connection.execute(
@@ -402,16 +421,22 @@ class JobStore:
                 ).scalar()
             ):
                 continue
+            lost = (lost or 0) + 1
+            values = {"lost": lost, "progress": None, "progress_message": None}
+            if lost >= self.settings.lost_attempts:
+                values.update(
+                    state=FAILED,
+                    finished_at=utcnow(),
+                    error=f"WorkerLostError: its worker was lost {lost} times "
+                    "(tasks.jobs.lost_attempts)",
+                )
+            else:
+                values.update(state=PENDING, publish_after=None)
             count = connection.execute(
                 update(_table)
                 .where(_c.id == job_id, _c.state == STARTED)
-                .values(
-                    state=PENDING,
-                    publish_after=None,
-                    progress=None,
-                    progress_message=None,
-                )
+                .values(values)
             ).rowcount
             if count:
-                rescued.append((job_id, name, worker))
+                rescued.append((job_id, name, worker, values["state"]))
         return rescued

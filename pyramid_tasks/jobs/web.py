@@ -14,6 +14,7 @@ import os
 import threading
 from datetime import timedelta
 
+from celery import signals
 from celery.utils.time import maybe_make_aware
 from dateutil.parser import isoparse
 from pyramid.threadlocal import get_current_request
@@ -25,7 +26,7 @@ from zope.sqlalchemy.datamanager import SessionDataManager
 from ..publish import publish
 from ..request import close_request, make_request
 from .events import JobCreated
-from .model import PENDING, QUEUED, Job, utcnow
+from .model import PENDING, QUEUED, SCHEDULED, Job, stored, utcnow
 from .store import JobTableMissing, explain_missing_table, one_line
 
 __all__ = ["JobRecorder"]
@@ -67,11 +68,37 @@ class JobRecorder:
         if not self.listened(event_class):
             return
         settings = self.registry.pyramid_tasks_settings
-        request = make_request(self.registry, settings.site_url)
         try:
-            self._send(event_class(request, run.task, run.id, *extra))
-        finally:
-            close_request(request, run.task.name)
+            request = make_request(self.registry, settings.site_url)
+            try:
+                self._send(event_class(request, run.task, run.id, *extra))
+            finally:
+                # Its finished callbacks: the subscribers' too.
+                close_request(request, run.task.name)
+        except Exception:
+            log.exception(
+                "Sending %s for job %s[%s] failed; the job goes on.",
+                event_class.__name__,
+                run.task.name,
+                run.id,
+            )
+
+    def check(self, send):
+        """Refuse, at the call, what the job's row cannot hold (it is JSON,
+        as Celery's default serializer): the commit would fail on it."""
+        try:
+            stored(
+                {
+                    "args": send.args,
+                    "kwargs": send.kwargs,
+                    "options": _stored_options(send.options),
+                }
+            )
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"{send.task.name}.apply_async(tm=...): durable mode keeps a "
+                f"job's arguments and options as JSON, and {exc}"
+            ) from exc
 
     def created(self, send):
         """Web side: :class:`JobCreated` for ``send``, in its transaction."""
@@ -180,10 +207,15 @@ class JobRecorder:
     def record_sent(self, task, task_id, args, kwargs, options):
         """The row of a task sent at once (no ``tm``): written after the send,
         ``queued``, unless a worker already made it."""
-        if task.app.conf.task_always_eager:
-            return  # it ran already, and made its row
+        if task.app.conf.task_always_eager or self.store.dialect == "sqlite":
+            # Eager: it ran already, and made its row.  SQLite: the caller's
+            # own transaction may hold the database's one write lock, which
+            # this connection would wait for; the worker makes the row.
+            return
         row = self.row(task, task_id, args, kwargs, options, state=QUEUED)
         row["published_at"] = row["created_at"]
+        if row["eta"] is not None and row["eta"] > row["created_at"]:
+            row["state"] = SCHEDULED
         try:
             with explain_missing_table(self.store.engine):
                 self.store.insert_missing([row])
@@ -215,7 +247,7 @@ class _OwnConnection:
             # still sent, and a worker makes each row as it starts the job.
             log.error(
                 "The job rows of a committed transaction could not be committed: %s",
-                " ".join(str(exc).split())[:500],
+                one_line(exc),
             )
         finally:
             self.connection.close()
@@ -289,9 +321,20 @@ class _Marker:
                     one_line(exc),
                 )
 
+    def forget(self):
+        """In a forked child: a lock and a list of its own, no thread yet
+        (the parent's marks are the parent's to make)."""
+        self.condition = threading.Condition()
+        self.items = []
+        self.busy = False
+        self.pid = None
+
 
 _marker = _Marker()
 atexit.register(_marker.flush, 2)
+os.register_at_fork(after_in_child=_marker.forget)
+# A prefork child ends with os._exit(): atexit never runs there.
+signals.worker_process_shutdown.connect(lambda **kwargs: _marker.flush(2), weak=False)
 
 
 def _stored_options(options):

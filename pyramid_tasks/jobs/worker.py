@@ -13,13 +13,14 @@ import os
 import threading
 import time
 
-from celery.exceptions import Retry
+from celery.exceptions import Ignore, Reject, Retry
 from pyramid.exceptions import ConfigurationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from zope.sqlalchemy import mark_changed
 
 from .events import JobFailed, JobStarted, JobSucceeded
 from .model import CANCELLED, SUCCEEDED
+from .store import one_line
 
 __all__ = ["JobCancelled", "JobRun", "durable_task_options"]
 
@@ -62,7 +63,9 @@ def durable_task_options(base, options):
 
 class JobRun:
     """One delivery of a job's message to this worker: a context manager
-    around the task call.  ``skip`` is true when the body must not run."""
+    around the task call.  Entering it raises Celery's ``Ignore`` when the job
+    must not run (it took effect already, or was cancelled): the message is
+    acknowledged, and no result is stored and no callback sent."""
 
     __slots__ = (
         "attempt",
@@ -71,7 +74,6 @@ class JobRun:
         "last_progress",
         "progress_unrecorded",
         "request",
-        "skip",
         "task",
         "took_effect",
         "transactional",
@@ -84,7 +86,6 @@ class JobRun:
         self.request = task.request
         self.transactional = transactional
         self.attempt = None
-        self.skip = False
         # False when this run's mark did not land: the lock found the job
         # done (another delivery) or cancelled, or it was cancelled meanwhile.
         self.took_effect = True
@@ -106,6 +107,8 @@ class JobRun:
             "kwargs": dict(request.kwargs or {}),
             "queue": (request.delivery_info or {}).get("routing_key"),
             "parent_id": request.parent_id,
+            # What the relay needs to send it again (a lease expired).
+            "options": _message_options(request),
         }
         try:
             self.attempt, state = self.jobs.store.start(row)
@@ -116,23 +119,22 @@ class JobRun:
             # would leave the job queued with no message to run it.
             self._send_again(exc)
         if self.attempt is None:
-            self.skip = True
             log.info("Job %s[%s] is %s: not run.", self.task.name, self.id, state)
-            return self
-        _running.add(self)
+            raise Ignore()  # acknowledged, no result, no callbacks
         self.jobs.notify(JobStarted, self)
+        _running.add(self)
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if self.skip:
-            return False
         _running.discard(self)
         store = self.jobs.store
         # The events follow the row: none when this run's mark did not land
         # (the job was cancelled meanwhile, or another delivery had it).
+        # A mark that fails is logged: the body's outcome stands, and a job
+        # left "started" is re-run when its lease expires (at least once).
         if exc is None:
             if not self.transactional:
-                self.took_effect = store.succeed(self.id, self.attempt)
+                self.took_effect = self._marked(store.succeed)
             if self.took_effect:
                 self.jobs.notify(JobSucceeded, self)
             return False
@@ -143,23 +145,42 @@ class JobRun:
                 self.id,
                 exc.state,
             )
-            return True  # the task returns None
+            raise Ignore() from exc  # no result, no callbacks
+        if isinstance(exc, Ignore | Reject):
+            # A delivery the lock found done or cancelled (took_effect is
+            # False) changes nothing.  Otherwise Celery's Ignore (raised by
+            # self.replace(), which sends the replacement under the job's id)
+            # or Reject is not a failure: the job waits in line again.
+            if self.took_effect:
+                self._marked(store.requeued)
+            return False
         if isinstance(exc, Retry):
-            store.retrying(self.id, self.attempt, exc.exc)
+            self._marked(store.retrying, exc.exc)
             return False
         if self.transactional and _database_unreachable(exc):
             # The run's transaction lost its database: its effects rolled
             # back or, the COMMIT lost on its way back, committed with the
             # job's succeeded mark, which the next run finds.  Either way a
             # second run is safe; failing the job would lose it.
-            try:
-                store.retrying(self.id, self.attempt, exc)
-            except Exception as error:  # still down: the lease expires
-                log.debug("Job %s: not marked retrying: %s", self.id, error)
+            self._marked(store.retrying, exc)
             self._send_again(exc)
-        if store.fail(self.id, self.attempt, exc):
+        if self._marked(store.fail, exc):
             self.jobs.notify(JobFailed, self, exc)
         return False
+
+    def _marked(self, mark, *args):
+        """``mark(id, attempt, *args)``; False, logged, when it fails."""
+        try:
+            return mark(self.id, self.attempt, *args)
+        except Exception as exc:
+            log.warning(
+                "Job %s[%s]: its row was not updated (%s): %s",
+                self.task.name,
+                self.id,
+                mark.__name__,
+                one_line(exc),
+            )
+            return False
 
     def _send_again(self, exc):
         """Send this job's message again in a while and raise Celery's
@@ -176,7 +197,7 @@ class JobRun:
             "Job %s[%s]: the database is unreachable (%s): sent again in %g s.",
             self.task.name,
             self.id,
-            " ".join(str(exc).split())[:300],
+            one_line(exc),
             delay,
         )
         signature = self.task.signature_from_request(
@@ -261,6 +282,26 @@ class JobRun:
         return self.jobs.store.get(self.id)
 
 
+def _message_options(request):
+    """The options to publish a delivered message again with: its queue, and
+    the canvas it carries (the rest of a chain, callbacks, errbacks)."""
+    options = {}
+    queue = (request.delivery_info or {}).get("routing_key")
+    if queue:
+        options["queue"] = queue
+    for option, value in (
+        ("chain", request.chain),
+        ("link", request.callbacks),
+        ("link_error", request.errbacks),
+        ("expires", request.expires),
+        ("root_id", request.root_id),
+        ("parent_id", request.parent_id),
+    ):
+        if value:
+            options[option] = value
+    return options
+
+
 def _database_unreachable(exc):
     """The database refused or lost the connection (not a statement's error):
     a connection SQLAlchemy invalidated, or an OperationalError the server
@@ -310,12 +351,14 @@ class _Running:
         with self.lock:
             stores = {}
             for run in self.runs:
-                stores.setdefault(run.jobs.store, []).append(run.id)
+                stores.setdefault(run.jobs.store, []).append((run.id, run.attempt))
         for store, ids in stores.items():
             try:
                 store.heartbeat(ids)
             except Exception as exc:
-                log.warning("Job heartbeat failed: %s", " ".join(str(exc).split()))
+                log.warning("Job heartbeat failed: %s", one_line(exc))
 
 
 _running = _Running()
+# A forked child runs jobs of its own, with a heartbeat thread of its own.
+os.register_at_fork(after_in_child=_running.__init__)
