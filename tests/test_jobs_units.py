@@ -309,3 +309,44 @@ def test_forked_children_and_ended_ones_keep_their_marks_apart():
     _marker.forget()  # what a forked child does first
     assert _marker.condition is not before
     assert (_marker.items, _marker.busy, _marker.pid) == ([], False, None)
+
+
+def test_job_created_for_another_transaction_gets_a_request_of_its_own(
+    database_url, pg_schema, caplog
+):
+    """The current request belongs to another manager: the event gets a
+    request made for the job's transaction; its failing finished callback is
+    logged, and the job still commits."""
+    import logging
+
+    import transaction
+    from pyramid.request import Request
+    from pyramid.threadlocal import manager
+
+    from pyramid_tasks.jobs import JobCreated
+
+    registry, jobs = durable_app(eager_settings(database_url, pg_schema))
+    seen = []
+
+    def created(event):
+        seen.append(event.request)
+        event.request.add_finished_callback(lambda request: 1 / 0)
+
+    registry.registerHandler(created, (JobCreated,))
+    jobs._listened.clear()
+    other = Request.blank("/")
+    other.tm = transaction.TransactionManager(explicit=True)
+    tm = transaction.TransactionManager(explicit=True)
+    caplog.set_level(logging.ERROR, "pyramid_tasks")
+    manager.push({"registry": registry, "request": other})
+    try:
+        with tm:
+            job_id = registry.celery_app.tasks["answer"].apply_async(tm=tm).id
+    finally:
+        manager.pop()
+    [request] = seen
+    assert request is not other and request.tm is tm
+    assert jobs.store.get(job_id)["state"] == "succeeded"  # eager, after commit
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Sending JobCreated for job answer[{job_id}] failed; the job goes on."
+    ]

@@ -101,19 +101,29 @@ class JobRecorder:
             ) from exc
 
     def created(self, send):
-        """Web side: :class:`JobCreated` for ``send``, in its transaction."""
+        """Web side: :class:`JobCreated` for ``send``, in its transaction.
+
+        Its request is the current one when that request's ``tm`` is the
+        transaction's manager (a view, a task body), else one made for it."""
         if not self.listened(JobCreated):
             return
         request = get_current_request()
-        if request is not None:
+        if request is not None and getattr(request, "tm", None) is send.tm:
             self._send(JobCreated(request, send.task, send.task_id))
             return
         settings = self.registry.pyramid_tasks_settings
-        request = make_request(self.registry, settings.site_url, send.tm)
         try:
-            self._send(JobCreated(request, send.task, send.task_id))
-        finally:
-            close_request(request, send.task.name, owns_tm=False)
+            request = make_request(self.registry, settings.site_url, send.tm)
+            try:
+                self._send(JobCreated(request, send.task, send.task_id))
+            finally:
+                close_request(request, send.task.name, owns_tm=False)
+        except Exception:
+            log.exception(
+                "Sending JobCreated for job %s[%s] failed; the job goes on.",
+                send.task.name,
+                send.task_id,
+            )
 
     def _send(self, event):
         for handler in self.registry.adapters.subscriptions((providedBy(event),), None):
