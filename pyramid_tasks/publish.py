@@ -92,21 +92,15 @@ _BATCH_SIZE = 1000
 def _apply(send, producer, durable=False):
     # Celery's own apply_async: the task's own ran at the call, with tm=.
     # Celery merges ``retry_policy`` into task_publish_retry_policy; ours only
-    # adds the errback that ends the retries at a timeout.
+    # adds the errback that ends the retries at a timeout.  Durable mode
+    # never retries: the relay does, never the committing request.
     options = send.options
-    if durable:  # the relay retries, never the committing request
-        Task.apply_async(
-            send.task,
-            send.args,
-            send.kwargs,
-            task_id=send.task_id,
-            producer=producer,
-            **{**options, "retry": False},
-        )
-        return
     policy = options.get("retry_policy")
-    if policy:
+    if policy or durable:
         options = {k: v for k, v in options.items() if k != "retry_policy"}
+    if durable:
+        options["retry"] = False
+    elif policy:
         default = send.task.app.conf.task_publish_retry_policy
         errback = policy.get("errback") or default.get("errback")
         policy = {**policy, "errback": _NoRetryAfterTimeout(errback)}
