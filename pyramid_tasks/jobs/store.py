@@ -188,13 +188,14 @@ class JobStore:
 
     # -- worker side -------------------------------------------------------
 
-    def start(self, row):
-        """Mark the job ``started`` in a short transaction: ``(attempt, state)``.
+    def start(self, row, acked=True):
+        """Mark the job ``started``: ``(attempt, state)``.
 
         ``row`` describes the job as the message does (id, name, args...), to
         create the row of a job sent without one (by name, or by a canvas).
         A job that already took effect or was cancelled is not started:
-        ``(None, its state)``.
+        ``(None, its state)``.  ``acked``: the broker forgot the message
+        (no ``acks_late``), so the mark must survive a database crash.
         """
         now = utcnow()
         values = {
@@ -219,9 +220,10 @@ class JobStore:
                     .where(_c.id == row["id"], _c.state.in_(RUNNABLE))
                     .values(values),
                     _c.attempts,
-                    # Never lost: a job whose message was acknowledged and
-                    # whose "started" vanished would wait "queued" for ever.
-                    wait_flush=True,
+                    # A job whose message was acknowledged and whose
+                    # "started" vanished would wait "queued" for ever; an
+                    # unacknowledged one comes back from the broker.
+                    wait_flush=acked,
                 )
                 if started:
                     return started[0][1], STARTED

@@ -111,7 +111,9 @@ class JobRun:
             "options": _message_options(request),
         }
         try:
-            self.attempt, state = self.jobs.store.start(row)
+            self.attempt, state = self.jobs.store.start(
+                row, acked=not self.task.acks_late
+            )
         except Exception as exc:
             if not _database_unreachable(exc):
                 raise
