@@ -470,8 +470,10 @@ def _first_row(demo, table):
     """The cells of the newest row of the home page's ``table`` (0: orders,
     1: reports), as the page shows them; None if it did not answer."""
     page = demo.page()
-    if page is None:
-        return None
+    return None if page is None else _newest_cells(page, table)
+
+
+def _newest_cells(page, table):
     html = bs4.BeautifulSoup(page, "html.parser")
     row = html.select("table")[table].select("tr")[1]
     return row.select("td")

@@ -159,11 +159,11 @@ def test_a_job_cancelled_before_its_lock_runs_nothing_and_never_succeeds(
         heard.append(("started", event.job_id))
         event.request.registry.pyramid_tasks_jobs.store.cancel([event.job_id])
 
-    def succeeded(event):
-        heard.append(("succeeded", event.job_id))
-
     registry, engine = make_app(
-        pg_settings, example, (cancel, JobStarted), (succeeded, JobSucceeded)
+        pg_settings,
+        example,
+        (cancel, JobStarted),
+        (lambda event: heard.append(("succeeded", event.job_id)), JobSucceeded),
     )
 
     [job_id] = schedule(registry, (example.import_rows, (7, ["a", "b"])))

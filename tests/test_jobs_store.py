@@ -365,3 +365,15 @@ def test_a_job_whose_workers_keep_dying_is_failed_not_rerun(jobs_app, caplog):
     assert line.getMessage().endswith(
         "failed, its worker lost 3 times (tasks.jobs.lost_attempts)."
     )
+
+
+def test_retrying_without_an_error_keeps_the_last_one(jobs_app):
+    """Celery's retry() without exc: the job waits, its last error stays."""
+    app, engine, _queue, _client = jobs_app
+    store = app.pyramid_registry.pyramid_tasks_jobs.store
+    (job_id,) = insert_pending(
+        engine, state="started", attempts=1, error="KeyError: 'x'"
+    )
+    assert store.retrying(job_id, 1) is True
+    (row,) = rows(engine)
+    assert (row["state"], row["error"]) == ("retrying", "KeyError: 'x'")

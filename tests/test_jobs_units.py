@@ -101,10 +101,6 @@ def test_the_task_api_outside_a_tracked_run(database_url, pg_schema):
     Relay(durable).stop()  # never started: nothing to stop
 
 
-def tx_body(self):
-    return "ran"
-
-
 def test_a_wrong_request_session_is_named(database_url, pg_schema):
     from pyramid.exceptions import ConfigurationError
 
@@ -122,7 +118,7 @@ def test_a_wrong_request_session_is_named(database_url, pg_schema):
     )
     config.include("demo_app.models")
     config.include("pyramid_tasks.jobs")
-    config.add_task(tx_body, bind=True, base=TransactionalTask, name="tx")
+    config.add_task(answer, bind=True, base=TransactionalTask, name="tx")
     config.commit()
     result = config.registry.celery_app.tasks["tx"].apply()
     assert isinstance(result.result, ConfigurationError)

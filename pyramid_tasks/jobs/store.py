@@ -151,8 +151,6 @@ class JobStore:
     def mark_published(self, sent):
         """``sent``: ``[(id, eta)]`` confirmed by the broker: ``queued`` (or
         ``scheduled``, its eta ahead), in one UPDATE, if still ``pending``."""
-        if not sent:
-            return 0
         now = utcnow()
         scheduled = [job_id for job_id, eta in sent if eta is not None and eta > now]
         queued = [job_id for job_id, eta in sent if eta is None or eta <= now]
@@ -313,8 +311,6 @@ class JobStore:
     def heartbeat(self, runs):
         """Renew the leases of this process's runs, ``[(id, attempt)]``: an
         old run still going never renews a newer attempt's lease."""
-        if not runs:
-            return 0
         with self.marking() as connection:
             return len(
                 self._mark(
@@ -434,11 +430,11 @@ class JobStore:
                 )
             else:
                 values.update(state=PENDING, publish_after=None)
-            count = connection.execute(
+            changed = connection.execute(
                 update(_table)
                 .where(_c.id == job_id, _c.state == STARTED)
                 .values(values)
-            ).rowcount
-            if count:
-                rescued.append((job_id, name, worker, values["state"]))
+                .returning(_c.id)
+            ).all()
+            rescued += [(job_id, name, worker, values["state"]) for _ in changed]
         return rescued
