@@ -1,11 +1,12 @@
 """Worker side of durable mode: each run of a job recorded in its row.
 
-Every run is marked ``started`` (attempt + 1, a heartbeat) in a short
-transaction first.  A job that already succeeded or was cancelled is not run.
-A transactional task then locks its job inside its own transaction before the
-body and writes ``succeeded`` in that transaction, so its effects and its mark
-commit together and a second delivery of the message changes nothing.  Other
-classes record the outcome in a short transaction after the body.
+Every run is marked ``started`` (attempt + 1, a heartbeat) first.  A job
+that already succeeded or was cancelled is not run.  A transactional task
+then locks its job inside its own transaction before the body and writes
+``succeeded`` in that transaction, so its effects and its mark commit
+together and a second delivery of the message changes nothing.  Other classes
+record the outcome after the body.  A delivery that changes nothing ends in
+Celery's ``Ignore``: acknowledged, no result, no callback.
 """
 
 import logging
