@@ -466,10 +466,23 @@ def _wrapped(error, invalidated=False):
         ),
         pytest.param(
             DBAPIError.instance(
-                "SELECT 1", {}, sqlite3.OperationalError("locked"), sqlite3.Error
+                "SELECT 1",
+                {},
+                sqlite3.OperationalError("no such column: x"),
+                sqlite3.Error,
             ),
             False,
-            id="sqlite",
+            id="sqlite-statement",
+        ),
+        pytest.param(
+            DBAPIError.instance(
+                "UPDATE",
+                {},
+                sqlite3.OperationalError("database is locked"),
+                sqlite3.Error,
+            ),
+            True,
+            id="sqlite-locked",
         ),
     ],
 )

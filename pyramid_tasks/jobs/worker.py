@@ -11,6 +11,7 @@ Celery's ``Ignore``: acknowledged, no result, no callback.
 
 import logging
 import os
+import sqlite3
 import threading
 import time
 
@@ -306,14 +307,18 @@ def _message_options(request):
 
 
 def _database_unreachable(exc):
-    """The database refused or lost the connection (not a statement's error):
-    a connection SQLAlchemy invalidated, or an OperationalError the server
-    gave no SQLSTATE (psycopg's connection refused, timed out...)."""
+    """The database refused or lost the connection, or (SQLite) stayed
+    locked by another writer past the busy timeout; not a statement's error:
+    a connection SQLAlchemy invalidated, an OperationalError the server gave
+    no SQLSTATE (psycopg's connection refused, timed out...), or SQLite's
+    "database is locked".  Nothing of the run committed: it may run again."""
     if not isinstance(exc, DBAPIError):
         return False
     if exc.connection_invalidated:
         return True
     orig = exc.orig
+    if isinstance(orig, sqlite3.OperationalError):
+        return "database is locked" in str(orig)
     code = getattr(orig, "sqlstate", getattr(orig, "pgcode", False))
     return isinstance(exc, OperationalError) and code is None
 
