@@ -213,18 +213,18 @@ def main_jobs(ours, jobs_args):
     except SQLAlchemyError as exc:  # the database, at the command's work
         from .jobs.store import one_line
 
-        print(
-            f"tasks-celery: error: jobs {options.command}: "
-            f"{type(exc).__name__}: {one_line(exc)}",
-            file=sys.stderr,
-        )
-        return 1
+        return _error(f"jobs {options.command}: {type(exc).__name__}: {one_line(exc)}")
     except UsageError as exc:
-        print(f"tasks-celery: error: {exc}\nusage: {jobs_cli.USAGE}", file=sys.stderr)
-        return 1
+        return _error(exc, jobs_cli.USAGE)
     except LoadError as exc:
-        print(f"tasks-celery: error: {exc}", file=sys.stderr)
-        return 1
+        return _error(exc)
+
+
+def _error(message, usage=None):
+    """Print ``message`` (and the usage line) on stderr: exit status 1."""
+    usage = f"\nusage: {usage}" if usage else ""
+    print(f"tasks-celery: error: {message}{usage}", file=sys.stderr)
+    return 1
 
 
 def main(argv=None):
@@ -237,11 +237,9 @@ def main(argv=None):
         config_uri, variables, celery_args = parse_args(argv)
         app = load(config_uri, variables, celery_args)
     except UsageError as exc:
-        print(f"tasks-celery: error: {exc}\nusage: {USAGE}", file=sys.stderr)
-        return 1
+        return _error(exc, USAGE)
     except LoadError as exc:
-        print(f"tasks-celery: error: {exc}", file=sys.stderr)
-        return 1
+        return _error(exc)
     # The way ``Celery.start`` hands an app object to Celery's CLI, but in
     # standalone mode so Click reports usage errors and exit codes itself.
     celery_command.params[0].default = app
