@@ -45,6 +45,8 @@ class Send:
     # Run in the transaction by pyramid_tasks.testing: the commit skips it.
     # A taken send stays in the list, so savepoint lengths stay true.
     taken: bool = False
+    # Durable mode: the JSON columns of its job row, made at the call.
+    json: dict = None
 
 
 def current_transaction(tm):

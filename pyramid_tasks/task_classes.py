@@ -274,7 +274,7 @@ class ScheduleOnCommitTask(PyramidTask):
         if jobs is None:
             schedule(tm, send, functools.partial(publish, self.app))
         else:
-            jobs.check(send)
+            send.json = jobs.check(send)
             schedule(tm, send, functools.partial(jobs.publish, self.app), jobs)
             jobs.created(send)
         return self.AsyncResult(task_id)

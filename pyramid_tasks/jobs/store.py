@@ -130,16 +130,17 @@ class JobStore:
     # instead of 5 s, for one row 0.5 ms instead of 1 ms.
 
     def insert(self, connection, rows):
-        """Insert ``rows`` (dicts with the same keys; at least one) on
-        ``connection``."""
+        """Insert ``rows`` (dicts with the same keys, as the table keeps them:
+        :meth:`JobRecorder.row <pyramid_tasks.jobs.web.JobRecorder.row>`'s;
+        at least one) on ``connection``."""
         with explain_missing_table(self.engine):
-            connection.execute(insert(_table), [stored(row) for row in rows])
+            connection.execute(insert(_table), rows)
 
     def insert_missing(self, rows):
         """Insert ``rows`` (at least one) in a short transaction, skipping ids
         already there."""
         with self.engine.begin() as connection:
-            connection.execute(self._insert_ignore(), [stored(row) for row in rows])
+            connection.execute(self._insert_ignore(), rows)
 
     def _insert_ignore(self):
         if self.dialect == "postgresql":

@@ -14,7 +14,7 @@ import os
 import threading
 from datetime import timedelta
 
-from celery import signals
+from celery import current_task, signals
 from celery.utils.time import maybe_make_aware
 from dateutil.parser import isoparse
 from pyramid.threadlocal import get_current_request
@@ -84,16 +84,11 @@ class JobRecorder:
             )
 
     def check(self, send):
-        """Refuse, at the call, what the job's row cannot hold (it is JSON,
-        as Celery's default serializer): the commit would fail on it."""
+        """The JSON of ``send``'s row, made at the call: what the row cannot
+        hold (it is JSON, as Celery's default serializer) is refused here,
+        not at the commit."""
         try:
-            stored(
-                {
-                    "args": send.args,
-                    "kwargs": send.kwargs,
-                    "options": _stored_options(send.options),
-                }
-            )
+            return _encoded(send.args, send.kwargs, send.options)
         except (TypeError, ValueError) as exc:
             raise TypeError(
                 f"{send.task.name}.apply_async(tm=...): durable mode keeps a "
@@ -139,8 +134,11 @@ class JobRecorder:
 
     # -- rows ----------------------------------------------------------------
 
-    def row(self, task, task_id, args, kwargs, options, state=PENDING, now=None):
-        """The row of a task about to be sent."""
+    def row(
+        self, task, task_id, args, kwargs, options, state=PENDING, now=None, json=None
+    ):
+        """The row of a task about to be sent, as the table keeps it (``json``:
+        its JSON columns, when :meth:`check` made them already)."""
         now = now or utcnow()
         return {
             "id": task_id,
@@ -148,9 +146,7 @@ class JobRecorder:
             "title": None,
             "queue": _queue(task, args, kwargs, options),
             "priority": options.get("priority"),
-            "args": list(args or ()),
-            "kwargs": dict(kwargs or {}),
-            "options": _stored_options(options),
+            **(json or _encoded(args, kwargs, options)),
             "state": state,
             "attempts": 0,
             "publish_attempts": 0,
@@ -170,7 +166,9 @@ class JobRecorder:
         """
         now = utcnow()
         rows = [
-            self.row(s.task, s.task_id, s.args, s.kwargs, s.options, now=now)
+            self.row(
+                s.task, s.task_id, s.args, s.kwargs, s.options, now=now, json=s.json
+            )
             for s in sends
         ]
         session = self._joined_session(txn)
@@ -385,9 +383,17 @@ def _eta(options, now=None):
     return None
 
 
-def _parent_id():
-    from celery import current_task
+def _encoded(args, kwargs, options):
+    return stored(
+        {
+            "args": list(args or ()),
+            "kwargs": dict(kwargs or {}),
+            "options": _stored_options(options),
+        }
+    )
 
+
+def _parent_id():
     task = current_task
     request = getattr(task, "request", None) if task else None
     return getattr(request, "id", None)
