@@ -64,13 +64,9 @@ class Relay:
                 # Failing rounds back off, up to a minute, and come back to
                 # the interval at the first round that works.
                 wait = min(max(60.0, self.settings.relay_interval), wait * 2)
-                level = (
-                    logging.ERROR
-                    if isinstance(exc, JobTableMissing)
-                    else (logging.WARNING)
-                )
+                missing = isinstance(exc, JobTableMissing)
                 log.log(
-                    level,
+                    logging.ERROR if missing else logging.WARNING,
                     "The job relay's round failed (tried again in %g s): %s",
                     wait,
                     one_line(exc),
@@ -104,7 +100,7 @@ class Relay:
                     self.settings.lease,
                     self.settings.lost_attempts,
                 )
-        sent_count = dead_count = 0
+        dead_count = 0
         with store.engine.begin() as connection:
             rows = store.claim_pending(connection, self.settings.relay_grace, _BATCH)
             sends, unknown = self._sends(rows)
@@ -112,7 +108,6 @@ class Relay:
             store.relayed(connection, [(s.task_id, s.row["eta"]) for s in sent])
             sent_ids = {s.task_id for s in sent}
             for send in sent:
-                sent_count += 1
                 log.warning(
                     "Job %s[%s] was committed but not at the broker: the relay sent it."
                     if not send.row["attempts"]
@@ -131,7 +126,7 @@ class Relay:
                         row["id"],
                         row["publish_attempts"] + 1,
                     )
-        return len(rescued), sent_count, dead_count
+        return len(rescued), len(sent), dead_count
 
     def _sends(self, rows):
         sends, unknown = [], []
