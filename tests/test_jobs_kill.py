@@ -157,7 +157,8 @@ def test_worker_killed_mid_task_with_acks_late_is_redelivered_once(
     [pid] = wait_for(lambda: jobs.started(key), message="the first run")
     victim = first if pid == first.process.pid else second
     survivor = second if victim is first else first
-    assert jobs.row(job_id)["state"] == "started"
+    # A long run is marked started by its heartbeat thread within a second.
+    wait_for(lambda: jobs.row(job_id)["state"] == "started", message="started")
     kill(victim)
     wait_for(lambda: len(jobs.started(key)) == 2, message="the redelivered run")
     jobs.go(key)

@@ -377,3 +377,70 @@ def test_retrying_without_an_error_keeps_the_last_one(jobs_app):
     assert store.retrying(job_id, 1) is True
     (row,) = rows(engine)
     assert (row["state"], row["error"]) == ("retrying", "KeyError: 'x'")
+
+
+def test_a_late_started_mark_never_overwrites_an_outcome(jobs_app, caplog):
+    """The started mark a transactional run with ``acks_late`` leaves to the
+    heartbeat thread (``start_late``, with the attempts its lock read) lands
+    on a job still waiting or started by another delivery since (counted on
+    top), never on one that succeeded, was cancelled, or failed or died
+    after that read."""
+    app, engine, _queue, _client = jobs_app
+    store = app.pyramid_registry.pyramid_tasks_jobs.store
+    cases = {
+        # (state, attempts) before: what start_late(seen=1) finds it
+        ("queued", 1): 2,
+        ("retrying", 1): 2,
+        ("started", 2): 3,  # another delivery started while this one ran
+        ("failed", 1): 2,  # failed before this delivery read it: re-run
+        ("dead", 1): 2,
+        ("failed", 2): None,  # failed after the read: a newer attempt's
+        ("dead", 2): None,
+        ("succeeded", 1): None,
+        ("cancelled", 1): None,
+    }
+    ids = {
+        case: insert_pending(engine, state=case[0], attempts=case[1])[0]
+        for case in cases
+    }
+    started_at = utcnow() - timedelta(seconds=1)
+    landed = {case: store.start_late(ids[case], 1, started_at) for case in cases}
+    print({f"{state}/{attempts}": landed[state, attempts] for state, attempts in cases})
+    assert landed == cases
+    after = {row["id"]: row for row in rows(engine)}
+    for case, attempt in cases.items():
+        row = after[ids[case]]
+        if attempt is None:
+            assert (row["state"], row["attempts"], row["started_at"]) == (
+                *case,
+                None,
+            )
+        else:
+            assert (row["state"], row["attempts"]) == ("started", attempt)
+            assert (row["started_at"], row["worker"]) == (started_at, store.worker_name)
+            assert row["heartbeat_at"] > started_at
+
+    # A cancelled run's attempt is recorded only on its own read of the row.
+    cancelled = ids["cancelled", 1]
+    assert store.record_attempt(cancelled, None, (0, started_at)) is False
+    assert store.record_attempt(cancelled, None, (1, started_at)) is True
+    assert (store.get(cancelled)["state"], store.get(cancelled)["attempts"]) == (
+        "cancelled",
+        2,
+    )
+
+    # A mark that fails is one WARNING line; the run keeps owing it.
+    class Run:
+        pass
+
+    run = Run()
+    run.jobs, run.task = app.pyramid_registry.pyramid_tasks_jobs, app.tasks["tx"]
+    run.id, run.seen, run.started_at = ids["queued", 1], 1, started_at
+    run.attempt, run.deferred = None, True
+    running = _Running()
+    running.writing.add(run)
+    caplog.set_level(logging.WARNING, "pyramid_tasks")
+    Job.__table__.drop(engine)
+    running._start(run)
+    assert (run.attempt, run.deferred, running.writing) == (None, True, set())
+    assert f"Job tx[{run.id}]: its row was not marked started: " in caplog.text

@@ -120,8 +120,22 @@ def test_a_wrong_request_session_is_named(database_url, pg_schema):
     config.include("pyramid_tasks.jobs")
     config.add_task(answer, bind=True, base=TransactionalTask, name="tx")
     config.commit()
-    result = config.registry.celery_app.tasks["tx"].apply()
+    task = config.registry.celery_app.tasks["tx"]
+    result = task.apply()
     assert isinstance(result.result, ConfigurationError)
+    # The run never read its row: started on its own first, then failed;
+    # a job cancelled meanwhile stays as it is.
+    jobs = config.registry.pyramid_tasks_jobs
+    assert (
+        jobs.store.get(result.id)["state"],
+        jobs.store.get(result.id)["attempts"],
+    ) == ("failed", 1)
+    jobs.store.insert_missing([jobs.row(task, "gone", (), {}, {}, state="cancelled")])
+    assert isinstance(task.apply(task_id="gone").result, ConfigurationError)
+    assert (jobs.store.get("gone")["state"], jobs.store.get("gone")["attempts"]) == (
+        "cancelled",
+        0,
+    )
     assert str(result.result) == (
         "Setting tasks.jobs.request_session = 'db_session': the request of "
         "task tx has no attribute 'db_session'; name the request attribute of "
@@ -148,6 +162,30 @@ def ignoring(self, how):
     raise Ignore() if how == "ignore" else Reject("no", requeue=False)
 
 
+def deferred(self, how):
+    """A transactional body whose started mark is left to the heartbeat
+    thread; ``how`` it ends, and the row it saw."""
+    from celery.exceptions import Ignore
+
+    from .conftest import wait_for
+
+    store = self.app.pyramid_registry.pyramid_tasks_jobs.store
+    if how == "fails":
+        raise ValueError("it fails")
+    if how == "ignored":
+        raise Ignore()
+    if how == "cancelled":
+        store.cancel([self.request.id])
+        self.set_progress(1, 2)  # not runnable: nothing written
+    if how == "progress":
+        self.set_progress(1, 2, "half")  # marked started first
+    if how == "long":
+        wait_for(lambda: store.state(self.request.id) == "started", timeout=10)
+    if how in ("long", "progress"):
+        return store.get(self.request.id)
+    return how
+
+
 def durable_app(settings, **extra):
     from pyramid_tasks import ScheduleOnCommitTask, TransactionalTask
 
@@ -157,6 +195,7 @@ def durable_app(settings, **extra):
     config.add_task(answer, bind=True, base=TransactionalTask, name="answer")
     config.add_task(record, bind=True, base=PyramidTask, name="record")
     config.add_task(ignoring, bind=True, base=ScheduleOnCommitTask, name="ignoring")
+    config.add_task(deferred, bind=True, base=TransactionalTask, name="deferred")
     config.commit()
     registry = config.registry
     return registry, registry.pyramid_tasks_jobs
@@ -346,3 +385,92 @@ def test_job_created_for_another_transaction_gets_a_request_of_its_own(
     assert [r.getMessage() for r in caplog.records] == [
         f"Sending JobCreated for job answer[{job_id}] failed; the job goes on."
     ]
+
+
+def test_a_short_transactional_run_writes_its_row_once(database_url, pg_schema):
+    """A transactional run with ``acks_late`` (durable mode's default) reads
+    its job with its lock and leaves the started mark to the heartbeat
+    thread: a run over before it is due writes the start with its outcome,
+    in one UPDATE, and its row ends as if it had been marked started."""
+    registry, jobs = durable_app(eager_settings(database_url, pg_schema))
+    task = registry.celery_app.tasks["deferred"]
+    store = jobs.store
+    statements = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        if "pyramid_tasks_job" in statement:
+            statements.append(statement.split()[0])
+
+    ends = {}
+    for how in ("returns", "fails", "ignored"):
+        job_id = f"short-{how}"
+        store.insert_missing([jobs.row(task, job_id, (how,), {}, {}, state="queued")])
+        sqlalchemy.event.listen(store.engine, "before_cursor_execute", seen)
+        try:
+            before = utcnow()
+            result = task.apply((how,), task_id=job_id)
+        finally:
+            sqlalchemy.event.remove(store.engine, "before_cursor_execute", seen)
+        ends[how] = (result.state, statements[:], store.get(job_id))
+        statements.clear()
+        row = ends[how][2]
+        assert before <= row["started_at"] <= row["heartbeat_at"]
+        assert (row["attempts"], row["worker"]) == (1, store.worker_name)
+    print({how: (state, sql, row["state"]) for how, (state, sql, row) in ends.items()})
+    result, sql, row = ends["returns"]
+    # The lock with the row, and succeeded in the run's own transaction.
+    assert (result, sql, row["state"], row["progress"]) == (
+        "SUCCESS",
+        ["SELECT", "UPDATE"],
+        "succeeded",
+        100,
+    )
+    assert row["finished_at"] >= row["started_at"]
+    result, sql, row = ends["fails"]
+    assert (result, sql, row["state"], row["error"]) == (
+        "FAILURE",
+        ["SELECT", "UPDATE"],
+        "failed",
+        "ValueError: it fails",
+    )
+    result, sql, row = ends["ignored"]
+    assert (result, sql, row["state"], row["finished_at"]) == (
+        "IGNORED",
+        ["SELECT", "UPDATE"],
+        "queued",
+        None,
+    )
+
+
+def test_a_transactional_run_still_going_is_marked_started(
+    database_url, pg_schema, monkeypatch
+):
+    """The heartbeat thread marks a run still going started (here at once);
+    progress marks it first; a run cancelled before its mark is counted,
+    and its job stays cancelled."""
+    from pyramid_tasks.jobs import worker
+
+    registry, jobs = durable_app(eager_settings(database_url, pg_schema))
+    task = registry.celery_app.tasks["deferred"]
+    store = jobs.store
+    for how in ("long", "progress", "cancelled"):
+        store.insert_missing([jobs.row(task, how, (how,), {}, {}, state="queued")])
+
+    monkeypatch.setattr(worker, "START_MARK_DELAY", 0.0)
+    result = task.apply(("long",), task_id="long")
+    seen, row = result.result, store.get("long")
+    assert (seen["state"], seen["attempts"], seen["progress"]) == ("started", 1, None)
+    assert (row["state"], row["attempts"], row["progress"]) == ("succeeded", 1, 100)
+    assert row["started_at"] == seen["started_at"]
+
+    monkeypatch.setattr(worker, "START_MARK_DELAY", 60.0)
+    seen = task.apply(("progress",), task_id="progress").result
+    assert (seen["state"], seen["attempts"]) == ("started", 1)
+    assert (seen["progress"], seen["progress_message"]) == (50, "half")
+    assert store.get("progress")["state"] == "succeeded"
+
+    result = task.apply(("cancelled",), task_id="cancelled")
+    row = store.get("cancelled")
+    assert (result.state, row["state"], row["attempts"]) == ("IGNORED", "cancelled", 1)
+    assert (row["progress"], row["worker"]) == (None, store.worker_name)
+    assert worker._running.due == {}

@@ -6,6 +6,7 @@ outside any transaction, and leave their effect in the database: an
 ``orders`` row whose email is the test's key.
 """
 
+import time
 import uuid
 
 import pytest
@@ -166,6 +167,32 @@ def test_transactional_jobs_mark_succeeded_in_their_own_transaction(
     )
     assert row["queue"] == ini_vars["queue"]
     assert row["created_at"] == row["started_at"]
+    probe.close()
+
+
+def test_a_long_transactional_run_shows_started_while_it_runs(
+    jobs_worker, redis_client
+):
+    """A transactional run with ``acks_late`` does not wait for its started
+    mark: the worker's heartbeat thread writes it for a run still going half
+    a second later, so the row shows ``started`` within about a second, and
+    the succeeded mark keeps its start."""
+    worker = jobs_worker("-P", "solo")
+    probe = Probe(worker.celery_app, redis_client)
+    key = probe.key()
+    [job_id] = probe.commit("watched_in_tm", (key,))
+    wait_for(lambda: redis_client.llen(f"{key}:ready"), message="the task to run")
+    running = time.monotonic()  # the body runs: its lock read the row
+    row = probe.wait_state(job_id, "started", timeout=10)
+    waited = time.monotonic() - running
+    print(f"started shown {waited:.2f} s after the body began")
+    assert waited < 2
+    assert (row["attempts"], row["finished_at"]) == (1, None)
+    assert row["worker"] and row["heartbeat_at"] >= row["started_at"]
+    redis_client.rpush(f"{key}:go", "go")
+    done = probe.wait_state(job_id, "succeeded")
+    assert (done["attempts"], done["started_at"]) == (1, row["started_at"])
+    assert probe.effects(key) == 1
     probe.close()
 
 

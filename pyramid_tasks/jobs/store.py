@@ -73,6 +73,7 @@ _TRY_LOCK = select(func.pg_try_advisory_xact_lock(_LOCK_KEY))
 _TRY_LOCK_AND_READ = select(
     func.pg_try_advisory_xact_lock(_LOCK_KEY),
     select(_c.state).where(_c.id == bindparam("job_id")).scalar_subquery(),
+    select(_c.attempts).where(_c.id == bindparam("job_id")).scalar_subquery(),
 )
 
 
@@ -187,17 +188,9 @@ class JobStore:
 
     # -- worker side -------------------------------------------------------
 
-    def start(self, row, acked=True):
-        """Mark the job ``started``: ``(attempt, state)``.
-
-        ``row`` describes the job as the message does (id, name, args...), to
-        create the row of a job sent without one (by name, or by a canvas).
-        A job that already took effect or was cancelled is not started:
-        ``(None, its state)``.  ``acked``: the broker forgot the message
-        (no ``acks_late``), so the mark must survive a database crash.
-        """
-        now = utcnow()
-        values = {
+    def _started(self, now):
+        """The values of a ``started`` mark made at ``now``."""
+        return {
             "state": STARTED,
             "attempts": _c.attempts + 1,
             "started_at": now,
@@ -209,6 +202,18 @@ class JobStore:
             "error": None,
             "traceback": None,
         }
+
+    def start(self, row, acked=True):
+        """Mark the job ``started``: ``(attempt, state)``.
+
+        ``row`` describes the job as the message does (id, name, args...), to
+        create the row of a job sent without one (by name, or by a canvas).
+        A job that already took effect or was cancelled is not started:
+        ``(None, its state)``.  ``acked``: the broker forgot the message
+        (no ``acks_late``), so the mark must survive a database crash.
+        """
+        now = utcnow()
+        values = self._started(now)
         with explain_missing_table(self.engine), self.marking() as connection:
             # Each statement sees what committed before it: another pass
             # comes only after a concurrent writer changed the row.
@@ -239,74 +244,133 @@ class JobStore:
                 # Else the row was committed after the UPDATE looked (a task
                 # sent without tm= writes it after the send): start it.
 
-    def lock(self, connection, job_id):
-        """Lock ``job_id`` for the transaction of ``connection``; its state.
+    def start_late(self, job_id, seen, started_at):
+        """The ``started`` mark of a run that read the job runnable with
+        ``seen`` attempts under its lock and ran without waiting for this
+        mark (:class:`~pyramid_tasks.jobs.worker.JobRun`, a transactional run
+        with ``acks_late``): its attempt, or None when the job is no longer
+        runnable (a late mark never overwrites ``succeeded``, ``cancelled``,
+        nor a ``failed`` or ``dead`` written after that read).  It counts
+        one more run on top of any other delivery started since."""
+        values = {**self._started(started_at), "heartbeat_at": utcnow()}
+        changed = self._marking(
+            update(_table)
+            .where(
+                _c.id == job_id,
+                _c.state.in_(UNFINISHED)
+                | (_c.state.in_((FAILED, DEAD)) & (_c.attempts == seen)),
+            )
+            .values(values),
+            _c.attempts,
+        )
+        return changed[0][1] if changed else None
+
+    def record_attempt(self, job_id, attempt, start):
+        """A run cancelled before its ``started`` mark (``start``, as for
+        :meth:`succeed_in`) landed: counted, its start and worker recorded,
+        the job left ``cancelled``."""
+        seen, started_at = start
+        changed = self._marking(
+            update(_table)
+            .where(_c.id == job_id, _c.state == CANCELLED, _c.attempts == seen)
+            .values(attempts=seen + 1, started_at=started_at, worker=self.worker_name)
+        )
+        return len(changed) == 1
+
+    def _marking(self, statement, *returning):
+        with self.marking() as connection:
+            return self._mark(connection, statement, *returning)
+
+    def lock(self, connection, job_id, waiting=None):
+        """Lock ``job_id`` for the transaction of ``connection``; its state
+        and attempts, ``(None, None)`` without a row.
 
         PostgreSQL: a transaction-scoped advisory lock on the id, so a second
         delivery of the message waits here until the first one's transaction
-        ends, while progress, heartbeats and cancellation still write the row.
-        Elsewhere a write that changes nothing: SQLite's database lock.
+        ends, while progress, heartbeats and cancellation still write the row
+        (``waiting()`` is called before it waits).  Elsewhere a write that
+        changes nothing: SQLite's database lock.
         """
         if self.dialect == "postgresql":
-            # Uncontended (the rule), one round trip: the lock and the state.
+            # Uncontended (the rule), one round trip: the lock and the row.
             # A delivery that ended between this statement's snapshot and
             # the lock (microseconds) is caught by succeed_in()'s guard.
-            locked, state = connection.execute(
-                _TRY_LOCK_AND_READ, {"job_id": job_id}
-            ).one()
+            with explain_missing_table(self.engine):
+                locked, state, attempts = connection.execute(
+                    _TRY_LOCK_AND_READ, {"job_id": job_id}
+                ).one()
             if locked:
-                return state
+                return state, attempts
+            if waiting is not None:
+                waiting()
             connection.execute(_LOCK, {"job_id": job_id})
         else:  # a write: SQLite's database lock, a row lock elsewhere
             connection.execute(
                 update(_table).where(_c.id == job_id).values(attempts=_c.attempts)
             )
-        return self.state(job_id, connection)
+        row = connection.execute(
+            select(_c.state, _c.attempts).where(_c.id == job_id)
+        ).first()
+        return (None, None) if row is None else tuple(row)
 
-    def succeed_in(self, connection, job_id):
+    def succeed_in(self, connection, job_id, start=None):
         """``succeeded`` in the task's own transaction; False when the job is
-        no longer runnable (it was cancelled meanwhile)."""
+        no longer runnable (it was cancelled meanwhile).  ``start``:
+        ``(seen, started_at)`` of a run whose ``started`` mark never landed,
+        written with this one as :meth:`start_late` would have."""
+        values = {"state": SUCCEEDED, "finished_at": utcnow(), "progress": 100}
+        if start is not None:
+            values = {**self._unstarted(start), **values}
         count = connection.execute(
-            update(_table)
-            .where(_c.id == job_id, _c.state.in_(RUNNABLE))
-            .values(state=SUCCEEDED, finished_at=utcnow(), progress=100)
+            update(_table).where(_c.id == job_id, _c.state.in_(RUNNABLE)).values(values)
         ).rowcount
         return count == 1
 
-    def succeed(self, job_id, attempt):
-        return self._finish(job_id, attempt, state=SUCCEEDED, progress=100)
+    def _unstarted(self, start):
+        """What the ``started`` mark of a run would have written, with its
+        outcome (one statement for both)."""
+        return {**self._started(start[1]), "heartbeat_at": utcnow()}
 
-    def fail(self, job_id, attempt, exc):
+    # The outcome of a run, conditioned on its attempt: ``start``, as for
+    # succeed_in(), when its started mark never landed; the row must then
+    # be as that run read it (no other delivery started since).
+
+    def succeed(self, job_id, attempt, start=None):
+        return self._finish(job_id, attempt, start, state=SUCCEEDED, progress=100)
+
+    def fail(self, job_id, attempt, exc, start=None):
         text_ = f"{type(exc).__name__}: {exc}"
         tb = "".join(traceback_module.format_exception(exc))
         return self._finish(
             job_id,
             attempt,
+            start,
             state=FAILED,
             error=mask_secrets(text_)[:10000],
             traceback=mask_secrets(tb)[-100000:],
         )
 
-    def retrying(self, job_id, attempt, exc=None):
+    def retrying(self, job_id, attempt, exc=None, start=None):
         values = {"state": RETRYING}
         if exc is not None:
             values["error"] = mask_secrets(f"{type(exc).__name__}: {exc}")[:10000]
-        return self._finish(job_id, attempt, finished=False, **values)
+        return self._finish(job_id, attempt, start, finished=False, **values)
 
-    def requeued(self, job_id, attempt):
+    def requeued(self, job_id, attempt, start=None):
         """Back in line (Celery's ``Ignore`` or ``Reject``): ``queued``."""
-        return self._finish(job_id, attempt, finished=False, state=QUEUED)
+        return self._finish(job_id, attempt, start, finished=False, state=QUEUED)
 
-    def _finish(self, job_id, attempt, finished=True, **values):
+    def _finish(self, job_id, attempt, start, finished=True, **values):
         if finished:
             values["finished_at"] = utcnow()
-        with self.marking() as connection:
-            changed = self._mark(
-                connection,
-                update(_table)
-                .where(_c.id == job_id, _c.attempts == attempt, _c.state == STARTED)
-                .values(values),
-            )
+        if start is None:
+            where = (_c.attempts == attempt, _c.state == STARTED)
+        else:
+            where = (_c.attempts == start[0], _c.state.in_(RUNNABLE))
+            values = {**self._unstarted(start), **values}
+        changed = self._marking(
+            update(_table).where(_c.id == job_id, *where).values(values)
+        )
         return len(changed) == 1
 
     def heartbeat(self, runs):

@@ -1,12 +1,21 @@
 """Worker side of durable mode: each run of a job recorded in its row.
 
-Every run is marked ``started`` (attempt + 1, a heartbeat) first.  A job
-that already succeeded or was cancelled is not run.  A transactional task
-then locks its job inside its own transaction before the body and writes
-``succeeded`` in that transaction, so its effects and its mark commit
-together and a second delivery of the message changes nothing.  Other classes
-record the outcome after the body.  A delivery that changes nothing ends in
-Celery's ``Ignore``: acknowledged, no result, no callback.
+A run is marked ``started`` (attempt + 1, a heartbeat) and a job that
+already succeeded or was cancelled is not run.  A transactional task locks
+its job inside its own transaction before the body and writes ``succeeded``
+in that transaction, so its effects and its mark commit together and a
+second delivery of the message changes nothing.  Other classes record the
+outcome after the body.  A delivery that changes nothing ends in Celery's
+``Ignore``: acknowledged, no result, no callback.
+
+The ``started`` mark comes first, in a statement of its own, except for a
+transactional run with ``acks_late`` and ``reject_on_worker_lost`` on
+PostgreSQL (the durable default): there the mark guards nothing (the broker
+delivers the message again if the worker dies, and the lock fences the
+effects), so the run reads its job's state and attempts with its lock and
+the heartbeat thread writes ``started`` only for a run still going
+:data:`START_MARK_DELAY` seconds later.  A run that ends first writes the
+start with its outcome, in one statement.
 """
 
 import logging
@@ -21,7 +30,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from zope.sqlalchemy import mark_changed
 
 from .events import JobFailed, JobStarted, JobSucceeded
-from .model import CANCELLED, SUCCEEDED
+from .model import CANCELLED, RUNNABLE, SUCCEEDED, utcnow
 from .store import one_line
 
 __all__ = ["JobCancelled", "JobRun", "durable_task_options"]
@@ -35,6 +44,8 @@ _SENDS_HEADER = "pyramid_tasks_unreachable_sends"
 PROGRESS_INTERVAL = 0.5
 # Seconds between two reads of the job's state by cancel_requested().
 CANCEL_CHECK_INTERVAL = 1.0
+# Seconds a deferred run goes before the heartbeat thread marks it started.
+START_MARK_DELAY = 0.5
 
 
 class JobCancelled(Exception):
@@ -71,11 +82,14 @@ class JobRun:
 
     __slots__ = (
         "attempt",
+        "deferred",
         "jobs",
         "last_cancel_check",
         "last_progress",
         "progress_unrecorded",
         "request",
+        "seen",
+        "started_at",
         "task",
         "took_effect",
         "transactional",
@@ -88,6 +102,11 @@ class JobRun:
         self.request = task.request
         self.transactional = transactional
         self.attempt = None
+        # A started mark this run owes (not landed yet): see the module's
+        # docstring.  ``seen``: the attempts its lock read; ``started_at``.
+        self.deferred = False
+        self.seen = None
+        self.started_at = None
         # False when this run's mark did not land: the lock found the job
         # done (another delivery) or cancelled, or it was cancelled meanwhile.
         self.took_effect = True
@@ -101,20 +120,27 @@ class JobRun:
         return self.request.id
 
     def __enter__(self):
-        request = self.request
-        row = {
-            "id": request.id,
-            "name": self.task.name,
-            "args": list(request.args or ()),
-            "kwargs": dict(request.kwargs or {}),
-            "queue": (request.delivery_info or {}).get("routing_key"),
-            "parent_id": request.parent_id,
-            # What the relay needs to send it again (a lease expired).
-            "options": _message_options(request),
-        }
+        task = self.task
+        if (
+            self.transactional
+            and task.acks_late
+            and task.reject_on_worker_lost
+            and self.jobs.store.dialect == "postgresql"
+        ):
+            self.deferred = True
+            self.started_at = utcnow()
+        else:
+            self._start()
+            self.jobs.notify(JobStarted, self)
+        _running.add(self)
+        return self
+
+    def _start(self):
+        """The ``started`` mark, now; raises Celery's ``Ignore`` when the job
+        must not run."""
         try:
             self.attempt, state = self.jobs.store.start(
-                row, acked=not self.task.acks_late
+                self._row(), acked=not self.task.acks_late
             )
         except Exception as exc:
             if not _database_unreachable(exc):
@@ -124,13 +150,26 @@ class JobRun:
             self._send_again(exc)
         if self.attempt is None:
             log.info("Job %s[%s] is %s: not run.", self.task.name, self.id, state)
+            self.took_effect = False
             raise Ignore()  # acknowledged, no result, no callbacks
-        self.jobs.notify(JobStarted, self)
-        _running.add(self)
-        return self
+        self.deferred = False
+
+    def _row(self):
+        """The job as its message describes it (a row to make if missing)."""
+        request = self.request
+        return {
+            "id": request.id,
+            "name": self.task.name,
+            "args": list(request.args or ()),
+            "kwargs": dict(request.kwargs or {}),
+            "queue": (request.delivery_info or {}).get("routing_key"),
+            "parent_id": request.parent_id,
+            # What the relay needs to send it again (a lease expired).
+            "options": _message_options(request),
+        }
 
     def __exit__(self, exc_type, exc, tb):
-        _running.discard(self)
+        _running.discard(self)  # a deferred start landed, or never will
         store = self.jobs.store
         # The events follow the row: none when this run's mark did not land
         # (the job was cancelled meanwhile, or another delivery had it).
@@ -143,6 +182,8 @@ class JobRun:
                 self.jobs.notify(JobSucceeded, self)
             return False
         if isinstance(exc, JobCancelled):
+            if self.deferred and self.seen is not None:
+                self._marked(store.record_attempt)
             log.info(
                 "Job %s[%s] became %s while it ran: rolled back.",
                 self.task.name,
@@ -173,8 +214,17 @@ class JobRun:
         return False
 
     def _marked(self, mark, *args):
-        """``mark(id, attempt, *args)``; False, logged, when it fails."""
+        """``mark(id, attempt, *args)``; False, logged, when it fails.  A
+        deferred ``started`` mark that did not land is written with it (or
+        first, on its own, by a run that never read its row)."""
         try:
+            if self.deferred and self.seen is not None:
+                return mark(self.id, None, *args, start=(self.seen, self.started_at))
+            if self.deferred:
+                self.attempt, _ = self.jobs.store.start(self._row(), acked=False)
+                if self.attempt is None:
+                    return False
+                self.deferred = False
             return mark(self.id, self.attempt, *args)
         except Exception as exc:
             log.warning(
@@ -229,7 +279,26 @@ class JobRun:
     def lock(self, request):
         """Lock the job in ``request.tm``'s transaction; False: do not run."""
         session = self._session(request)
-        state = self.jobs.store.lock(session.connection(), self.id)
+        first = self.deferred and self.seen is None
+        state, attempts = self.jobs.store.lock(
+            session.connection(),
+            self.id,
+            # Another delivery holds the lock: started now, as before a
+            # lock that may take long.
+            waiting=self._start_now if first else None,
+        )
+        if first and self.deferred:
+            if state is None:  # sent without a row: made by the start
+                self._start_now()  # Celery's Ignore if made finished since
+            elif state not in RUNNABLE:
+                log.info("Job %s[%s] is %s: not run.", self.task.name, self.id, state)
+                self.took_effect = False
+                return False
+            else:
+                self.seen = attempts
+                self.jobs.notify(JobStarted, self)
+                _running.defer_start(self)
+                return True
         if state in (SUCCEEDED, CANCELLED):
             log.info(
                 "Job %s[%s] is %s: this delivery changes nothing.",
@@ -241,11 +310,18 @@ class JobRun:
             return False
         return True
 
+    def _start_now(self):
+        self._start()
+        self.jobs.notify(JobStarted, self)
+
     def succeed_in(self, request):
         """Write ``succeeded`` in ``request.tm``'s transaction."""
         session = self._session(request)
         connection = session.connection()
-        if not self.jobs.store.succeed_in(connection, self.id):
+        start = None
+        if self.deferred and not _running.settle(self):
+            start = (self.seen, self.started_at)
+        if not self.jobs.store.succeed_in(connection, self.id, start):
             raise JobCancelled(self.id, self.jobs.store.state(self.id, connection))
         mark_changed(session)
 
@@ -271,6 +347,8 @@ class JobRun:
         if progress < 100 and now - self.last_progress < PROGRESS_INTERVAL:
             return
         self.last_progress = now
+        if self.deferred and not _running.settle(self, write=True):
+            return  # the job is no longer runnable
         self.jobs.store.set_progress(self.id, self.attempt, progress, message)
 
     def cancel_requested(self):
@@ -324,16 +402,22 @@ def _database_unreachable(exc):
 
 
 class _Running:
-    """The runs of this process, and the thread renewing their leases."""
+    """The runs of this process, and the thread renewing their leases and
+    writing the ``started`` marks deferred runs owe (:meth:`defer_start`).
+
+    A deferred mark is written by that thread, or dropped, before the run's
+    outcome is written (:meth:`settle`): a run's marks land in order."""
 
     def __init__(self):
         self.runs = set()
-        self.lock = threading.Lock()
+        self.condition = threading.Condition()
+        self.due = {}  # deferred run: when its started mark is due
+        self.writing = set()  # deferred runs whose mark is being written
         self.pid = None
         self.thread = None
 
     def add(self, run):
-        with self.lock:
+        with self.condition:
             self.runs.add(run)
             if self.pid != os.getpid():  # first run, or a forked child's
                 self.pid = os.getpid()
@@ -345,21 +429,73 @@ class _Running:
                 )
                 self.thread.start()
 
+    def defer_start(self, run):
+        with self.condition:
+            self.due[run] = time.monotonic() + START_MARK_DELAY
+            self.condition.notify_all()
+
+    def settle(self, run, write=False):
+        """No deferred started mark of ``run`` is written after this: it
+        landed (True), or is dropped, or with ``write`` written now."""
+        with self.condition:
+            claimed = self.due.pop(run, None) is not None and write
+            if claimed:
+                self.writing.add(run)
+            else:
+                self.condition.wait_for(lambda: run not in self.writing)
+        if claimed:
+            self._start(run)
+        return not run.deferred
+
     def discard(self, run):
-        with self.lock:
+        self.settle(run)
+        with self.condition:
             self.runs.discard(run)
 
     def _beat(self, interval):
+        next_beat = time.monotonic() + interval
         while True:
-            time.sleep(interval)
-            self.beat()
+            with self.condition:
+                while True:
+                    now = time.monotonic()
+                    due = [run for run, at in self.due.items() if at <= now]
+                    if due or now >= next_beat:
+                        break
+                    self.condition.wait(min([next_beat, *self.due.values()]) - now)
+                for run in due:
+                    del self.due[run]
+                    self.writing.add(run)
+            for run in due:
+                self._start(run)
+            if time.monotonic() >= next_beat:
+                self.beat()
+                next_beat = time.monotonic() + interval
+
+    def _start(self, run):
+        """Write ``run``'s deferred started mark (it is in ``writing``)."""
+        attempt = None
+        try:
+            attempt = run.jobs.store.start_late(run.id, run.seen, run.started_at)
+        except Exception as exc:
+            log.warning(
+                "Job %s[%s]: its row was not marked started: %s",
+                run.task.name,
+                run.id,
+                one_line(exc),
+            )
+        with self.condition:
+            if attempt is not None:
+                run.attempt, run.deferred = attempt, False
+            self.writing.discard(run)
+            self.condition.notify_all()
 
     def beat(self):
         """Renew the leases of the running jobs, one UPDATE per job store."""
-        with self.lock:
+        with self.condition:
             stores = {}
             for run in self.runs:
-                stores.setdefault(run.jobs.store, []).append((run.id, run.attempt))
+                if run.attempt is not None:  # None: a started mark not landed
+                    stores.setdefault(run.jobs.store, []).append((run.id, run.attempt))
         for store, ids in stores.items():
             try:
                 store.heartbeat(ids)
