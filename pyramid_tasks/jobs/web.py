@@ -267,10 +267,16 @@ class _OwnConnection:
             self.connection.close()
 
 
+# Seconds the marker waits, once something was published, for what the
+# next commits publish: under load one UPDATE marks many commits' rows.
+MARK_LINGER = 0.05
+
+
 class _Marker:
     """Marks published rows ``queued`` from a thread of its own, so the
     request that committed them never waits for that UPDATE: one UPDATE per
-    job store for everything published since the last one.
+    job store for everything published within :data:`MARK_LINGER` of the
+    first (at once when someone waits in :meth:`flush`).
 
     A mark that never happens (the process killed first) leaves the row
     ``pending``: the relay sends it again after ``tasks.jobs.relay_grace``
@@ -282,6 +288,7 @@ class _Marker:
         self.condition = threading.Condition()
         self.items = []
         self.busy = False
+        self.flushing = 0
         self.pid = None
 
     def put(self, store, sent):
@@ -296,14 +303,20 @@ class _Marker:
 
     def flush(self, timeout=None):
         with self.condition:
-            return self.condition.wait_for(
-                lambda: not self.items and not self.busy, timeout
-            )
+            self.flushing += 1
+            self.condition.notify_all()
+            try:
+                return self.condition.wait_for(
+                    lambda: not self.items and not self.busy, timeout
+                )
+            finally:
+                self.flushing -= 1
 
     def _run(self):
         while True:
             with self.condition:
                 self.condition.wait_for(lambda: self.items)
+                self.condition.wait_for(lambda: self.flushing, MARK_LINGER)
                 items, self.items = self.items, []
                 self.busy = True
             try:
@@ -335,6 +348,7 @@ class _Marker:
         self.condition = threading.Condition()
         self.items = []
         self.busy = False
+        self.flushing = 0
         self.pid = None
 
 
