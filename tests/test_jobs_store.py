@@ -28,6 +28,7 @@ from pyramid_tasks.jobs.store import JobTableMissing
 from pyramid_tasks.jobs.worker import _Running
 
 from .conftest import wait_for
+from .test_jobs_kill import lock_waiters
 
 _c = Job.__table__.c
 
@@ -444,3 +445,34 @@ def test_a_late_started_mark_never_overwrites_an_outcome(jobs_app, caplog):
     running._start(run)
     assert (run.attempt, run.deferred, running.writing) == (None, True, set())
     assert f"Job tx[{run.id}]: its row was not marked started: " in caplog.text
+
+
+def test_a_second_delivery_waits_for_the_lock_of_the_first(jobs_app):
+    """The lock of a job held by one transaction: another waits for it
+    (``waiting()`` called first, when given), then reads the row as the
+    first one's COMMIT left it."""
+    app, engine, _queue, _client = jobs_app
+    store = app.pyramid_registry.pyramid_tasks_jobs.store
+    [job_id] = insert_pending(engine, state="queued")
+    got, waited = {}, []
+    with engine.connect() as first:
+        assert store.lock(first, job_id) == ("queued", 0)
+        first.execute(update(Job.__table__).values(state="succeeded", attempts=1))
+
+        def second(name, waiting):
+            with engine.connect() as connection:
+                got[name] = store.lock(connection, job_id, waiting)
+                connection.rollback()
+
+        threads = [
+            threading.Thread(target=second, args=("told", lambda: waited.append(1))),
+            threading.Thread(target=second, args=("silent", None)),
+        ]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: lock_waiters(engine, job_id) == 2, message="both to wait")
+        assert (got, waited) == ({}, [1])
+        first.commit()
+    for thread in threads:
+        thread.join(10)
+    assert got == {"told": ("succeeded", 1), "silent": ("succeeded", 1)}

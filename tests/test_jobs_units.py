@@ -179,8 +179,10 @@ def deferred(self, how):
         self.set_progress(1, 2)  # not runnable: nothing written
     if how == "progress":
         self.set_progress(1, 2, "half")  # marked started first
-    if how == "long":
+    if how.startswith("long"):
         wait_for(lambda: store.state(self.request.id) == "started", timeout=10)
+    if how == "long, cancelled":
+        store.cancel([self.request.id])
     if how in ("long", "progress"):
         return store.get(self.request.id)
     return how
@@ -398,8 +400,7 @@ def test_a_short_transactional_run_writes_its_row_once(database_url, pg_schema):
     statements = []
 
     def seen(conn, cursor, statement, parameters, context, executemany):
-        if "pyramid_tasks_job" in statement:
-            statements.append(statement.split()[0])
+        statements.append(statement.split()[0])  # all of them the job's
 
     ends = {}
     for how in ("returns", "fails", "ignored"):
@@ -462,6 +463,11 @@ def test_a_transactional_run_still_going_is_marked_started(
     assert (seen["state"], seen["attempts"], seen["progress"]) == ("started", 1, None)
     assert (row["state"], row["attempts"], row["progress"]) == ("succeeded", 1, 100)
     assert row["started_at"] == seen["started_at"]
+    how = "long, cancelled"
+    store.insert_missing([jobs.row(task, how, (how,), {}, {}, state="queued")])
+    result = task.apply((how,), task_id=how)
+    row = store.get(how)
+    assert (result.state, row["state"], row["attempts"]) == ("IGNORED", "cancelled", 1)
 
     monkeypatch.setattr(worker, "START_MARK_DELAY", 60.0)
     seen = task.apply(("progress",), task_id="progress").result
@@ -474,3 +480,23 @@ def test_a_transactional_run_still_going_is_marked_started(
     assert (result.state, row["state"], row["attempts"]) == ("IGNORED", "cancelled", 1)
     assert (row["progress"], row["worker"]) == (None, store.worker_name)
     assert worker._running.due == {}
+
+
+def test_a_run_marked_started_first_skips_a_finished_job(
+    database_url, pg_schema, caplog
+):
+    """The classes that are marked started before the body: a finished job
+    is not run, and a missing table is named."""
+    import logging
+
+    registry, jobs = durable_app(eager_settings(database_url, pg_schema))
+    task = registry.celery_app.tasks["record"]
+    jobs.store.insert_missing(
+        [jobs.row(task, "done", (1, "k"), {}, {}, state="succeeded")]
+    )
+    caplog.set_level(logging.INFO, "pyramid_tasks")
+    assert task.apply((1, "k"), task_id="done").state == "IGNORED"
+    assert "Job record[done] is succeeded: not run." in caplog.text
+    Job.__table__.drop(jobs.store.engine)
+    result = task.apply((1, "k"), task_id="gone")
+    assert "jobs init-db" in str(result.result)
