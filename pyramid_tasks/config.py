@@ -20,6 +20,7 @@ from .decorator import TaskHandle
 from .retry import RetryPolicy
 from .schedule import parse_beat_settings, parse_schedule
 from .settings import (
+    JOBS_INCLUDE_KEYS,
     bad_setting,
     check_serializers,
     parse_celery_settings,
@@ -274,8 +275,19 @@ def check_beat_tasks(registry):
 
 
 def check_jobs_settings(registry):
-    """``tasks.jobs.*`` settings need ``pyramid_tasks.jobs``: never ignored."""
+    """``tasks.jobs.*`` settings need ``pyramid_tasks.jobs``, and those of an
+    include on top of it (:data:`.settings.JOBS_INCLUDE_KEYS`) that include:
+    never ignored."""
     if getattr(registry, "pyramid_tasks_jobs", None) is not None:
+        included = getattr(registry, "pyramid_tasks_jobs_includes", ())
+        for name, includes in JOBS_INCLUDE_KEYS.items():
+            key = f"tasks.jobs.{name}"
+            if key in registry.settings and not set(includes) & set(included):
+                raise ConfigurationError(
+                    f"Setting {key} is set, but the app does not include "
+                    f"{' or '.join(includes)}: add config.include("
+                    f"'{includes[0]}') (or remove the setting)."
+                )
         return
     keys = sorted(k for k in registry.settings if k.startswith("tasks.jobs."))
     if keys:
