@@ -31,7 +31,7 @@ from pyramid.response import Response
 from ..config import _action
 from ..masking import mask_secrets
 from ..settings import parse_jobs_settings
-from .service import BadParameter, JobError, JobService, UnknownJob
+from .service import JobError, JobService, UnknownJob
 
 __all__ = ["includeme"]
 
@@ -63,9 +63,12 @@ def _error(status, message, parameter=None):
     return _answer(body, status)
 
 
-def _api(parameter_of_unknown):
-    """A view: the service's errors as JSON (an unknown job is named by the
-    parameter ``parameter_of_unknown``)."""
+def _api(**renames):
+    """A view of the service: its answer as JSON, its errors as JSON too.
+
+    ``renames``: the service's parameter names that the request spells
+    otherwise (``id="ids"``: the ids of a body); an unknown job is 404.
+    """
 
     def decorate(view):
         @functools.wraps(view)
@@ -76,11 +79,10 @@ def _api(parameter_of_unknown):
             except _Refused as exc:
                 return _error(exc.status, str(exc), exc.parameter)
             except UnknownJob as exc:
-                return _error(404, str(exc), parameter_of_unknown)
-            except BadParameter as exc:
-                return _error(400, str(exc), exc.name)
-            except JobError as exc:
-                return _error(400, str(exc))
+                return _error(404, str(exc), renames.get("id", "id"))
+            except JobError as exc:  # a BadParameter names its parameter
+                name = getattr(exc, "name", None)
+                return _error(400, str(exc), renames.get(name, name))
 
         return api_view
 
@@ -175,7 +177,7 @@ _LIST = {
 }
 
 
-@_api("before")
+@_api()
 def list_jobs(request, service):
     """Newest first; ``before`` in the answer is the next page's (null on
     the last page)."""
@@ -191,28 +193,28 @@ def list_jobs(request, service):
     return {"jobs": jobs, "before": following}
 
 
-@_api("id")
+@_api()
 def show_job(request, service):
     _query(request, {})
     return service.get(request.matchdict["id"])
 
 
-@_api("ids")
+@_api(id="ids")
 def cancel_jobs(request, service):
     return {"jobs": service.cancel(_strings(_body(request, ("ids",)), "ids", True))}
 
 
-@_api("ids")
+@_api(id="ids")
 def retry_jobs(request, service):
     return {"jobs": service.retry(_strings(_body(request, ("ids",)), "ids", True))}
 
 
-@_api(None)
+@_api(queue="queues")
 def clear_queues(request, service):
     return service.clear(_strings(_body(request, ("queues",)), "queues"))
 
 
-@_api(None)
+@_api()
 def test_job(request, service):
     queue = _body(request, ("queue",)).get("queue")
     if queue is not None and (not isinstance(queue, str) or not queue):
@@ -220,7 +222,7 @@ def test_job(request, service):
     return {"id": service.test(queue=queue)}
 
 
-@_api(None)
+@_api()
 def depth(request, service):
     query = _query(request, {"include_scheduled": False})
     scheduled = _boolean("include_scheduled", query.get("include_scheduled", "false"))
