@@ -450,7 +450,7 @@ class JobService:
             connect_timeout=BROKER_TIMEOUT, transport_options=options
         )
         try:
-            connection.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT)
+            connection.ensure_connection(max_retries=0, timeout=BROKER_TIMEOUT)
         except BaseException:
             connection.release()
             raise
@@ -630,8 +630,9 @@ class JobService:
         created (None when none waits); ``broker``: the messages the broker
         holds in the queue (Redis ``LLEN``, AMQP's passive declare), None
         when the broker does not answer within :data:`BROKER_TIMEOUT`;
-        ``scheduled``: the ``scheduled`` and ``retrying`` jobs (an eta ahead;
-        the workers hold their messages, so the broker counts none).
+        ``scheduled``: the ``scheduled`` and ``retrying`` jobs (an eta ahead:
+        the broker counts their messages until a worker takes them to hold
+        until then).
         """
         now = utcnow()
         with self._connect(), self.store.engine.connect() as connection:
