@@ -254,6 +254,12 @@ class JobService:
                 )
         return list(dict.fromkeys(checked))
 
+    def check_queues(self, queues):
+        """``queues`` (a name or names, or None) checked as :meth:`list`
+        checks its ``queue``: the names, prefixed where needed, or None."""
+        with self._connect(), self.store.engine.connect() as connection:
+            return self._queues(connection, queues)
+
     def _rows(self, connection, ids):
         """``{id: row}`` of ``ids``, every one there, else UnknownJob."""
         ids = self._strings("id", ids)
@@ -270,7 +276,10 @@ class JobService:
         return {job_id: rows[job_id] for job_id in ids}
 
     @staticmethod
-    def _duration(name, value, default):
+    def duration(name, value, default):
+        """Seconds from ``value`` (seconds, a ``timedelta``, or text such as
+        ``90``, ``30s``, ``15m``, ``12h``, ``7d``), ``default`` for None;
+        BadParameter ``name``."""
         if value is None:
             return default
         if isinstance(value, timedelta):
@@ -450,7 +459,7 @@ class JobService:
             connect_timeout=BROKER_TIMEOUT, transport_options=options
         )
         try:
-            connection.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT)
+            connection.ensure_connection(max_retries=0, timeout=BROKER_TIMEOUT)
         except BaseException:
             connection.release()
             raise
@@ -609,8 +618,7 @@ class JobService:
         which logs one INFO line on the worker that runs it) to ``queue``
         (the app's default queue when None), with a row like any job: its
         id."""
-        with self._connect(), self.store.engine.connect() as connection:
-            queues = self._queues(connection, queue)
+        queues = self.check_queues(queue)
         options = {"queue": queues[0]} if queues else {}
         task = self.app.tasks[TEST_TASK]
         tm = transaction.TransactionManager(explicit=True)
@@ -630,8 +638,9 @@ class JobService:
         created (None when none waits); ``broker``: the messages the broker
         holds in the queue (Redis ``LLEN``, AMQP's passive declare), None
         when the broker does not answer within :data:`BROKER_TIMEOUT`;
-        ``scheduled``: the ``scheduled`` and ``retrying`` jobs (an eta ahead;
-        the workers hold their messages, so the broker counts none).
+        ``scheduled``: the ``scheduled`` and ``retrying`` jobs (an eta ahead:
+        the broker counts their messages until a worker takes them to hold
+        until then).
         """
         now = utcnow()
         with self._connect(), self.store.engine.connect() as connection:
@@ -662,11 +671,13 @@ class JobService:
                         )
                     ).scalar()
                 found.append(entry)
-        for entry, size in zip(found, self._broker_sizes(queues), strict=True):
+        for entry, size in zip(found, self.broker_sizes(queues), strict=True):
             entry["broker"] = size
         return found
 
-    def _broker_sizes(self, queues):
+    def broker_sizes(self, queues):
+        """The messages the broker holds in each of ``queues`` (None for
+        each when it does not answer)."""
         sizes = []
         try:
             with self._broker() as connection:
@@ -687,7 +698,7 @@ class JobService:
         finished before the cut-off was created before it).  ``{state:
         deleted}`` for each state asked.
         """
-        seconds = self._duration("older_than", older_than, self.jobs.settings.retention)
+        seconds = self.duration("older_than", older_than, self.jobs.settings.retention)
         states = self._states(states, FINISHED, "finished state") or list(FINISHED)
         cutoff = utcnow() - timedelta(seconds=seconds)
         deleted = {state: 0 for state in states}
