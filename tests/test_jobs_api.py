@@ -299,7 +299,7 @@ def test_list_filters(api):
         ("/jobs", {"state": "bogus"}, "state", "unknown state 'bogus': expected "),
         ("/jobs", {"queue": "nowhere"}, "queue", "unknown queue 'nowhere': not "),
         ("/jobs", {"name": ""}, "name", "bad name '': not a name"),
-        ("/jobs", {"limit": "ten"}, "limit", "limit='ten' is not an integer"),
+        ("/jobs", {"limit": "ten"}, "limit", "bad limit 'ten': not a whole number"),
         ("/jobs", {"limit": "0"}, "limit", "bad limit 0: expected 1 to 1000"),
         ("/jobs", {"limit": "1001"}, "limit", "bad limit 1001: expected 1 to 1000"),
         ("/jobs", {"before": "nope"}, "before", "bad before 'nope': no job has "),

@@ -149,13 +149,6 @@ def _strings(body, name, required=False):
     return value
 
 
-def _integer(name, text):
-    try:
-        return int(text)
-    except ValueError:
-        raise _Refused(400, f"{name}={text!r} is not an integer", name) from None
-
-
 def _boolean(name, text):
     word = text.strip().lower()
     if word in ("true", "1", "yes", "on"):
@@ -182,12 +175,10 @@ def list_jobs(request, service):
     """Newest first; ``before`` in the answer is the next page's (null on
     the last page)."""
     query = _query(request, _LIST)
-    if "limit" in query:
-        query["limit"] = _integer("limit", query["limit"])
-    jobs = service.list(**query)
-    limit = query.get("limit", 50)
+    jobs = service.list(**query)  # checks every parameter, limit too
     following = None
-    if jobs and len(jobs) == limit:
+    if jobs and len(jobs) == int(query.get("limit", 50)):
+        # A full page: one more row after it, or this is the last page.
         more = service.list(**{**query, "before": jobs[-1]["id"], "limit": 1})
         following = jobs[-1]["id"] if more else None
     return {"jobs": jobs, "before": following}

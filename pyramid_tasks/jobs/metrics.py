@@ -20,7 +20,7 @@ from datetime import timedelta
 
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
 from prometheus_client.utils import floatToGoString
-from sqlalchemy import Float, cast, extract, func, select
+from sqlalchemy import Float, case, cast, extract, func, select
 
 from .model import FINISHED, PENDING, QUEUED, UNFINISHED, Job, utcnow
 from .store import explain_missing_table
@@ -82,23 +82,29 @@ class JobMetrics:
 
     def _finished(self, now):
         since = now - timedelta(seconds=self.settings.metrics_window)
-        duration = _duration(self.store.dialect)
         timed = _c.state.in_(_TIMED) & _c.started_at.is_not(None)
         timed &= _c.finished_at.is_not(None)
-        buckets = [func.count().filter(timed, duration <= bound) for bound in BUCKETS]
-        return (
+        # The duration computed once a row (None when not timed).
+        rows = (
             select(
                 _c.queue,
                 _c.name,
                 _c.state,
-                func.count(),
-                func.count().filter(timed),
-                func.coalesce(func.sum(duration).filter(timed), 0.0),
-                *buckets,
+                case((timed, _duration(self.store.dialect))).label("duration"),
             )
             .where(_c.state.in_(FINISHED), _c.created_at >= since)
-            .group_by(_c.queue, _c.name, _c.state)
+            .subquery()
         )
+        duration = rows.c.duration
+        return select(
+            rows.c.queue,
+            rows.c.name,
+            rows.c.state,
+            func.count(),
+            func.count(duration),
+            func.coalesce(func.sum(duration), 0.0),
+            *(func.count().filter(duration <= bound) for bound in BUCKETS),
+        ).group_by(rows.c.queue, rows.c.name, rows.c.state)
 
     # -- the metric families ---------------------------------------------------
 
