@@ -500,6 +500,7 @@ METRICS_ROWS = [
     ("ok-3", "b", "t1", "succeeded", 400, 45.0),
     ("ko-1", "a", "t2", "failed", 300, 2.0),
     ("no-1", "a", "t2", "cancelled", 200, None),
+    ("no-2", "a", "t3", "cancelled", 100, None),  # t3: no run, no histogram
     ("old-1", "a", "t1", "succeeded", 7200, 1.0),  # outside the hour
     ("old-2", "c", "t1", "failed", 4000, 1.0),  # outside the hour
 ]
@@ -565,6 +566,7 @@ def check_metrics(found, filled_at, scraped_at):
         ("t1", "b", "succeeded"): 1,
         ("t2", "a", "failed"): 1,
         ("t2", "a", "cancelled"): 1,
+        ("t3", "a", "cancelled"): 1,
     }
     buckets = {
         (dict(labels)["name"], dict(labels)["le"]): value

@@ -169,6 +169,8 @@ class JobMetrics:
         )
         for name in sorted(per_name):
             timed, total, *buckets = per_name[name]
+            if not timed:  # only cancelled or dead jobs: no run to show
+                continue
             bounds = [*map(floatToGoString, BUCKETS), "+Inf"]
             durations.add_metric(
                 (name,), list(zip(bounds, [*buckets, timed], strict=True)), total
