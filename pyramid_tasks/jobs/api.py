@@ -64,7 +64,8 @@ def _error(status, message, parameter=None):
 
 
 def _api(**renames):
-    """A view of the service: its answer as JSON, its errors as JSON too.
+    """A view of the service: its answer as JSON (unless it is a Response),
+    its errors as JSON too.
 
     ``renames``: the service's parameter names that the request spells
     otherwise (``id="ids"``: the ids of a body); an unknown job is 404.
@@ -75,7 +76,8 @@ def _api(**renames):
         def api_view(request):
             try:
                 service = JobService.from_registry(request.registry)
-                return _answer(view(request, service))
+                answer = view(request, service)
+                return answer if isinstance(answer, Response) else _answer(answer)
             except _Refused as exc:
                 return _error(exc.status, str(exc), exc.parameter)
             except UnknownJob as exc:
@@ -220,18 +222,16 @@ def depth(request, service):
     return {"queues": service.depth(include_scheduled=scheduled)}
 
 
-def metrics(request):
+@_api()
+def metrics(request, service):
+    """The job table's metrics, in the format the scraper asks for."""
     from prometheus_client.exposition import choose_encoder
 
     from .metrics import JobMetrics
 
-    try:
-        _query(request, {})
-    except _Refused as exc:
-        return _error(exc.status, str(exc), exc.parameter)
-    jobs = request.registry.pyramid_tasks_jobs
+    _query(request, {})
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))
-    response = Response(encode(JobMetrics(jobs.store, jobs.settings)))
+    response = Response(encode(JobMetrics(service.store, service.jobs.settings)))
     response.headers["Content-Type"] = content_type
     response.cache_control.no_store = True
     return response
