@@ -89,13 +89,15 @@ class Client:
         self.service = JobService.from_registry(durable_app.registry)
 
     def get(self, path, params=None, role="viewer", status=200, headers=None):
+        """The JSON answer (the response itself for ``/metrics``)."""
         headers = {**({"X-Role": role} if role else {}), **(headers or {})}
         response = self.app.get(
             self.prefix + path, params or {}, headers=headers, status=status
         )
-        return (
-            response.json if response.content_type == "application/json" else (response)
-        )
+        assert response.headers["Cache-Control"] == "no-store"
+        if response.content_type == "application/json":
+            return response.json
+        return response
 
     def post(self, path, body=None, role="manager", status=200, token=True, raw=None):
         headers = {"X-Role": role} if role else {}
@@ -122,7 +124,7 @@ class Client:
 
 
 @pytest.fixture
-def api(durable):  # noqa: F811
+def api(durable):  # noqa: F811 (the fixture imported above)
     """``make(**settings)``: a :class:`Client` on a durable app with the API."""
 
     def make(roles=ROLES, **settings):
@@ -785,3 +787,21 @@ def test_bad_api_settings_name_the_key(key, value, expected):
     assert str(info.value).startswith(
         f"Invalid setting tasks.jobs.{key} = {value!r}: expected {expected}"
     )
+
+
+def test_included_from_the_ini_with_its_settings():
+    """``pyramid.includes``, as the INI of docs/api.rst: the settings are
+    read at the include, before the app's own configuration."""
+    config = Configurator(
+        settings={
+            "celery.broker_url": "memory://",
+            "pyramid.includes": "\npyramid_tasks.jobs\npyramid_tasks.jobs.api",
+            "tasks.jobs.api_prefix": "/ops/tasks",
+        }
+    )
+    config.registry["dbsession_factory"] = SESSION_FACTORY
+    config.set_security_policy(RolePolicy(ROLES))
+    config.set_csrf_storage_policy(CookieCSRFStoragePolicy())
+    config.commit()
+    routes = config.get_routes_mapper().get_routes()
+    assert "/ops/tasks/jobs/{id}" in {route.pattern for route in routes}
