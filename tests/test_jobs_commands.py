@@ -423,3 +423,25 @@ def test_drain_stops_a_worker_that_ignores_sigterm(monkeypatch):
     jobs_cli._stop(worker, timeout=0.5)
     assert worker.returncode == -9
     wait_for(lambda: worker.poll() is not None)
+
+
+def test_the_documented_json_keys_are_the_keys(jobs, service):
+    """docs/operating.rst lists the keys of a job's JSON in their order, and
+    shows a real ``show --json``: both are what the command prints."""
+    from .conftest import ROOT
+
+    doc = (ROOT / "docs" / "operating.rst").read_text()
+    listed = doc.split(
+        "each an\nobject with every column of the table, always these keys"
+    )[1]
+    listed = listed.split("\n\n")[1]
+    assert tuple(re.findall(r"``(\w+)``", listed)) == JOB_KEYS
+    shown = doc.split("jobs show 9a70c1e6-e815-4892-a46c-50d05fb3955c --json\n")[1]
+    shown = json.loads(textwrap.dedent(shown.split("\n\n")[0]))
+    [job_id] = add_jobs(service, {})
+    assert tuple(shown) == tuple(json.loads(jobs("show", job_id, "--json")[1]))
+    depth = doc.split("jobs depth --json --include-scheduled\n")[1]
+    depth = json.loads(textwrap.dedent(depth.split("\n\n")[0]))
+    assert tuple(depth[0]) == tuple(
+        json.loads(jobs("depth", "--json", "--include-scheduled")[1])[0]
+    )

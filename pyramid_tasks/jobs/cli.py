@@ -358,7 +358,7 @@ def drain(service, options, out):
     command = [sys.executable, "-c", _WORKER, options.config_uri]
     for name, value in options.variables.items():
         command += ["--var", f"{name}={value}"]
-    command += ["--", "worker", "-Q", ",".join(queues)]
+    command += ["--", "--quiet", "worker", "-Q", ",".join(queues)]
     command += ["-n", f"drain-{os.getpid()}@%h", "--without-mingle", "--without-gossip"]
     worker = subprocess.Popen(command)
     deadline = time.monotonic() + timeout
