@@ -389,8 +389,7 @@ def test_prune_deletes_exactly_the_old_finished_rows_in_batches(service):
     deletes = []
 
     def count(conn, cursor, statement, *args):
-        if statement.startswith("DELETE"):
-            deletes.append(cursor.rowcount)
+        deletes.append((statement.split()[0], cursor.rowcount))
 
     engine = service.store.engine
     event.listen(engine, "after_cursor_execute", count)
@@ -404,7 +403,7 @@ def test_prune_deletes_exactly_the_old_finished_rows_in_batches(service):
     finally:
         event.remove(engine, "after_cursor_execute", count)
     # At most batch_size rows a statement: 100, 100, 50, then one per state.
-    assert deletes == [100, 100, 50, 3, 1, 0]
+    assert deletes == [("DELETE", n) for n in (100, 100, 50, 3, 1, 0)]
     left = sorted(job["state"] for job in service.list(limit=100))
     assert left == ["failed", "queued", "started", "succeeded"]
     assert service.prune(older_than=0, states="failed") == {"failed": 1}

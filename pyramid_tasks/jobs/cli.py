@@ -177,13 +177,15 @@ def parse(args):
     return parser().parse_args(args)
 
 
-def run(app, options, out=sys.stdout):
-    """Run the parsed command on ``app``; the exit status.
+def run(app, options, out=None):
+    """Run the parsed command on ``app``, printing to ``out`` (stdout); the
+    exit status.
 
     Raises :class:`~pyramid_tasks.jobs.service.JobError` for what the
     service refused."""
     from ..cli import LoadError
 
+    out = out or sys.stdout
     jobs = getattr(app.pyramid_registry, "pyramid_tasks_jobs", None)
     if jobs is None:
         raise LoadError(
@@ -271,8 +273,6 @@ def cancel(service, options, out):
 
 def clear(service, options, out):
     result = service.clear(options.queues or None)
-    if not result["queues"]:
-        print("There are no queues.", file=out)
     for queue, count in result["queues"].items():
         purged = result["purged"][queue]
         broker = (
@@ -358,7 +358,7 @@ def drain(service, options, out):
     command = [sys.executable, "-c", _WORKER, options.config_uri]
     for name, value in options.variables.items():
         command += ["--var", f"{name}={value}"]
-    command += ["--", "worker", "-Q", ",".join(queues)]
+    command += ["--", "--quiet", "worker", "-Q", ",".join(queues)]
     command += ["-n", f"drain-{os.getpid()}@%h", "--without-mingle", "--without-gossip"]
     worker = subprocess.Popen(command)
     deadline = time.monotonic() + timeout
@@ -367,7 +367,8 @@ def drain(service, options, out):
             left = _left(service, queues)
             if worker.poll() is not None:
                 print(
-                    f"jobs drain: the worker exited with status {worker.returncode}",
+                    "tasks-celery: error: jobs drain: its worker exited with "
+                    f"status {worker.returncode}",
                     file=sys.stderr,
                 )
                 return 1

@@ -106,8 +106,6 @@ class BadParameter(JobError):
 
 
 def _iso(value):
-    if value is None:
-        return None
     if value.tzinfo is None:  # SQLite gives times back naive, in UTC
         value = value.replace(tzinfo=UTC)
     return value.astimezone(UTC).isoformat(timespec="microseconds")
