@@ -172,7 +172,7 @@ def test_show_every_field(jobs, service):
 
 def test_cancel_retry_and_their_refusals(jobs, service, redis_client):
     queued, done, failed = add_jobs(
-        service, {}, {"state": "succeeded"}, {"state": "failed"}
+        service, {}, {"state": "succeeded"}, {"state": "failed", "lost": 2}
     )
     assert refused(jobs, "cancel", queued, "nope") == (
         "jobs cancel: no job has the id 'nope'"
@@ -196,6 +196,8 @@ def test_cancel_retry_and_their_refusals(jobs, service, redis_client):
         f"Job {failed} (it was failed) is queued again.\n",
         "",
     )
+    row = service.get(failed)
+    assert (row["state"], row["lost"], row["finished_at"]) == ("queued", 0, None)
     assert redis_client.llen(service.app.conf.task_default_queue) == 2
     redis_client.delete(service.app.conf.task_default_queue)
 

@@ -63,7 +63,7 @@ def add_jobs(service, *rows):
     for values in rows:
         job_id = values.get("id") or str(uuid.uuid4())
         row = jobs.row(task, job_id, ("k",), {}, {}, state="queued", now=NOW)
-        row.update(values)
+        row.update({"lost": 0, **values})
         made.append(row)
     keys = {key for row in made for key in row}  # one statement: the same keys
     made = [{key: row.get(key) for key in keys} for row in made]

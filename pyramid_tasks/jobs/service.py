@@ -562,6 +562,7 @@ class JobService:
                         eta=None,
                         publish_after=None,
                         publish_attempts=0,
+                        lost=0,  # its workers' deaths start counting again
                         published_at=None,
                         finished_at=None,
                     )
