@@ -22,15 +22,14 @@ from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
 from prometheus_client.utils import floatToGoString
 from sqlalchemy import Float, case, cast, extract, func, select
 
-from .model import FINISHED, PENDING, QUEUED, UNFINISHED, Job, utcnow
+from .model import FINISHED, PENDING, UNFINISHED, Job, utcnow
+from .service import WAITING  # pending or queued, as ``jobs depth`` counts
 from .store import explain_missing_table
 
-__all__ = ["BUCKETS", "WAITING", "JobMetrics"]
+__all__ = ["BUCKETS", "JobMetrics"]
 
 # Upper bounds, in seconds, of the duration histogram's buckets (+Inf added).
 BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
-# A job waits for a worker while pending (not yet at the broker) or queued.
-WAITING = (PENDING, QUEUED)
 # The outcomes whose run time the histogram shows.
 _TIMED = ("succeeded", "failed")
 
