@@ -1,16 +1,20 @@
 """The task classes: each adds one thing to the one before."""
 
 import functools
+import logging
 import threading
 from contextlib import contextmanager
+from datetime import UTC, datetime
 
 from celery import Task
 from celery.exceptions import Ignore
 from celery.utils import uuid
 from celery.utils.threads import LocalStack
+from celery.utils.time import maybe_make_aware
+from dateutil.parser import isoparse
 from transaction.interfaces import AlreadyInTransaction, NoTransaction
 
-from .datamanager import Send, schedule, snapshot
+from .datamanager import Send, _check_times, active_transaction, schedule, snapshot
 from .publish import publish, raise_eager_errors
 from .request import close_request, make_request
 from .retry import in_transaction, lent_transaction, run_attempts
@@ -21,6 +25,12 @@ __all__ = [
     "ScheduleOnCommitTask",
     "TransactionalTask",
 ]
+
+log = logging.getLogger(__name__)
+
+# The message header carrying a job's ``title=`` to the worker, for a job
+# whose row the worker makes (sent without ``tm=``).
+TITLE_HEADER = "pyramid_tasks_title"
 
 
 class _Execution:
@@ -224,27 +234,142 @@ class PyramidTask(Task):
                 "transactional task class) to use apply_async(..., tm=...)."
             )
         registry = self.app.pyramid_registry
+        jobs = getattr(registry, "pyramid_tasks_jobs", None)
+        title, unique_key = _job_options(self, jobs, options)
         _prefix_queue(registry, options)
+        _warn_far_eta(self, options)
+        if unique_key is not None:
+            return self._send_unique(
+                jobs, args, kwargs, task_id, options, title, unique_key
+            )
         capture = getattr(registry, "pyramid_tasks_capture", None)
         if capture is not None:  # pyramid_tasks.testing is included
             task_id = task_id or uuid()
             args, kwargs = snapshot(self, args, kwargs, options)
             capture.record(self, args, kwargs, options, task_id)
             return self.AsyncResult(task_id)
-        result = super().apply_async(args, kwargs, task_id, **options)
-        jobs = getattr(registry, "pyramid_tasks_jobs", None)
+        sent = options
+        if title is not None:  # for the worker that makes the row, if it does
+            headers = {**(options.get("headers") or {}), TITLE_HEADER: title}
+            sent = {**options, "headers": headers}
+        result = super().apply_async(args, kwargs, task_id, **sent)
         # Sent from a running task (retry(), a canvas in the body), the job's
         # row is made by the worker that starts it: writing it here could
         # wait for the lock of the sender's own transaction.
         if jobs is not None and _executions.top is None:
-            jobs.record_sent(self, result.id, args, kwargs, options)
+            jobs.record_sent(self, result.id, args, kwargs, options, title)
         return result
+
+    def _send_unique(self, jobs, args, kwargs, task_id, options, title, unique_key):
+        """``apply_async(unique_key=...)`` without ``tm``: the row is committed
+        first, in a short transaction of its own, then sent as on a commit
+        (a send the broker refuses waits for the relay); or the unfinished
+        job holding the key is returned."""
+        if self.typing:
+            self.__header__(*(args or ()), **(kwargs or {}))
+        args, kwargs = snapshot(self, args, kwargs, options)
+        options.pop("producer", None)
+        options.pop("connection", None)
+        send = Send(self, args, kwargs, options, task_id or uuid(), None)
+        send.title, send.unique_key = title, unique_key
+        send.json = jobs.check(send)
+        existing = jobs.claim(send)
+        if existing is not None:
+            return self.AsyncResult(existing)
+        registry = self.app.pyramid_registry
+        if self.app.conf.task_always_eager and not hasattr(
+            registry, "pyramid_tasks_capture"
+        ):
+            # Run here, as Celery runs it: its error reaches the caller.
+            return super().apply_async(args, kwargs, send.task_id, **options)
+        jobs.publish(self.app, [send])
+        return self.AsyncResult(send.task_id)
 
 
 def _prefix_queue(registry, options):
     queue = options.get("queue")
     if isinstance(queue, str):
         options["queue"] = registry.pyramid_tasks_settings.queue_name(queue)
+
+
+def _job_options(task, jobs, options):
+    """Take ``title=`` and ``unique_key=`` out of ``options``, checked:
+    ``(title, unique_key)``.
+
+    Both are columns of the job row, never message options: Celery would put
+    an option it does not know in the message's properties.
+    """
+    title = options.pop("title", None)
+    unique_key = options.pop("unique_key", None)
+    if title is None and unique_key is None:
+        return None, None
+    for name, value in (("title", title), ("unique_key", unique_key)):
+        if value is None:
+            continue
+        if jobs is None:
+            raise TypeError(
+                f"{task.name}.apply_async({name}=...) needs the job table: "
+                "include pyramid_tasks.jobs (config.include('pyramid_tasks.jobs')"
+                f" or pyramid.includes), or leave out {name}=."
+            )
+        if not isinstance(value, str) or not 0 < len(value) <= _MAX_LENGTH:
+            raise ValueError(
+                f"{task.name}.apply_async({name}={value!r:.80}): expected a "
+                f"string of 1 to {_MAX_LENGTH} characters"
+            )
+    return title, unique_key
+
+
+# The length of the title and unique_key columns.
+_MAX_LENGTH = 255
+
+
+def _warn_far_eta(task, options):
+    """Warn when a countdown or eta is further away than the Redis broker's
+    ``visibility_timeout``: Redis gives a message a worker holds back (an eta
+    task waits unacknowledged in the worker) to a worker again after that
+    long, so the task would run again, early and more than once."""
+    if "countdown" not in options and "eta" not in options:
+        return
+    timeout = _redis_visibility_timeout(task.app)
+    if timeout is None:
+        return
+    _check_times(task, options)
+    eta, countdown = options.get("eta"), options.get("countdown")
+    if eta is not None:
+        if isinstance(eta, str):
+            eta = isoparse(eta)
+        ahead = (maybe_make_aware(eta) - datetime.now(UTC)).total_seconds()
+    else:
+        ahead = countdown or 0
+    if ahead > timeout:
+        log.warning(
+            "Task %s is due in %d s, beyond the Redis broker's "
+            "visibility_timeout (%d s): Redis delivers it again every %d s "
+            "until it runs, so it runs early and more than once. Raise "
+            "celery.broker_transport_options.visibility_timeout above your "
+            "longest countdown, or schedule it later (beat).",
+            task.name,
+            ahead,
+            timeout,
+            timeout,
+        )
+
+
+def _redis_visibility_timeout(app):
+    """The ``visibility_timeout`` of ``app``'s Redis broker (kombu's default
+    3600 s), or None for another transport or in eager mode; once per app."""
+    try:
+        return app.pyramid_visibility_timeout
+    except AttributeError:
+        timeout = None
+        if not app.conf.task_always_eager:
+            with app.connection_for_write() as connection:
+                if getattr(connection.transport, "driver_type", None) == "redis":
+                    options = app.conf.broker_transport_options or {}
+                    timeout = options.get("visibility_timeout", 3600)
+        app.pyramid_visibility_timeout = timeout
+        return timeout
 
 
 class ScheduleOnCommitTask(PyramidTask):
@@ -259,6 +384,9 @@ class ScheduleOnCommitTask(PyramidTask):
     def apply_async(self, args=None, kwargs=None, task_id=None, tm=None, **options):
         if tm is None:
             return super().apply_async(args, kwargs, task_id, **options)
+        registry = self.app.pyramid_registry
+        jobs = getattr(registry, "pyramid_tasks_jobs", None)
+        title, unique_key = _job_options(self, jobs, options)
         if self.typing:  # what Celery's apply_async checks, now, not after commit
             self.__header__(*(args or ()), **(kwargs or {}))
         task_id = task_id or uuid()
@@ -266,17 +394,24 @@ class ScheduleOnCommitTask(PyramidTask):
         # The options are final now: publish() gives them to Celery as they
         # are, with a producer of its own (a canvas passes the one it holds
         # during this call, released long before the commit).
-        _prefix_queue(self.app.pyramid_registry, options)
+        _prefix_queue(registry, options)
+        _warn_far_eta(self, options)
         options.pop("producer", None)
         options.pop("connection", None)
         send = Send(self, args, kwargs, options, task_id, tm)
-        jobs = getattr(self.app.pyramid_registry, "pyramid_tasks_jobs", None)
         if jobs is None:
             schedule(tm, send, functools.partial(publish, self.app))
-        else:
-            send.json = jobs.check(send)
-            schedule(tm, send, functools.partial(jobs.publish, self.app), jobs)
-            jobs.created(send)
+            return self.AsyncResult(task_id)
+        send.title, send.unique_key = title, unique_key
+        send.json = jobs.check(send)
+        if unique_key is not None:
+            # Written now, in the transaction: the unique index holds the key
+            # for it until it commits or aborts.
+            existing = jobs.write_unique(active_transaction(tm, self.name), send)
+            if existing is not None:
+                return self.AsyncResult(existing)
+        schedule(tm, send, functools.partial(jobs.publish, self.app), jobs)
+        jobs.created(send)
         return self.AsyncResult(task_id)
 
 
