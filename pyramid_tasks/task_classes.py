@@ -1,20 +1,17 @@
 """The task classes: each adds one thing to the one before."""
 
 import functools
-import logging
 import threading
 from contextlib import contextmanager
-from datetime import UTC, datetime
 
 from celery import Task
 from celery.exceptions import Ignore
 from celery.utils import uuid
 from celery.utils.threads import LocalStack
-from celery.utils.time import maybe_make_aware
-from dateutil.parser import isoparse
 from transaction.interfaces import AlreadyInTransaction, NoTransaction
 
-from .datamanager import Send, _check_times, active_transaction, schedule, snapshot
+from .datamanager import Send, active_transaction, schedule, snapshot
+from .options import TITLE_HEADER, job_options, warn_far_eta
 from .publish import publish, raise_eager_errors
 from .request import close_request, make_request
 from .retry import in_transaction, lent_transaction, run_attempts
@@ -25,12 +22,6 @@ __all__ = [
     "ScheduleOnCommitTask",
     "TransactionalTask",
 ]
-
-log = logging.getLogger(__name__)
-
-# The message header carrying a job's ``title=`` to the worker, for a job
-# whose row the worker makes (sent without ``tm=``).
-TITLE_HEADER = "pyramid_tasks_title"
 
 
 class _Execution:
@@ -235,9 +226,9 @@ class PyramidTask(Task):
             )
         registry = self.app.pyramid_registry
         jobs = getattr(registry, "pyramid_tasks_jobs", None)
-        title, unique_key = _job_options(self, jobs, options)
+        title, unique_key = job_options(self, jobs, options)
         _prefix_queue(registry, options)
-        _warn_far_eta(self, options)
+        warn_far_eta(self, options)
         if unique_key is not None:
             return self._send_unique(
                 jobs, args, kwargs, task_id, options, title, unique_key
@@ -292,86 +283,6 @@ def _prefix_queue(registry, options):
         options["queue"] = registry.pyramid_tasks_settings.queue_name(queue)
 
 
-def _job_options(task, jobs, options):
-    """Take ``title=`` and ``unique_key=`` out of ``options``, checked:
-    ``(title, unique_key)``.
-
-    Both are columns of the job row, never message options: Celery would put
-    an option it does not know in the message's properties.
-    """
-    title = options.pop("title", None)
-    unique_key = options.pop("unique_key", None)
-    if title is None and unique_key is None:
-        return None, None
-    for name, value in (("title", title), ("unique_key", unique_key)):
-        if value is None:
-            continue
-        if jobs is None:
-            raise TypeError(
-                f"{task.name}.apply_async({name}=...) needs the job table: "
-                "include pyramid_tasks.jobs (config.include('pyramid_tasks.jobs')"
-                f" or pyramid.includes), or leave out {name}=."
-            )
-        if not isinstance(value, str) or not 0 < len(value) <= _MAX_LENGTH:
-            raise ValueError(
-                f"{task.name}.apply_async({name}={value!r:.80}): expected a "
-                f"string of 1 to {_MAX_LENGTH} characters"
-            )
-    return title, unique_key
-
-
-# The length of the title and unique_key columns.
-_MAX_LENGTH = 255
-
-
-def _warn_far_eta(task, options):
-    """Warn when a countdown or eta is further away than the Redis broker's
-    ``visibility_timeout``: Redis gives a message a worker holds back (an eta
-    task waits unacknowledged in the worker) to a worker again after that
-    long, so the task would run again, early and more than once."""
-    if "countdown" not in options and "eta" not in options:
-        return
-    timeout = _redis_visibility_timeout(task.app)
-    if timeout is None:
-        return
-    _check_times(task, options)
-    eta, countdown = options.get("eta"), options.get("countdown")
-    if eta is not None:
-        if isinstance(eta, str):
-            eta = isoparse(eta)
-        ahead = (maybe_make_aware(eta) - datetime.now(UTC)).total_seconds()
-    else:
-        ahead = countdown or 0
-    if ahead > timeout:
-        log.warning(
-            "Task %s is due in %d s, beyond the Redis broker's "
-            "visibility_timeout (%d s): Redis delivers it again every %d s "
-            "until it runs, so it runs early and more than once. Raise "
-            "celery.broker_transport_options.visibility_timeout above your "
-            "longest countdown, or schedule it later (beat).",
-            task.name,
-            ahead,
-            timeout,
-            timeout,
-        )
-
-
-def _redis_visibility_timeout(app):
-    """The ``visibility_timeout`` of ``app``'s Redis broker (kombu's default
-    3600 s), or None for another transport or in eager mode; once per app."""
-    try:
-        return app.pyramid_visibility_timeout
-    except AttributeError:
-        timeout = None
-        if not app.conf.task_always_eager:
-            with app.connection_for_write() as connection:
-                if getattr(connection.transport, "driver_type", None) == "redis":
-                    options = app.conf.broker_transport_options or {}
-                    timeout = options.get("visibility_timeout", 3600)
-        app.pyramid_visibility_timeout = timeout
-        return timeout
-
-
 class ScheduleOnCommitTask(PyramidTask):
     """``apply_async(..., tm=request.tm)`` sends the task when ``tm`` commits.
 
@@ -386,7 +297,7 @@ class ScheduleOnCommitTask(PyramidTask):
             return super().apply_async(args, kwargs, task_id, **options)
         registry = self.app.pyramid_registry
         jobs = getattr(registry, "pyramid_tasks_jobs", None)
-        title, unique_key = _job_options(self, jobs, options)
+        title, unique_key = job_options(self, jobs, options)
         if self.typing:  # what Celery's apply_async checks, now, not after commit
             self.__header__(*(args or ()), **(kwargs or {}))
         task_id = task_id or uuid()
@@ -395,7 +306,7 @@ class ScheduleOnCommitTask(PyramidTask):
         # are, with a producer of its own (a canvas passes the one it holds
         # during this call, released long before the commit).
         _prefix_queue(registry, options)
-        _warn_far_eta(self, options)
+        warn_far_eta(self, options)
         options.pop("producer", None)
         options.pop("connection", None)
         send = Send(self, args, kwargs, options, task_id, tm)

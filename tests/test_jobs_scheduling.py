@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis
 import transaction
-from celery import Task
+from celery import Task, beat
 from pyramid.config import Configurator
 from pyramid.scripting import prepare
 from sqlalchemy import event, func, select, text, update
@@ -31,7 +31,7 @@ from pyramid_tasks import (
     task,
 )
 from pyramid_tasks.jobs import Job
-from pyramid_tasks.task_classes import TITLE_HEADER
+from pyramid_tasks.options import TITLE_HEADER
 
 from . import test_jobs_web as web
 from .conftest import wait_for
@@ -350,6 +350,30 @@ def test_a_key_is_taken_until_its_job_finishes(durable, redis_client, queue):
         next_one = d.echo.apply_async((7,), tm=d.tm, unique_key=key).id
     assert next_one != one
     assert rows(d, key) == [(one, "succeeded", "Nightly"), (next_one, "queued", None)]
+
+
+def test_a_beat_entry_of_the_ini_waits_for_its_last_job(durable, redis_client, queue):
+    """``tasks.beat.<name>.options`` takes the options: the entry fires
+    twice while its job waits, one job, with its title."""
+    d = durable(
+        **{
+            "tasks.beat.nightly.task": "echo",
+            "tasks.beat.nightly.schedule": "0 3 * * *",
+            "tasks.beat.nightly.args": "[3]",
+            "tasks.beat.nightly.options": '{"title": "Nightly", "unique_key": "n"}',
+        }
+    )
+    entry = beat.ScheduleEntry(
+        name="nightly", app=d.app, **d.app.conf.beat_schedule["nightly"]
+    )
+    scheduler = beat.Scheduler(d.app, schedule={}, lazy=True)
+    try:
+        ids = {scheduler.apply_async(entry, advance=False).id for _ in range(2)}
+    finally:
+        scheduler.close()
+    assert len(ids) == 1
+    assert rows(d) == [(*ids, "queued", "Nightly")]
+    assert len(messages(redis_client, queue)) == 1
 
 
 def test_a_job_that_finishes_between_insert_and_lookup_frees_the_key(durable):

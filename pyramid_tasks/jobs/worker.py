@@ -20,7 +20,7 @@ from pyramid.exceptions import ConfigurationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from zope.sqlalchemy import mark_changed
 
-from ..task_classes import TITLE_HEADER
+from ..options import TITLE_HEADER
 from .events import JobFailed, JobStarted, JobSucceeded
 from .model import CANCELLED, SUCCEEDED
 from .store import one_line
