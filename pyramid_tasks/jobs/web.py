@@ -237,7 +237,9 @@ class JobRecorder:
         joined to ``txn``.  The unique index makes a concurrent transaction
         writing the same key wait until this one commits or aborts.
         """
-        session = self._joined_session(txn) or self._session_for(send.tm)
+        session = self._joined_session(txn)
+        if session is None:
+            session = self._session_for(send.tm)
         existing = self.store.insert_unique(session.connection(), self._send_row(send))
         if existing is None:
             mark_changed(session)  # Core writes are invisible to zope.sqlalchemy
