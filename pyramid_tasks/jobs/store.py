@@ -28,6 +28,7 @@ from .model import (
     SUCCEEDED,
     UNFINISHED,
     Job,
+    _unfinished,
     loaded,
     stored,
     utcnow,
@@ -148,6 +149,38 @@ class JobStore:
         else:
             from sqlalchemy.dialects.sqlite import insert as dialect_insert
         return dialect_insert(_table).on_conflict_do_nothing()
+
+    def insert_unique(self, connection, row):
+        """Insert ``row`` (it has a ``unique_key``) on ``connection`` unless an
+        unfinished job holds that key: None, or that job's id.
+
+        The partial unique index decides, never a read-then-insert: an
+        uncommitted row with the key makes this INSERT wait until its
+        transaction ends (committed: its id is returned; aborted: this row
+        goes in).  A job that finishes between the two statements frees the
+        key: the INSERT is tried again.
+        """
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        statement = (
+            dialect_insert(_table)
+            .on_conflict_do_nothing(
+                index_elements=[_c.unique_key], index_where=_unfinished
+            )
+            .returning(_c.id)
+        )
+        holder = select(_c.id).where(
+            _c.unique_key == row["unique_key"], _c.state.in_(UNFINISHED)
+        )
+        with explain_missing_table(self.engine):
+            while True:
+                if connection.execute(statement, row).first() is not None:
+                    return None
+                existing = connection.execute(holder).scalar()
+                if existing is not None:
+                    return existing
 
     def mark_published(self, sent):
         """``sent``: ``[(id, eta)]`` confirmed by the broker: ``queued`` (or

@@ -20,6 +20,7 @@ from pyramid.exceptions import ConfigurationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from zope.sqlalchemy import mark_changed
 
+from ..options import TITLE_HEADER
 from .events import JobFailed, JobStarted, JobSucceeded
 from .model import CANCELLED, SUCCEEDED
 from .store import one_line
@@ -109,6 +110,9 @@ class JobRun:
             "kwargs": dict(request.kwargs or {}),
             "queue": (request.delivery_info or {}).get("routing_key"),
             "parent_id": request.parent_id,
+            # apply_async(title=...) without tm=: a header (eager: in headers).
+            "title": getattr(request, TITLE_HEADER, None)
+            or (request.headers or {}).get(TITLE_HEADER),
             # What the relay needs to send it again (a lease expired).
             "options": _message_options(request),
         }
