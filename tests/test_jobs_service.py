@@ -361,6 +361,26 @@ def test_retry_refuses_a_job_changed_meanwhile_and_changes_nothing(service):
     assert states(service, [first, second]) == ["failed", "pending"]
 
 
+def test_retry_refuses_a_job_whose_unique_key_another_unfinished_job_holds(
+    service,
+):
+    # Scheduled: three jobs, two sharing a key; the failed one's key is held by
+    # a queued one.  Retried: none; changed: none.
+    failed, holder, other = add_jobs(
+        service,
+        {"state": "failed", "unique_key": "report-7"},
+        {"state": "queued", "unique_key": "report-7"},
+        {"state": "dead"},
+    )
+    error = error_of(service.retry, [other, failed])
+    assert (type(error), error.name, error.value) == (BadParameter, "id", failed)
+    assert str(error) == (
+        f"job {failed} has the unique_key 'report-7', which the unfinished job "
+        f"{holder} holds: it runs once that one is finished"
+    )
+    assert states(service, [failed, holder, other]) == ["failed", "queued", "dead"]
+
+
 def test_ids_are_read_in_batches(service):
     service.batch_size = 2
     ids = add_jobs(service, *({} for _ in range(5)))

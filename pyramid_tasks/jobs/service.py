@@ -274,6 +274,28 @@ class JobService:
         return {job_id: rows[job_id] for job_id in ids}
 
     @staticmethod
+    def _check_key_free(connection, job_id, key):
+        """BadParameter when another unfinished job holds ``key``, the
+        ``unique_key`` of ``job_id`` (the partial unique index would refuse
+        ``job_id`` back among the unfinished).  A holder that commits after
+        this read makes the UPDATE fail on the index instead: the whole
+        retry rolls back, nothing changed either way."""
+        if key is None:
+            return
+        holder = connection.execute(
+            select(_c.id).where(
+                _c.unique_key == key, _c.state.in_(UNFINISHED), _c.id != job_id
+            )
+        ).scalar()
+        if holder is not None:
+            raise BadParameter(
+                "id",
+                job_id,
+                f"job {job_id} has the unique_key {key!r}, which the unfinished "
+                f"job {holder} holds: it runs once that one is finished",
+            )
+
+    @staticmethod
     def duration(name, value, default):
         """Seconds from ``value`` (seconds, a ``timedelta``, or text such as
         ``90``, ``30s``, ``15m``, ``12h``, ``7d``), ``default`` for None;
@@ -548,6 +570,7 @@ class JobService:
         retried = []
         with self.store.engine.begin() as connection:
             for job_id, row in rows.items():
+                self._check_key_free(connection, job_id, row["unique_key"])
                 options = {
                     k: v
                     for k, v in (row["options"] or {}).items()
