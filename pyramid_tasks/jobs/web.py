@@ -25,6 +25,7 @@ from zope.sqlalchemy.datamanager import SessionDataManager
 
 from ..publish import publish
 from ..request import close_request, make_request
+from . import log as joblog
 from .events import JobCreated
 from .model import PENDING, QUEUED, SCHEDULED, Job, stored, utcnow
 from .store import JobTableMissing, explain_missing_table, one_line
@@ -171,6 +172,7 @@ class JobRecorder:
             )
             for s in sends
         ]
+        joblog.keep_rows(sends, rows)
         session = self._joined_session(txn)
         if session is not None:
             self.store.insert(session.connection(), rows)
@@ -202,7 +204,9 @@ class JobRecorder:
     def publish(self, app, sends):
         """Publish committed ``sends`` within ``tasks.jobs.publish_timeout``;
         those the broker took are marked ``queued`` by the marker thread."""
+        joblog.committed(joblog.SCHEDULED, sends)
         sent = publish(app, sends, durable=True)
+        joblog.committed(joblog.PUBLISHED, sent)
         if sent:
             _marker.put(self.store, [(s.task_id, _eta(s.options)) for s in sent])
 
