@@ -132,8 +132,8 @@ class _PrefixedQueues:
     def setup_queues(self, include, exclude=None):
         queue_name = self.app.pyramid_registry.pyramid_tasks_settings.queue_name
         return super().setup_queues(
-            [queue_name(queue) for queue in str_to_list(include)],
-            [queue_name(queue) for queue in str_to_list(exclude)],
+            [queue_name(queue) for queue in str_to_list(include) or ()],
+            [queue_name(queue) for queue in str_to_list(exclude) or ()],
         )
 
 

@@ -12,23 +12,29 @@ import logging
 import threading
 from types import SimpleNamespace
 
-from celery import signals
-from celery.exceptions import TimeLimitExceeded
+from celery import exceptions, signals
 
 from . import log as joblog
 from .events import JobFailed
 from .model import STARTED
 
-__all__ = ["install", "time_limit_exceeded"]
+__all__ = ["TimeLimitExceeded", "install", "time_limit_exceeded"]
 
 log = logging.getLogger(__name__)
+
+
+class TimeLimitExceeded(exceptions.TimeLimitExceeded):
+    """Celery's, with a message (billiard's shows its arguments' repr)."""
+
+    def __str__(self):
+        return self.args[0]
 
 
 def install(app):
     """Mark ``failed`` the jobs of ``app`` killed at their hard time limit."""
 
     def on_failure(sender=None, task_id=None, exception=None, **kwargs):
-        if isinstance(exception, TimeLimitExceeded) and sender.app is app:
+        if isinstance(exception, exceptions.TimeLimitExceeded) and sender.app is app:
             # Off the pool's thread: on SQLite the child, alive until just
             # after this signal, holds the database's write lock.
             threading.Thread(
