@@ -11,7 +11,7 @@ from pyramid.exceptions import ConfigurationError
 
 from pyramid_tasks.settings import TasksSettings, parse_tasks_settings
 
-from .conftest import wait_for
+from .conftest import ROOT, wait_for
 from .test_config import commit_error, make_config
 from .test_jobs_worker import SECTION, Probe
 
@@ -216,20 +216,32 @@ def test_a_worker_started_with_q_consumes_the_prefixed_queue(
 # -- rate limits -------------------------------------------------------------
 
 
-def test_rate_limits_in_the_ini():
-    """django-db-queue's ``--rate_limit``: Celery's, per task or for all."""
-    config = make_config(
-        **{
-            "celery.task_default_rate_limit": "100/s",
-            "celery.task_annotations": '{"mail": {"rate_limit": "10/m"}}',
-        }
-    )
-    config.add_task(noop, bind=True, name="mail")
+def documented_rate_limit_settings():
+    """The INI lines of docs/jobs.rst's "Rate limits", as settings."""
+    text = (ROOT / "docs" / "jobs.rst").read_text()
+    block = text[text.index("Rate limits\n~~~") :].split(".. code-block:: ini")[1]
+    lines = [line.strip() for line in block.split("\n\n")[1].splitlines()]
+    return dict(line.split(" = ", 1) for line in lines)
+
+
+def test_rate_limits_in_the_ini_as_documented():
+    """django-db-queue's ``--rate_limit``: Celery's, per task or for all; the
+    INI's annotation wins over the task's own."""
+    settings = documented_rate_limit_settings()
+    assert settings == {
+        "celery.task_annotations": (
+            '{"myapp.tasks.send_newsletter": {"rate_limit": "10/m"}}'
+        ),
+        "celery.task_default_rate_limit": "100/s",
+    }
+    config = make_config(**settings)
+    name = "myapp.tasks.send_newsletter"
+    config.add_task(noop, bind=True, name=name, rate_limit="1/s")
     config.add_task(noop, bind=True, name="plain")
     config.add_task(noop, bind=True, name="own", rate_limit="1/h")
     app = config.get_celery_app()
-    limits = {name: app.tasks[name].rate_limit for name in ("mail", "plain", "own")}
-    assert limits == {"mail": "10/m", "plain": "100/s", "own": "1/h"}
+    limits = {n: app.tasks[n].rate_limit for n in (name, "plain", "own")}
+    assert limits == {name: "10/m", "plain": "100/s", "own": "1/h"}
 
 
 def test_a_bad_rate_limit_annotation_is_named():
