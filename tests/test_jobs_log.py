@@ -8,13 +8,15 @@ import uuid
 
 import pytest
 import transaction
+from celery import exceptions
 from celery.exceptions import Retry
+from kombu import Queue
 from pyramid.config import Configurator
 from sqlalchemy import update
 
 from pyramid_tasks import PyramidTask, TransactionalTask
-from pyramid_tasks.datamanager import pending_sends
-from pyramid_tasks.jobs import Job
+from pyramid_tasks.datamanager import Send, pending_sends
+from pyramid_tasks.jobs import Job, limits
 from pyramid_tasks.jobs import log as joblog
 from pyramid_tasks.jobs.worker import JobRun
 
@@ -79,6 +81,26 @@ def test_a_commit_asks_each_logger_twice_when_info_is_off(
     assert asked == {"scheduled": 2, "published": 2}
     assert not any(hasattr(send, "row") for send in sends)
     assert [r for r in caplog.records if r.name in STEP_LOGGERS] == []
+
+
+def test_a_send_without_its_row_is_named_by_its_task_and_options(
+    jobs_app,  # noqa: F811
+    caplog,
+):
+    """INFO turned on between the commit's INSERT and its publish: the line
+    is made from what the send knows."""
+    app, _engine, _queue, _client = jobs_app
+    caplog.set_level(logging.INFO, "pyramid_tasks.jobs")
+    task = app.tasks["noop"]
+    sends = [
+        Send(task, (), {}, {"queue": "mail"}, "id-1", None),
+        Send(task, (), {}, {"queue": Queue("reports")}, "id-2", None),
+    ]
+    joblog.committed(joblog.PUBLISHED, sends)
+    assert lines(caplog, "published") == [
+        "Job noop[id-1] published: queue mail",
+        "Job noop[id-2] published: queue reports",
+    ]
 
 
 def test_cancelled_jobs_are_logged_by_the_store(jobs_app, caplog):  # noqa: F811
@@ -181,3 +203,42 @@ def test_a_step_turned_off_on_its_own_logs_nothing(eager_jobs, caplog):
     assert len(lines(caplog, "succeeded")) == 1
     joblog.line(joblog.STARTED, job_id, "ok", None, None)
     assert lines(caplog, "started") == []
+
+
+def test_a_job_killed_at_its_time_limit_is_failed_once(eager_jobs, caplog):
+    """What the worker's main process does when Celery reports the kill
+    (twice, as it does): the row, the line, and an unknown or finished job."""
+    app, jobs = eager_jobs
+    task = app.tasks["ok"]
+    job_id = f"limit-{uuid.uuid4().hex}"
+    row = jobs.row(task, job_id, (), {}, {"queue": "reports"}, state="started")
+    jobs.store.insert_missing([{**row, "attempts": 1}])
+    caplog.set_level(logging.INFO, "pyramid_tasks.jobs")
+    reported = exceptions.TimeLimitExceeded(2.5)
+    assert limits.time_limit_exceeded(app, task, job_id, reported)
+    assert not limits.time_limit_exceeded(app, task, job_id, reported)
+    assert not limits.time_limit_exceeded(app, task, "no-such-job", reported)
+    assert jobs.store.get(job_id)["error"] == (
+        "TimeLimitExceeded: killed at its hard time limit of 2.5 s"
+    )
+    assert lines(caplog, "failed") == [
+        f"Job ok[{job_id}] failed (TimeLimitExceeded: killed at its hard time "
+        "limit of 2.5 s): queue reports"
+    ]
+    assert str(
+        limits._reason(app.pyramid_registry, exceptions.TimeLimitExceeded())
+    ) == ("killed at its hard time limit")
+
+
+def test_a_kill_the_table_cannot_record_is_a_warning(eager_jobs, caplog):
+    app, jobs = eager_jobs
+    Job.__table__.drop(jobs.store.engine)
+    caplog.set_level(logging.WARNING, "pyramid_tasks.jobs.limits")
+    reported = exceptions.TimeLimitExceeded(2)
+    assert not limits.time_limit_exceeded(app, app.tasks["ok"], "job-1", reported)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(
+        "Job ok[job-1] was killed at its hard time limit; its row was not "
+        "updated (its lease brings it back): relation "
+    ), warning
+    assert warning.endswith(f'{Job.__tablename__}" does not exist'), warning

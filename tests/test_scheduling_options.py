@@ -13,12 +13,8 @@ from pyramid_tasks.settings import TasksSettings, parse_tasks_settings
 
 from .conftest import ROOT, wait_for
 from .test_config import commit_error, make_config
+from .test_jobs_store import noop
 from .test_jobs_worker import SECTION, Probe
-
-
-def noop(self, *args):
-    return args
-
 
 # -- tasks.default_time_limit ------------------------------------------------
 

@@ -17,6 +17,7 @@ from celery import exceptions, signals
 from . import log as joblog
 from .events import JobFailed
 from .model import STARTED
+from .store import one_line
 
 __all__ = ["TimeLimitExceeded", "install", "time_limit_exceeded"]
 
@@ -66,7 +67,7 @@ def time_limit_exceeded(app, task, job_id, exc):
             "updated (its lease brings it back): %s",
             task.name,
             job_id,
-            joblog.error(failure),
+            one_line(failure),
         )
         return False
     joblog.line(

@@ -167,8 +167,8 @@ class JobRun:
                 self._marked(store.requeued)
             return False
         if isinstance(exc, Retry):
-            if self._marked(store.retrying, exc.exc):
-                joblog.run(joblog.RETRIED, self, exc)
+            self._marked(store.retrying, exc.exc)
+            joblog.run(joblog.RETRIED, self, exc)  # sent again, row or not
             return False
         if self.transactional and _database_unreachable(exc):
             # The run's transaction lost its database: its effects rolled
