@@ -57,9 +57,12 @@ def time_limit_exceeded(app, task, job_id, exc):
     error = TimeLimitExceeded(_reason(app.pyramid_registry, exc))
     try:
         row = jobs.store.get(job_id)
-        if row is None or row["state"] != STARTED:
-            return False
-        if not jobs.store.fail(job_id, row["attempts"], error):
+        # fail() names the attempt read here: a newer run is never failed.
+        if (
+            row is None
+            or row["state"] != STARTED
+            or not jobs.store.fail(job_id, row["attempts"], error)
+        ):
             return False
     except Exception as failure:
         log.warning(

@@ -60,8 +60,10 @@ def line(step, job_id, name, queue, title, detail=None):
 
 
 def error(exc):
-    """``(Class: message)`` of ``exc`` on one line, secrets masked."""
-    return "({})".format(" ".join(mask_secrets(f"{type(exc).__name__}: {exc}").split()))
+    """``(Class: message)`` of ``exc`` on one line (500 characters at
+    most), secrets masked."""
+    text = " ".join(mask_secrets(f"{type(exc).__name__}: {exc}").split())
+    return f"({text[:500]})"
 
 
 def _emit(logger, step, job_id, name, queue, title, detail=None):
