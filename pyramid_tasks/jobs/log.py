@@ -112,7 +112,7 @@ def _row(send):
         "id": send.task_id,
         "name": send.task.name,
         "queue": getattr(queue, "name", queue),
-        "title": None,
+        "title": getattr(send, "title", None),
     }
 
 
