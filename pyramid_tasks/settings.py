@@ -258,6 +258,8 @@ class TasksSettings:
     retry_backoff_max: float = 2.0
     allow_pickle: bool = False
     publish_timeout: float | None = 2.0
+    # Seconds; sets celery.task_time_limit (CKAN's ckan.jobs.timeout).
+    default_time_limit: float | None = None
 
     def queue_name(self, name):
         """``name`` with ``tasks.queue_prefix`` applied (idempotent)."""
@@ -314,6 +316,11 @@ _TASKS_KEYS = {
     "retry.backoff_max": ("retry_backoff_max", lambda k, v: as_float(k, v, minimum=0)),
     "allow_pickle": ("allow_pickle", as_bool),
     "publish_timeout": ("publish_timeout", _publish_timeout),
+    # parse_duration is defined below: looked up at the call.
+    "default_time_limit": (
+        "default_time_limit",
+        lambda k, v: parse_duration(k, v, positive=True),
+    ),
 }
 
 

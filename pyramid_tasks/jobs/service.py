@@ -31,6 +31,7 @@ from sqlalchemy import delete, func, select, union_all, update
 
 from ..publish import publish
 from ..settings import parse_duration
+from . import log as joblog
 from .model import (
     CANCELLED,
     DEAD,
@@ -426,11 +427,14 @@ class JobService:
             self._revoke(cancelled)
             for result in results:
                 if result["cancelled"]:
-                    log.info(
-                        "Job %s[%s] cancelled (it was %s).",
-                        rows[result["id"]]["name"],
-                        result["id"],
-                        result["state_before"],
+                    row = rows[result["id"]]
+                    joblog.line(
+                        joblog.CANCELLED,
+                        row["id"],
+                        row["name"],
+                        row["queue"],
+                        row["title"],
+                        f"(it was {result['state_before']})",
                     )
         return results
 

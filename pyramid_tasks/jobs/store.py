@@ -15,6 +15,7 @@ from sqlalchemy import bindparam, func, insert, select, tuple_, update
 from sqlalchemy.exc import DBAPIError, StatementError
 
 from ..masking import mask_secrets
+from . import log as joblog
 from .model import (
     CANCELLED,
     DEAD,
@@ -221,12 +222,12 @@ class JobStore:
     # -- worker side -------------------------------------------------------
 
     def start(self, row, acked=True):
-        """Mark the job ``started``: ``(attempt, state)``.
+        """Mark the job ``started``: ``(attempt, state, title)``.
 
         ``row`` describes the job as the message does (id, name, args...), to
         create the row of a job sent without one (by name, or by a canvas).
         A job that already took effect or was cancelled is not started:
-        ``(None, its state)``.  ``acked``: the broker forgot the message
+        ``(None, its state, None)``.  ``acked``: the broker forgot the message
         (no ``acks_late``), so the mark must survive a database crash.
         """
         now = utcnow()
@@ -252,13 +253,14 @@ class JobStore:
                     .where(_c.id == row["id"], _c.state.in_(RUNNABLE))
                     .values(values),
                     _c.attempts,
+                    _c.title,
                     # A job whose message was acknowledged and whose
                     # "started" vanished would wait "queued" for ever; an
                     # unacknowledged one comes back from the broker.
                     wait_flush=acked,
                 )
                 if started:
-                    return started[0][1], STARTED
+                    return started[0][1], STARTED, started[0][2]
                 state = self.state(row["id"], connection)
                 if state is None:
                     # Sent without a row: created now (or by a concurrent
@@ -268,7 +270,7 @@ class JobStore:
                         [stored({**row, "state": QUEUED, "created_at": now})],
                     )
                 elif state not in RUNNABLE:
-                    return None, state
+                    return None, state, None
                 # Else the row was committed after the UPDATE looked (a task
                 # sent without tm= writes it after the send): start it.
 
@@ -372,14 +374,14 @@ class JobStore:
     def cancel(self, ids):
         """Cancel the unfinished jobs among ``ids``; the ids cancelled."""
         with self.engine.begin() as connection:
-            return list(
-                connection.execute(
-                    update(_table)
-                    .where(_c.id.in_(list(ids)), _c.state.in_(UNFINISHED))
-                    .values(state=CANCELLED, finished_at=utcnow())
-                    .returning(_c.id)
-                ).scalars()
-            )
+            rows = connection.execute(
+                update(_table)
+                .where(_c.id.in_(list(ids)), _c.state.in_(UNFINISHED))
+                .values(state=CANCELLED, finished_at=utcnow())
+                .returning(_c.id, _c.name, _c.queue, _c.title)
+            ).all()
+        joblog.batch(joblog.CANCELLED, [row._mapping for row in rows])
+        return [row.id for row in rows]
 
     # -- relay -------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from zope.sqlalchemy.datamanager import SessionDataManager
 
 from ..publish import publish
 from ..request import close_request, make_request
+from . import log as joblog
 from .events import JobCreated
 from .model import PENDING, QUEUED, SCHEDULED, Job, stored, utcnow
 from .store import JobTableMissing, explain_missing_table, one_line
@@ -178,7 +179,9 @@ class JobRecorder:
         transaction does (:class:`_OwnConnection`, returned).
         """
         now = utcnow()
-        rows = [self._send_row(s, now) for s in sends if not s.written]
+        pending = [s for s in sends if not s.written]
+        rows = [self._send_row(s, now) for s in pending]
+        joblog.keep_rows(pending, rows)
         if not rows:  # each written at its call (unique_key=)
             return None
         session = self._joined_session(txn)
@@ -240,10 +243,12 @@ class JobRecorder:
         session = self._joined_session(txn)
         if session is None:
             session = self._session_for(send.tm)
-        existing = self.store.insert_unique(session.connection(), self._send_row(send))
+        row = self._send_row(send)
+        existing = self.store.insert_unique(session.connection(), row)
         if existing is None:
             mark_changed(session)  # Core writes are invisible to zope.sqlalchemy
             send.written = True
+            joblog.keep_rows([send], [row])
         return existing
 
     def _session_for(self, tm):
@@ -268,7 +273,9 @@ class JobRecorder:
     def publish(self, app, sends):
         """Publish committed ``sends`` within ``tasks.jobs.publish_timeout``;
         those the broker took are marked ``queued`` by the marker thread."""
+        joblog.committed(joblog.SCHEDULED, sends)
         sent = publish(app, sends, durable=True)
+        joblog.committed(joblog.PUBLISHED, sent)
         if sent:
             _marker.put(self.store, [(s.task_id, _eta(s.options)) for s in sent])
 

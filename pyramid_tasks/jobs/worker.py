@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from zope.sqlalchemy import mark_changed
 
 from ..options import TITLE_HEADER
+from . import log as joblog
 from .events import JobFailed, JobStarted, JobSucceeded
 from .model import CANCELLED, SUCCEEDED
 from .store import one_line
@@ -72,12 +73,14 @@ class JobRun:
 
     __slots__ = (
         "attempt",
+        "began",
         "jobs",
         "last_cancel_check",
         "last_progress",
         "progress_unrecorded",
         "request",
         "task",
+        "title",
         "took_effect",
         "transactional",
         "was_cancelled",
@@ -89,6 +92,8 @@ class JobRun:
         self.request = task.request
         self.transactional = transactional
         self.attempt = None
+        self.title = None
+        self.began = None
         # False when this run's mark did not land: the lock found the job
         # done (another delivery) or cancelled, or it was cancelled meanwhile.
         self.took_effect = True
@@ -117,7 +122,7 @@ class JobRun:
             "options": _message_options(request),
         }
         try:
-            self.attempt, state = self.jobs.store.start(
+            self.attempt, state, self.title = self.jobs.store.start(
                 row, acked=not self.task.acks_late
             )
         except Exception as exc:
@@ -129,6 +134,8 @@ class JobRun:
         if self.attempt is None:
             log.info("Job %s[%s] is %s: not run.", self.task.name, self.id, state)
             raise Ignore()  # acknowledged, no result, no callbacks
+        joblog.run(joblog.STARTED, self)
+        self.began = time.monotonic()
         self.jobs.notify(JobStarted, self)
         _running.add(self)
         return self
@@ -144,6 +151,7 @@ class JobRun:
             if not self.transactional:
                 self.took_effect = self._marked(store.succeed)
             if self.took_effect:
+                joblog.run(joblog.SUCCEEDED, self)
                 self.jobs.notify(JobSucceeded, self)
             return False
         if isinstance(exc, JobCancelled):
@@ -164,6 +172,7 @@ class JobRun:
             return False
         if isinstance(exc, Retry):
             self._marked(store.retrying, exc.exc)
+            joblog.run(joblog.RETRIED, self, exc)  # sent again, row or not
             return False
         if self.transactional and _database_unreachable(exc):
             # The run's transaction lost its database: its effects rolled
@@ -173,6 +182,7 @@ class JobRun:
             self._marked(store.retrying, exc)
             self._send_again(exc)
         if self._marked(store.fail, exc):
+            joblog.run(joblog.FAILED, self, exc)
             self.jobs.notify(JobFailed, self, exc)
         return False
 
