@@ -48,6 +48,11 @@ def service(app):
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO) ")
 
 
+# The commands set up the INI's logging in this process: its handler writes to
+# the test's captured stderr, closed once the test ends; undone after each.
+pytestmark = pytest.mark.usefixtures("restore_logging")
+
+
 @pytest.fixture
 def jobs(ini, capsys):
     """Run ``jobs ARGS...``: ``(status, stdout, stderr without log lines)``."""
