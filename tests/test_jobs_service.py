@@ -496,7 +496,7 @@ def test_depth_shows_the_table_and_the_broker_side_by_side(app, service, redis_c
         {"state": "retrying", "queue": ghost},
         {"state": "succeeded", "queue": ghost},
     )
-    started = time.monotonic()
+    assert service.jobs.flush(10)  # the marks of the published: queued, scheduled
     found = service.depth(include_scheduled=True)
     assert found == [
         {
@@ -516,7 +516,6 @@ def test_depth_shows_the_table_and_the_broker_side_by_side(app, service, redis_c
     ]
     assert found[1]["oldest_waiting_age"] >= 90
     assert 0 <= found[0]["oldest_waiting_age"] < 90
-    assert time.monotonic() - started < 2
     plain = service.depth()
     assert [
         {k: v for k, v in d.items() if k != "oldest_waiting_age"} for d in plain
