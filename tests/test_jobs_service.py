@@ -379,6 +379,11 @@ def test_retry_refuses_a_job_whose_unique_key_another_unfinished_job_holds(
         f"{holder} holds: it runs once that one is finished"
     )
     assert states(service, [failed, holder, other]) == ["failed", "queued", "dead"]
+    # The holder cancelled, the key is free: the failed job runs again.
+    service.cancel([holder])
+    [retried] = service.retry([failed])
+    assert retried["state"] == "queued"
+    assert states(service, [failed, holder]) == ["queued", "cancelled"]
 
 
 def test_ids_are_read_in_batches(service):
@@ -492,7 +497,7 @@ def test_depth_shows_the_table_and_the_broker_side_by_side(app, service, redis_c
     add_jobs(
         service,
         {"state": "pending", "created_at": NOW - timedelta(seconds=90)},
-        {"state": "queued", "queue": ghost},
+        {"state": "queued", "queue": ghost, "created_at": datetime.now(UTC)},
         {"state": "retrying", "queue": ghost},
         {"state": "succeeded", "queue": ghost},
     )
