@@ -51,7 +51,8 @@ def __dir__():
 
 
 def includeme(config):
-    """Declare the directives, ``request.celery_app`` and the deferred Celery app.
+    """Declare the directives, ``request.celery_app``, ``request.enqueue``
+    and the deferred Celery app.
 
     Nothing is built here: the Celery app is made from the settings when the
     configuration is committed, as ``registry.celery_app``.
@@ -59,6 +60,7 @@ def includeme(config):
     from pyramid.tweens import INGRESS
 
     from .config import add_periodic_task, add_task, declare, get_celery_app
+    from .enqueue import enqueue
 
     config.add_directive("add_task", add_task)
     config.add_directive("add_periodic_task", add_periodic_task)
@@ -66,5 +68,6 @@ def includeme(config):
     config.add_request_method(
         lambda request: request.registry.celery_app, "celery_app", reify=True
     )
+    config.add_request_method(enqueue, "enqueue")
     config.add_tween("pyramid_tasks.tween.eager_errors_tween_factory", under=INGRESS)
     declare(config)

@@ -204,12 +204,17 @@ def _jobs_split(argv):
 def main_jobs(ours, jobs_args):
     """``tasks-celery CONFIG jobs COMMAND``: the status."""
     from .jobs import cli as jobs_cli
+    from .jobs.service import JobError
 
     try:
         options = jobs_cli.parse(jobs_args)
         config_uri, variables, _ = parse_args([*ours, "--"])
+        # drain runs a worker on the same INI.
+        options.config_uri, options.variables = config_uri, variables
         app = load(config_uri, variables)
         return jobs_cli.run(app, options)
+    except JobError as exc:  # refused by the job service: nothing changed
+        return _error(f"jobs {options.command}: {exc}")
     except SQLAlchemyError as exc:  # the database, at the command's work
         from .jobs.store import one_line
 

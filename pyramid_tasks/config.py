@@ -9,6 +9,7 @@ import pyramid
 from celery import Celery
 from celery.app.routes import prepare as prepare_routes
 from celery.utils.functional import maybe_evaluate
+from celery.utils.text import str_to_list
 from pyramid.config import PHASE2_CONFIG
 from pyramid.config.actions import ActionInfo, action_method
 from pyramid.exceptions import ConfigurationError
@@ -20,6 +21,7 @@ from .decorator import TaskHandle
 from .retry import RetryPolicy
 from .schedule import parse_beat_settings, parse_schedule
 from .settings import (
+    JOBS_INCLUDE_KEYS,
     bad_setting,
     check_serializers,
     parse_celery_settings,
@@ -50,6 +52,7 @@ def build_celery_app(registry):
     options = parse_tasks_settings(settings)
     conf = parse_celery_settings(settings)
     check_serializers(conf, options.allow_pickle)
+    _default_time_limit(conf, options.default_time_limit)
     conf["beat_schedule"] = parse_beat_settings(settings)
     conf["task_default_queue"] = options.queue_name(
         conf.get("task_default_queue", "celery")
@@ -66,13 +69,14 @@ def build_celery_app(registry):
     conf["task_routes"] = routes
 
     _make_filesystem_folders(conf)
-    app = Celery(
+    app = _Celery(
         registry.package_name,
         loader=LOADER,
         task_cls=PyramidTask,
         set_as_current=False,
     )
     app.conf.update(conf)
+    app.Worker = type("Worker", (_PrefixedQueues, app.Worker), {})
     warn_environment_overrides(conf)
     required = broker_required.get()
     if required or getattr(registry, "pyramid_tasks_capture", None) is None:
@@ -85,6 +89,53 @@ def build_celery_app(registry):
     registry.pyramid_tasks_retry_policy = RetryPolicy.from_settings(options)
     registry.celery_app = app
     return app
+
+
+def _default_time_limit(conf, seconds):
+    """``tasks.default_time_limit`` is ``celery.task_time_limit`` under the
+    name CKAN's users look for: one of the two, never both."""
+    if seconds is None:
+        return
+    if conf.get("task_time_limit") is not None:
+        raise ConfigurationError(
+            "Settings tasks.default_time_limit and celery.task_time_limit are "
+            "both set: keep one (tasks.default_time_limit sets "
+            "celery.task_time_limit)."
+        )
+    soft = conf.get("task_soft_time_limit")
+    if soft is not None and soft >= seconds:
+        raise ConfigurationError(
+            f"Setting celery.task_soft_time_limit = {soft:g} is not below "
+            f"tasks.default_time_limit = {seconds:g} s: the task would be "
+            "killed before its soft limit is raised in it."
+        )
+    conf["task_time_limit"] = seconds
+
+
+class _Celery(Celery):
+    """Celery, with ``tasks.queue_prefix`` applied to the queue names it is
+    given where routing does not look: ``send_task(..., queue="reports")``
+    (``Task.apply_async`` sends through it too) and, with
+    :class:`_PrefixedQueues`, the worker's ``-Q``/``-X``.  Idempotent: a name
+    that has the prefix already is kept."""
+
+    def send_task(self, name, args=None, kwargs=None, **options):
+        queue = options.get("queue")
+        if isinstance(queue, str):
+            settings = self.pyramid_registry.pyramid_tasks_settings
+            options["queue"] = settings.queue_name(queue)
+        return super().send_task(name, args, kwargs, **options)
+
+
+class _PrefixedQueues:
+    """Worker mixin: ``-Q a,b`` and ``-X a`` name queues without the prefix."""
+
+    def setup_queues(self, include, exclude=None):
+        queue_name = self.app.pyramid_registry.pyramid_tasks_settings.queue_name
+        return super().setup_queues(
+            [queue_name(queue) for queue in str_to_list(include) or ()],
+            [queue_name(queue) for queue in str_to_list(exclude) or ()],
+        )
 
 
 # kombu's filesystem:// transport raises FileNotFoundError for a missing folder.
@@ -274,8 +325,19 @@ def check_beat_tasks(registry):
 
 
 def check_jobs_settings(registry):
-    """``tasks.jobs.*`` settings need ``pyramid_tasks.jobs``: never ignored."""
+    """``tasks.jobs.*`` settings need ``pyramid_tasks.jobs``, and those of an
+    include on top of it (:data:`.settings.JOBS_INCLUDE_KEYS`) that include:
+    never ignored."""
     if getattr(registry, "pyramid_tasks_jobs", None) is not None:
+        included = getattr(registry, "pyramid_tasks_jobs_includes", ())
+        for name, includes in JOBS_INCLUDE_KEYS.items():
+            key = f"tasks.jobs.{name}"
+            if key in registry.settings and not set(includes) & set(included):
+                raise ConfigurationError(
+                    f"Setting {key} is set, but the app does not include "
+                    f"{' or '.join(includes)}: add config.include("
+                    f"'{includes[0]}') (or remove the setting)."
+                )
         return
     keys = sorted(k for k in registry.settings if k.startswith("tasks.jobs."))
     if keys:

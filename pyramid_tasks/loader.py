@@ -44,6 +44,10 @@ class PyramidLoader(AppLoader):
         # writes the rows of beat's sends; SQLite says "disk I/O error").
         signals.beat_embedded_init.connect(_dispose_in_embedded_beat, weak=False)
         jobs = getattr(self.app.pyramid_registry, "pyramid_tasks_jobs", None)
+        if jobs is not None:
+            from .jobs import limits
+
+            limits.install(self.app)
         if jobs is not None and jobs.settings.relay:
             from .jobs.relay import install
 

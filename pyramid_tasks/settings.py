@@ -20,6 +20,7 @@ from pyramid.exceptions import ConfigurationError
 from .masking import mask_secrets
 
 __all__ = [
+    "JOBS_INCLUDE_KEYS",
     "JobsSettings",
     "TasksSettings",
     "bad_setting",
@@ -257,6 +258,8 @@ class TasksSettings:
     retry_backoff_max: float = 2.0
     allow_pickle: bool = False
     publish_timeout: float | None = 2.0
+    # Seconds; sets celery.task_time_limit (CKAN's ckan.jobs.timeout).
+    default_time_limit: float | None = None
 
     def queue_name(self, name):
         """``name`` with ``tasks.queue_prefix`` applied (idempotent)."""
@@ -313,6 +316,11 @@ _TASKS_KEYS = {
     "retry.backoff_max": ("retry_backoff_max", lambda k, v: as_float(k, v, minimum=0)),
     "allow_pickle": ("allow_pickle", as_bool),
     "publish_timeout": ("publish_timeout", _publish_timeout),
+    # parse_duration is defined below: looked up at the call.
+    "default_time_limit": (
+        "default_time_limit",
+        lambda k, v: parse_duration(k, v, positive=True),
+    ),
 }
 
 
@@ -379,6 +387,36 @@ class JobsSettings:
     # ... unless its workers were lost this many times: then it is failed.
     lost_attempts: int = 3
     retention: float = 7 * 86400.0
+    # The JSON API (and later the dashboard): ``pyramid_tasks.jobs.api``.
+    api_prefix: str = "/_tasks/api"
+    view_permission: str = "tasks.view"
+    manage_permission: str = "tasks.manage"
+    # The metrics of finished jobs count those created this recently.
+    metrics_window: float = 3600.0
+
+
+# Keys read only by an include on top of pyramid_tasks.jobs (any one of those
+# named): set without it they would be ignored (config.check_jobs_settings).
+JOBS_INCLUDE_KEYS = {
+    "api_prefix": ("pyramid_tasks.jobs.api",),
+    "view_permission": ("pyramid_tasks.jobs.api",),
+    "manage_permission": ("pyramid_tasks.jobs.api",),
+    "metrics_window": ("pyramid_tasks.jobs.api",),
+}
+
+
+def _route_prefix(key, value):
+    text = str(value).strip().rstrip("/")
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)*", text):
+        raise bad_setting(key, value, "a URL path such as /_tasks/api")
+    return text
+
+
+def _permission(key, value):
+    text = str(value).strip()
+    if not text or any(c.isspace() for c in text):
+        raise bad_setting(key, value, "a permission name such as tasks.view")
+    return text
 
 
 def _name(key, value):
@@ -406,6 +444,10 @@ _JOBS_KEYS = {
     "lease": lambda k, v: parse_duration(k, v, positive=True),
     "lost_attempts": lambda k, v: as_int(k, v, minimum=1),
     "retention": parse_duration,
+    "api_prefix": _route_prefix,
+    "view_permission": _permission,
+    "manage_permission": _permission,
+    "metrics_window": lambda k, v: parse_duration(k, v, positive=True),
 }
 
 

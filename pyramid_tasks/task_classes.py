@@ -10,7 +10,8 @@ from celery.utils import uuid
 from celery.utils.threads import LocalStack
 from transaction.interfaces import AlreadyInTransaction, NoTransaction
 
-from .datamanager import Send, schedule, snapshot
+from .datamanager import Send, active_transaction, schedule, snapshot
+from .options import TITLE_HEADER, job_options, warn_far_eta
 from .publish import publish, raise_eager_errors
 from .request import close_request, make_request
 from .retry import in_transaction, lent_transaction, run_attempts
@@ -224,21 +225,56 @@ class PyramidTask(Task):
                 "transactional task class) to use apply_async(..., tm=...)."
             )
         registry = self.app.pyramid_registry
+        jobs = getattr(registry, "pyramid_tasks_jobs", None)
+        title, unique_key = job_options(self, jobs, options)
         _prefix_queue(registry, options)
+        warn_far_eta(self, options)
+        if unique_key is not None:
+            return self._send_unique(
+                jobs, args, kwargs, task_id, options, title, unique_key
+            )
         capture = getattr(registry, "pyramid_tasks_capture", None)
         if capture is not None:  # pyramid_tasks.testing is included
             task_id = task_id or uuid()
             args, kwargs = snapshot(self, args, kwargs, options)
             capture.record(self, args, kwargs, options, task_id)
             return self.AsyncResult(task_id)
-        result = super().apply_async(args, kwargs, task_id, **options)
-        jobs = getattr(registry, "pyramid_tasks_jobs", None)
+        sent = options
+        if title is not None:  # for the worker that makes the row, if it does
+            headers = {**(options.get("headers") or {}), TITLE_HEADER: title}
+            sent = {**options, "headers": headers}
+        result = super().apply_async(args, kwargs, task_id, **sent)
         # Sent from a running task (retry(), a canvas in the body), the job's
         # row is made by the worker that starts it: writing it here could
         # wait for the lock of the sender's own transaction.
         if jobs is not None and _executions.top is None:
-            jobs.record_sent(self, result.id, args, kwargs, options)
+            jobs.record_sent(self, result.id, args, kwargs, options, title)
         return result
+
+    def _send_unique(self, jobs, args, kwargs, task_id, options, title, unique_key):
+        """``apply_async(unique_key=...)`` without ``tm``: the row is committed
+        first, in a short transaction of its own, then sent as on a commit
+        (a send the broker refuses waits for the relay); or the unfinished
+        job holding the key is returned."""
+        if self.typing:
+            self.__header__(*(args or ()), **(kwargs or {}))
+        args, kwargs = snapshot(self, args, kwargs, options)
+        options.pop("producer", None)
+        options.pop("connection", None)
+        send = Send(self, args, kwargs, options, task_id or uuid(), None)
+        send.title, send.unique_key = title, unique_key
+        send.json = jobs.check(send)
+        existing = jobs.claim(send)
+        if existing is not None:
+            return self.AsyncResult(existing)
+        registry = self.app.pyramid_registry
+        if self.app.conf.task_always_eager and not hasattr(
+            registry, "pyramid_tasks_capture"
+        ):
+            # Run here, as Celery runs it: its error reaches the caller.
+            return super().apply_async(args, kwargs, send.task_id, **options)
+        jobs.publish(self.app, [send])
+        return self.AsyncResult(send.task_id)
 
 
 def _prefix_queue(registry, options):
@@ -259,6 +295,9 @@ class ScheduleOnCommitTask(PyramidTask):
     def apply_async(self, args=None, kwargs=None, task_id=None, tm=None, **options):
         if tm is None:
             return super().apply_async(args, kwargs, task_id, **options)
+        registry = self.app.pyramid_registry
+        jobs = getattr(registry, "pyramid_tasks_jobs", None)
+        title, unique_key = job_options(self, jobs, options)
         if self.typing:  # what Celery's apply_async checks, now, not after commit
             self.__header__(*(args or ()), **(kwargs or {}))
         task_id = task_id or uuid()
@@ -266,17 +305,24 @@ class ScheduleOnCommitTask(PyramidTask):
         # The options are final now: publish() gives them to Celery as they
         # are, with a producer of its own (a canvas passes the one it holds
         # during this call, released long before the commit).
-        _prefix_queue(self.app.pyramid_registry, options)
+        _prefix_queue(registry, options)
+        warn_far_eta(self, options)
         options.pop("producer", None)
         options.pop("connection", None)
         send = Send(self, args, kwargs, options, task_id, tm)
-        jobs = getattr(self.app.pyramid_registry, "pyramid_tasks_jobs", None)
         if jobs is None:
             schedule(tm, send, functools.partial(publish, self.app))
-        else:
-            send.json = jobs.check(send)
-            schedule(tm, send, functools.partial(jobs.publish, self.app), jobs)
-            jobs.created(send)
+            return self.AsyncResult(task_id)
+        send.title, send.unique_key = title, unique_key
+        send.json = jobs.check(send)
+        if unique_key is not None:
+            # Written now, in the transaction: the unique index holds the key
+            # for it until it commits or aborts.
+            existing = jobs.write_unique(active_transaction(tm, self.name), send)
+            if existing is not None:
+                return self.AsyncResult(existing)
+        schedule(tm, send, functools.partial(jobs.publish, self.app), jobs)
+        jobs.created(send)
         return self.AsyncResult(task_id)
 
 

@@ -47,7 +47,8 @@ class CapturedTask:
     ``options``
         The other keyword arguments of ``apply_async`` (``countdown``,
         ``eta``, ``priority``, ``queue`` with ``tasks.queue_prefix``
-        applied...), never ``tm``: ``{}`` for ``delay()``.
+        applied...), never ``tm``, ``title`` or ``unique_key`` (job row
+        columns): ``{}`` for ``delay()``.
     ``task_id``
         The id of the ``AsyncResult`` that ``apply_async`` or ``delay``
         returned, the id the message would carry.

@@ -6,6 +6,7 @@ service is unreachable the tests that need it are skipped, except with
 """
 
 import configparser
+import logging
 import os
 import shutil
 import signal
@@ -21,8 +22,12 @@ import kombu
 import pytest
 import redis
 import sqlalchemy
+from celery import signals
+from celery.app.log import Logging
 from pyramid.config import Configurator
 from pyramid.paster import get_app
+
+from pyramid_tasks.loader import _keep_ini_logging
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_INI = ROOT / "conf" / "test.ini"
@@ -336,3 +341,40 @@ def db_app(settings, *tasks, **extra):
         config.add_task(body, bind=True, base=base, name=body.__name__)
     config.commit()
     return config
+
+
+@pytest.fixture
+def restore_logging(monkeypatch):
+    """Undo what ``fileConfig`` and Celery's logging set-up do to this process."""
+    manager = logging.Logger.manager
+    root = logging.getLogger()
+
+    def snapshot(logger):
+        return logger.level, list(logger.handlers), logger.propagate, logger.disabled
+
+    saved = {
+        name: snapshot(logger)
+        for name, logger in manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
+    saved_root = snapshot(root)
+    signals.setup_logging.disconnect(_keep_ini_logging)
+    was_setup = Logging._setup
+    for name in ("_MP_FORK_LOGLEVEL_", "_MP_FORK_LOGFILE_", "_MP_FORK_LOGFORMAT_"):
+        monkeypatch.setenv(name, "")  # records absence: undone afterwards
+    yield
+    Logging._setup = was_setup
+    signals.setup_logging.disconnect(_keep_ini_logging)
+    loggers = [(name, logger) for name, logger in manager.loggerDict.items()]
+    for name, logger in [("", root), *loggers]:
+        if not isinstance(logger, logging.Logger):
+            continue
+        before = saved_root if name == "" else saved.get(name)
+        level, handlers, propagate, disabled = before or (0, [], True, False)
+        for handler in logger.handlers:
+            if handler not in handlers:
+                handler.close()
+        logger.setLevel(level)
+        logger.handlers = handlers
+        logger.propagate = propagate
+        logger.disabled = disabled

@@ -195,7 +195,11 @@ def test_init_db_database_down_is_one_line_without_the_password(tmp_path, capsys
     ("args", "message"),
     [
         ([], "the following arguments are required: COMMAND"),
-        (["nope"], "argument COMMAND: invalid choice: 'nope' (choose from 'init-db')"),
+        (
+            ["nope"],
+            "argument COMMAND: invalid choice: 'nope' (choose from 'list', 'show', "
+            "'cancel', 'clear', 'retry', 'test', 'depth', 'prune', 'drain', 'init-db')",
+        ),
         (["init-db", "--nope"], "unrecognized arguments: --nope"),
     ],
 )

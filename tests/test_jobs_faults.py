@@ -227,7 +227,13 @@ def test_the_same_message_twice_takes_effect_once(jobs_worker, redis_client):
     # The second copy ends in Celery's Ignore: no result, no callback.
     wait_for(
         lambda: (
-            worker.log.count(f"held[{both_id}] succeeded in") == 1
+            worker.log.count(f"Task tests.jobs_probe_app.held[{both_id}] succeeded in")
+            == 1
+            # Ours (pyramid_tasks.jobs.succeeded): none for the skipped copy.
+            and worker.log.count(
+                f"Job tests.jobs_probe_app.held[{both_id}] succeeded in"
+            )
+            == 1
             and f"[{both_id}] is succeeded: this delivery changes nothing."
             in worker.log
         ),

@@ -456,7 +456,7 @@ def test_a_second_delivery_waits_for_the_lock_of_the_first(jobs_app):
     [job_id] = insert_pending(engine, state="queued")
     got, waited = {}, []
     with engine.connect() as first:
-        assert store.lock(first, job_id) == ("queued", 0)
+        assert store.lock(first, job_id) == ("queued", 0, None)
         first.execute(update(Job.__table__).values(state="succeeded", attempts=1))
 
         def second(name, waiting):
@@ -475,4 +475,4 @@ def test_a_second_delivery_waits_for_the_lock_of_the_first(jobs_app):
         first.commit()
     for thread in threads:
         thread.join(10)
-    assert got == {"told": ("succeeded", 1), "silent": ("succeeded", 1)}
+    assert got == {"told": ("succeeded", 1, None), "silent": ("succeeded", 1, None)}

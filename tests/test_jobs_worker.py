@@ -364,7 +364,7 @@ def test_a_row_committed_as_the_worker_starts_the_job_does_not_skip_it(
     finally:
         event.remove(jobs.store.engine, "after_cursor_execute", sender_commits)
     assert committed == [job_id]
-    assert started == (1, "started")
+    assert started == (1, "started", None)  # attempt, state, title
     row = jobs.store.get(job_id)
     assert (row["state"], row["attempts"]) == ("started", 1)
     app.close()

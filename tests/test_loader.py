@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from celery import signals
-from celery.app.log import Logging
 from pyramid.exceptions import ConfigurationError
 from sqlalchemy import text
 
@@ -24,43 +23,6 @@ INI_LOGGER = "pyramid_tasks_tests.from_ini"
 
 def _connected(receiver):
     return any(r is receiver for _, r in signals.setup_logging.receivers)
-
-
-@pytest.fixture
-def restore_logging(monkeypatch):
-    """Undo what ``fileConfig`` and Celery's logging set-up do to this process."""
-    manager = logging.Logger.manager
-    root = logging.getLogger()
-
-    def snapshot(logger):
-        return logger.level, list(logger.handlers), logger.propagate, logger.disabled
-
-    saved = {
-        name: snapshot(logger)
-        for name, logger in manager.loggerDict.items()
-        if isinstance(logger, logging.Logger)
-    }
-    saved_root = snapshot(root)
-    signals.setup_logging.disconnect(_keep_ini_logging)
-    was_setup = Logging._setup
-    for name in ("_MP_FORK_LOGLEVEL_", "_MP_FORK_LOGFILE_", "_MP_FORK_LOGFORMAT_"):
-        monkeypatch.setenv(name, "")  # records absence: undone afterwards
-    yield
-    Logging._setup = was_setup
-    signals.setup_logging.disconnect(_keep_ini_logging)
-    loggers = [(name, logger) for name, logger in manager.loggerDict.items()]
-    for name, logger in [("", root), *loggers]:
-        if not isinstance(logger, logging.Logger):
-            continue
-        before = saved_root if name == "" else saved.get(name)
-        level, handlers, propagate, disabled = before or (0, [], True, False)
-        for handler in logger.handlers:
-            if handler not in handlers:
-                handler.close()
-        logger.setLevel(level)
-        logger.handlers = handlers
-        logger.propagate = propagate
-        logger.disabled = disabled
 
 
 def test_returns_the_celery_app_built_from_the_ini_settings():

@@ -42,6 +42,13 @@ def includeme(config):
         # After the Celery app is built (PHASE2_CONFIG), before the tasks.
         order=PHASE2_CONFIG + 1,
     )
+    # The package's own test job (`tasks-celery CONFIG jobs test`).
+    config.add_task(
+        "pyramid_tasks.jobs.service.test_job",
+        name="pyramid_tasks.jobs.test",
+        bind=True,
+        base="pyramid_tasks.task_classes.ScheduleOnCommitTask",
+    )
 
 
 def setup(registry):

@@ -15,6 +15,7 @@ from sqlalchemy import bindparam, func, insert, select, tuple_, update
 from sqlalchemy.exc import DBAPIError, StatementError
 
 from ..masking import mask_secrets
+from . import log as joblog
 from .model import (
     CANCELLED,
     DEAD,
@@ -28,6 +29,7 @@ from .model import (
     SUCCEEDED,
     UNFINISHED,
     Job,
+    _unfinished,
     loaded,
     stored,
     utcnow,
@@ -74,6 +76,7 @@ _TRY_LOCK_AND_READ = select(
     func.pg_try_advisory_xact_lock(_LOCK_KEY),
     select(_c.state).where(_c.id == bindparam("job_id")).scalar_subquery(),
     select(_c.attempts).where(_c.id == bindparam("job_id")).scalar_subquery(),
+    select(_c.title).where(_c.id == bindparam("job_id")).scalar_subquery(),
 )
 
 # succeeded, in the task's own transaction (JobStore.succeed_in): built once,
@@ -169,6 +172,38 @@ class JobStore:
             from sqlalchemy.dialects.sqlite import insert as dialect_insert
         return dialect_insert(_table).on_conflict_do_nothing()
 
+    def insert_unique(self, connection, row):
+        """Insert ``row`` (it has a ``unique_key``) on ``connection`` unless an
+        unfinished job holds that key: None, or that job's id.
+
+        The partial unique index decides, never a read-then-insert: an
+        uncommitted row with the key makes this INSERT wait until its
+        transaction ends (committed: its id is returned; aborted: this row
+        goes in).  A job that finishes between the two statements frees the
+        key: the INSERT is tried again.
+        """
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        statement = (
+            dialect_insert(_table)
+            .on_conflict_do_nothing(
+                index_elements=[_c.unique_key], index_where=_unfinished
+            )
+            .returning(_c.id)
+        )
+        holder = select(_c.id).where(
+            _c.unique_key == row["unique_key"], _c.state.in_(UNFINISHED)
+        )
+        with explain_missing_table(self.engine):
+            while True:
+                if connection.execute(statement, row).first() is not None:
+                    return None
+                existing = connection.execute(holder).scalar()
+                if existing is not None:
+                    return existing
+
     def mark_published(self, sent):
         """``sent``: ``[(id, eta)]`` confirmed by the broker: ``queued`` (or
         ``scheduled``, its eta ahead), in one UPDATE, if still ``pending``."""
@@ -223,12 +258,12 @@ class JobStore:
         }
 
     def start(self, row, acked=True):
-        """Mark the job ``started``: ``(attempt, state)``.
+        """Mark the job ``started``: ``(attempt, state, title)``.
 
         ``row`` describes the job as the message does (id, name, args...), to
         create the row of a job sent without one (by name, or by a canvas).
         A job that already took effect or was cancelled is not started:
-        ``(None, its state)``.  ``acked``: the broker forgot the message
+        ``(None, its state, None)``.  ``acked``: the broker forgot the message
         (no ``acks_late``), so the mark must survive a database crash.
         """
         now = utcnow()
@@ -243,13 +278,14 @@ class JobStore:
                     .where(_c.id == row["id"], _c.state.in_(RUNNABLE))
                     .values(values),
                     _c.attempts,
+                    _c.title,
                     # A job whose message was acknowledged and whose
                     # "started" vanished would wait "queued" for ever; an
                     # unacknowledged one comes back from the broker.
                     wait_flush=acked,
                 )
                 if started:
-                    return started[0][1], STARTED
+                    return started[0][1], STARTED, started[0][2]
                 state = self.state(row["id"], connection)
                 if state is None:
                     # Sent without a row: created now (or by a concurrent
@@ -259,7 +295,7 @@ class JobStore:
                         [stored({**row, "state": QUEUED, "created_at": now})],
                     )
                 elif state not in RUNNABLE:
-                    return None, state
+                    return None, state, None
                 # Else the row was committed after the UPDATE looked (a task
                 # sent without tm= writes it after the send): start it.
 
@@ -302,7 +338,7 @@ class JobStore:
 
     def lock(self, connection, job_id, waiting=None):
         """Lock ``job_id`` for the transaction of ``connection``; its state
-        and attempts, ``(None, None)`` without a row.
+        attempts and title, ``(None, None, None)`` without a row.
 
         PostgreSQL: a transaction-scoped advisory lock on the id, so a second
         delivery of the message waits here until the first one's transaction
@@ -315,11 +351,11 @@ class JobStore:
             # A delivery that ended between this statement's snapshot and
             # the lock (microseconds) is caught by succeed_in()'s guard.
             with explain_missing_table(self.engine):
-                locked, state, attempts = connection.execute(
+                locked, *row = connection.execute(
                     _TRY_LOCK_AND_READ, {"job_id": job_id}
                 ).one()
             if locked:
-                return state, attempts
+                return tuple(row)
             if waiting is not None:
                 waiting()
             connection.execute(_LOCK, {"job_id": job_id})
@@ -328,9 +364,9 @@ class JobStore:
                 update(_table).where(_c.id == job_id).values(attempts=_c.attempts)
             )
         row = connection.execute(
-            select(_c.state, _c.attempts).where(_c.id == job_id)
+            select(_c.state, _c.attempts, _c.title).where(_c.id == job_id)
         ).first()
-        return (None, None) if row is None else tuple(row)
+        return (None, None, None) if row is None else tuple(row)
 
     def succeed_in(self, connection, job_id, start=None):
         """``succeeded`` in the task's own transaction; False when the job is
@@ -422,14 +458,14 @@ class JobStore:
     def cancel(self, ids):
         """Cancel the unfinished jobs among ``ids``; the ids cancelled."""
         with self.engine.begin() as connection:
-            return list(
-                connection.execute(
-                    update(_table)
-                    .where(_c.id.in_(list(ids)), _c.state.in_(UNFINISHED))
-                    .values(state=CANCELLED, finished_at=utcnow())
-                    .returning(_c.id)
-                ).scalars()
-            )
+            rows = connection.execute(
+                update(_table)
+                .where(_c.id.in_(list(ids)), _c.state.in_(UNFINISHED))
+                .values(state=CANCELLED, finished_at=utcnow())
+                .returning(_c.id, _c.name, _c.queue, _c.title)
+            ).all()
+        joblog.batch(joblog.CANCELLED, [row._mapping for row in rows])
+        return [row.id for row in rows]
 
     # -- relay -------------------------------------------------------------
 

@@ -19,12 +19,14 @@ from celery.utils.time import maybe_make_aware
 from dateutil.parser import isoparse
 from pyramid.threadlocal import get_current_request
 from sqlalchemy.exc import UnboundExecutionError
+from sqlalchemy.orm import Session
 from zope.interface import implementedBy, providedBy
-from zope.sqlalchemy import mark_changed
+from zope.sqlalchemy import mark_changed, register
 from zope.sqlalchemy.datamanager import SessionDataManager
 
 from ..publish import publish
 from ..request import close_request, make_request
+from . import log as joblog
 from .events import JobCreated
 from .model import PENDING, QUEUED, SCHEDULED, Job, stored, utcnow
 from .store import JobTableMissing, explain_missing_table, one_line
@@ -135,7 +137,17 @@ class JobRecorder:
     # -- rows ----------------------------------------------------------------
 
     def row(
-        self, task, task_id, args, kwargs, options, state=PENDING, now=None, json=None
+        self,
+        task,
+        task_id,
+        args,
+        kwargs,
+        options,
+        state=PENDING,
+        now=None,
+        json=None,
+        title=None,
+        unique_key=None,
     ):
         """The row of a task about to be sent, as the table keeps it (``json``:
         its JSON columns, when :meth:`check` made them already)."""
@@ -143,9 +155,11 @@ class JobRecorder:
         return {
             "id": task_id,
             "name": task.name,
-            "title": None,
+            "title": title,
+            "unique_key": unique_key,
             "queue": _queue(task, args, kwargs, options),
-            "priority": options.get("priority"),
+            # The task's own priority (@task(priority=...)) when not given.
+            "priority": options.get("priority", task.priority),
             **(json or _encoded(args, kwargs, options)),
             "state": state,
             "attempts": 0,
@@ -165,12 +179,11 @@ class JobRecorder:
         transaction does (:class:`_OwnConnection`, returned).
         """
         now = utcnow()
-        rows = [
-            self.row(
-                s.task, s.task_id, s.args, s.kwargs, s.options, now=now, json=s.json
-            )
-            for s in sends
-        ]
+        pending = [s for s in sends if not s.written]
+        rows = [self._send_row(s, now) for s in pending]
+        joblog.keep_rows(pending, rows)
+        if not rows:  # each written at its call (unique_key=)
+            return None
         session = self._joined_session(txn)
         if session is not None:
             self.store.insert(session.connection(), rows)
@@ -185,24 +198,84 @@ class JobRecorder:
             raise
         return own
 
+    def _send_row(self, send, now=None):
+        return self.row(
+            send.task,
+            send.task_id,
+            send.args,
+            send.kwargs,
+            send.options,
+            now=now,
+            json=send.json,
+            title=send.title,
+            unique_key=send.unique_key,
+        )
+
     def _joined_session(self, txn):
         for resource in txn._resources:
-            if not isinstance(resource, SessionDataManager):
-                continue
-            try:
-                bind = resource.session.get_bind(mapper=Job.__mapper__)
-            except UnboundExecutionError:  # bound per mapper, not for jobs
-                continue
-            if getattr(bind, "engine", bind) is self.store.engine:
+            if isinstance(resource, SessionDataManager) and self._on_store(
+                resource.session
+            ):
                 return resource.session
         return None
+
+    def _on_store(self, session):
+        """Whether ``session`` writes the job table to the store's engine."""
+        try:
+            bind = session.get_bind(mapper=Job.__mapper__)
+        except UnboundExecutionError:  # bound per mapper, not for jobs
+            return False
+        return getattr(bind, "engine", bind) is self.store.engine
+
+    # -- unique_key= ---------------------------------------------------------
+
+    def write_unique(self, txn, send):
+        """Write the row of ``send`` (it has a ``unique_key``) now, in ``txn``:
+        None; or, when an unfinished job holds the key, write nothing and
+        return that job's id.
+
+        Through the session joined to ``txn`` on the job table's database;
+        else the current request's (``tasks.jobs.request_session``) when its
+        ``tm`` is the send's, which joins it; else a session of its own
+        joined to ``txn``.  The unique index makes a concurrent transaction
+        writing the same key wait until this one commits or aborts.
+        """
+        session = self._joined_session(txn)
+        if session is None:
+            session = self._session_for(send.tm)
+        row = self._send_row(send)
+        existing = self.store.insert_unique(session.connection(), row)
+        if existing is None:
+            mark_changed(session)  # Core writes are invisible to zope.sqlalchemy
+            send.written = True
+            joblog.keep_rows([send], [row])
+        return existing
+
+    def _session_for(self, tm):
+        request = get_current_request()
+        if request is not None and getattr(request, "tm", None) is tm:
+            session = getattr(request, self.settings.request_session, None)
+            if session is not None and self._on_store(session):
+                return session
+        session = Session(bind=self.store.engine)
+        register(session, transaction_manager=tm)
+        return session
+
+    def claim(self, send):
+        """Without ``tm``: commit the ``pending`` row of ``send`` (it has a
+        ``unique_key``) in a short transaction of its own: None; or the id of
+        the unfinished job holding the key (nothing written)."""
+        with self.store.engine.begin() as connection:
+            return self.store.insert_unique(connection, self._send_row(send))
 
     # -- after the commit ----------------------------------------------------
 
     def publish(self, app, sends):
         """Publish committed ``sends`` within ``tasks.jobs.publish_timeout``;
         those the broker took are marked ``queued`` by the marker thread."""
+        joblog.committed(joblog.SCHEDULED, sends)
         sent = publish(app, sends, durable=True)
+        joblog.committed(joblog.PUBLISHED, sent)
         if sent:
             _marker.put(self.store, [(s.task_id, _eta(s.options)) for s in sent])
 
@@ -212,7 +285,7 @@ class JobRecorder:
         For tests and scripts: ``registry.pyramid_tasks_jobs.flush(5)``."""
         return _marker.flush(timeout)
 
-    def record_sent(self, task, task_id, args, kwargs, options):
+    def record_sent(self, task, task_id, args, kwargs, options, title=None):
         """The row of a task sent at once (no ``tm``): written after the send,
         ``queued``, unless a worker already made it."""
         if task.app.conf.task_always_eager or self.store.dialect == "sqlite":
@@ -220,7 +293,7 @@ class JobRecorder:
             # own transaction may hold the database's one write lock, which
             # this connection would wait for; the worker makes the row.
             return
-        row = self.row(task, task_id, args, kwargs, options, state=QUEUED)
+        row = self.row(task, task_id, args, kwargs, options, QUEUED, title=title)
         row["published_at"] = row["created_at"]
         if row["eta"] is not None and row["eta"] > row["created_at"]:
             row["state"] = SCHEDULED

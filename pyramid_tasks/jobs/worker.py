@@ -29,6 +29,8 @@ from pyramid.exceptions import ConfigurationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from zope.sqlalchemy import mark_changed
 
+from ..options import TITLE_HEADER
+from . import log as joblog
 from .events import JobFailed, JobStarted, JobSucceeded
 from .model import CANCELLED, RUNNABLE, SUCCEEDED, utcnow
 from .store import one_line
@@ -82,6 +84,7 @@ class JobRun:
 
     __slots__ = (
         "attempt",
+        "began",
         "deferred",
         "jobs",
         "last_cancel_check",
@@ -91,6 +94,7 @@ class JobRun:
         "seen",
         "started_at",
         "task",
+        "title",
         "took_effect",
         "transactional",
         "was_cancelled",
@@ -102,6 +106,8 @@ class JobRun:
         self.request = task.request
         self.transactional = transactional
         self.attempt = None
+        self.title = None
+        self.began = None
         # A started mark this run owes (not landed yet): see the module's
         # docstring.  ``seen``: the attempts its lock read; ``started_at``.
         self.deferred = False
@@ -129,6 +135,7 @@ class JobRun:
         ):
             self.deferred = True
             self.started_at = utcnow()
+            self.began = time.monotonic()
         else:
             self._start()
             self.jobs.notify(JobStarted, self)
@@ -139,7 +146,7 @@ class JobRun:
         """The ``started`` mark, now; raises Celery's ``Ignore`` when the job
         must not run."""
         try:
-            self.attempt, state = self.jobs.store.start(
+            self.attempt, state, self.title = self.jobs.store.start(
                 self._row(), acked=not self.task.acks_late
             )
         except Exception as exc:
@@ -153,6 +160,8 @@ class JobRun:
             self.took_effect = False
             raise Ignore()  # acknowledged, no result, no callbacks
         self.deferred = False
+        joblog.run(joblog.STARTED, self)
+        self.began = time.monotonic()
 
     def _row(self):
         """The job as its message describes it (a row to make if missing)."""
@@ -164,6 +173,9 @@ class JobRun:
             "kwargs": dict(request.kwargs or {}),
             "queue": (request.delivery_info or {}).get("routing_key"),
             "parent_id": request.parent_id,
+            # apply_async(title=...) without tm=: a header (eager: in headers).
+            "title": getattr(request, TITLE_HEADER, None)
+            or (request.headers or {}).get(TITLE_HEADER),
             # What the relay needs to send it again (a lease expired).
             "options": _message_options(request),
         }
@@ -179,6 +191,7 @@ class JobRun:
             if not self.transactional:
                 self.took_effect = self._marked(store.succeed)
             if self.took_effect:
+                joblog.run(joblog.SUCCEEDED, self)
                 self.jobs.notify(JobSucceeded, self)
             return False
         if isinstance(exc, JobCancelled):
@@ -201,6 +214,7 @@ class JobRun:
             return False
         if isinstance(exc, Retry):
             self._marked(store.retrying, exc.exc)
+            joblog.run(joblog.RETRIED, self, exc)  # sent again, row or not
             return False
         if self.transactional and _database_unreachable(exc):
             # The run's transaction lost its database: its effects rolled
@@ -210,6 +224,7 @@ class JobRun:
             self._marked(store.retrying, exc)
             self._send_again(exc)
         if self._marked(store.fail, exc):
+            joblog.run(joblog.FAILED, self, exc)
             self.jobs.notify(JobFailed, self, exc)
         return False
 
@@ -221,7 +236,9 @@ class JobRun:
             if self.deferred and self.seen is not None:
                 return mark(self.id, None, *args, start=(self.seen, self.started_at))
             if self.deferred:
-                self.attempt, _ = self.jobs.store.start(self._row(), acked=False)
+                self.attempt, _, self.title = self.jobs.store.start(
+                    self._row(), acked=False
+                )
                 if self.attempt is None:
                     return False
                 self.deferred = False
@@ -280,7 +297,7 @@ class JobRun:
         """Lock the job in ``request.tm``'s transaction; False: do not run."""
         session = self._session(request)
         first = self.deferred and self.seen is None
-        state, attempts = self.jobs.store.lock(
+        state, attempts, title = self.jobs.store.lock(
             session.connection(),
             self.id,
             # Another delivery holds the lock: started now, as before a
@@ -295,7 +312,10 @@ class JobRun:
                 self.took_effect = False
                 return False
             else:
-                self.seen = attempts
+                # Its attempt until the started mark says (a delivery that
+                # starts meanwhile counts too).
+                self.seen, self.attempt, self.title = attempts, attempts + 1, title
+                joblog.run(joblog.STARTED, self)
                 self.jobs.notify(JobStarted, self)
                 _running.defer_start(self)
                 return True
@@ -494,8 +514,9 @@ class _Running:
         with self.condition:
             stores = {}
             for run in self.runs:
-                if run.attempt is not None:  # None: a started mark not landed
-                    stores.setdefault(run.jobs.store, []).append((run.id, run.attempt))
+                # A deferred run's attempt matches once its started mark
+                # landed (None before its lock, matching nothing).
+                stores.setdefault(run.jobs.store, []).append((run.id, run.attempt))
         for store, ids in stores.items():
             try:
                 store.heartbeat(ids)

@@ -1,0 +1,787 @@
+"""The job service: what operators do to the job table, for every skin.
+
+The ``jobs`` command line, the JSON API and the dashboard call this one
+service and only format what it returns::
+
+    from pyramid_tasks.jobs.service import JobService
+
+    service = JobService.from_registry(request.registry)
+    service.list(state="failed", limit=20)
+
+Every method validates all its input before it changes anything: a bad
+state name, limit, duration or queue is :class:`BadParameter`, an id that
+names no job :class:`UnknownJob` (both :class:`JobError`, a ``ValueError``
+whose message is one line naming the bad thing).
+
+The queries keep to the table's indexes, ``(state, created_at)``,
+``(queue, state)`` and ``(name, state)``: lists are keyset-paged (never
+OFFSET), counts are only ever of waiting jobs of one queue, and nothing
+counts or scans the whole table, which stays cheap at millions of rows.
+"""
+
+import logging
+from contextlib import suppress
+from datetime import UTC, datetime, timedelta
+
+import transaction
+from celery.worker import state as worker_state
+from celery.worker.control import control_command
+from pyramid.exceptions import ConfigurationError
+from sqlalchemy import delete, func, select, union_all, update
+
+from ..publish import publish
+from ..settings import parse_duration
+from . import log as joblog
+from .model import (
+    CANCELLED,
+    DEAD,
+    FAILED,
+    FINISHED,
+    PENDING,
+    QUEUED,
+    RETRYING,
+    SCHEDULED,
+    STATES,
+    UNFINISHED,
+    Job,
+    loaded,
+    stored,
+    utcnow,
+)
+from .relay import Relay
+from .store import explain_missing_table, one_line
+
+__all__ = [
+    "JOB_KEYS",
+    "TEST_TASK",
+    "BadParameter",
+    "JobError",
+    "JobService",
+    "UnknownJob",
+    "job_json",
+]
+
+log = logging.getLogger(__name__)
+
+_table = Job.__table__
+_c = _table.c
+
+#: The keys of :func:`job_json`, in its order: every column of the table.
+JOB_KEYS = tuple(column.name for column in _table.columns)
+
+#: The name of the package's own test task (:meth:`JobService.test`).
+TEST_TASK = "pyramid_tasks.jobs.test"
+
+#: Waiting to run: the states ``clear`` cancels and ``depth`` counts.
+WAITING = (PENDING, QUEUED)
+#: Waiting for a time (an eta, a retry's countdown): ``depth``'s ``scheduled``.
+DELAYED = (SCHEDULED, RETRYING)
+#: The states ``retry`` takes.
+RETRYABLE = (FAILED, CANCELLED, DEAD)
+
+# Seconds the broker has to answer ``depth``, ``clear`` and revokes.
+BROKER_TIMEOUT = 2.0
+
+
+class JobError(ValueError):
+    """A request the service refused; nothing was changed.  Its message is
+    one line naming the bad thing."""
+
+
+class UnknownJob(JobError):
+    """No job has the id ``job_id``."""
+
+    def __init__(self, job_id):
+        super().__init__(f"no job has the id {job_id!r}")
+        self.job_id = job_id
+
+
+class BadParameter(JobError):
+    """The parameter ``name`` (``"state"``, ``"queue"``, ``"limit"``,
+    ``"before"``, ``"older_than"``, ``"id"``...) has a bad ``value``."""
+
+    def __init__(self, name, value, message):
+        super().__init__(message)
+        self.name = name
+        self.value = value
+
+
+def _iso(value):
+    if value.tzinfo is None:  # SQLite gives times back naive, in UTC
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def job_json(row):
+    """The stable JSON form of a job row (a mapping of its columns, as the
+    table or :meth:`JobStore.get` gives it): every column of
+    ``pyramid_tasks_job`` in :data:`JOB_KEYS` order, times as ISO 8601 UTC
+    strings with microseconds or None, ``args``, ``kwargs`` and ``options``
+    as the JSON the table keeps (datetimes and the like in kombu's type
+    markers)."""
+    row = dict(row)
+    result = {}
+    for key in JOB_KEYS:
+        value = row.get(key)
+        if isinstance(value, datetime):
+            value = _iso(value)
+        result[key] = value
+    return stored({k: result[k] for k in JOB_KEYS})
+
+
+def test_job(self):
+    """The package's own test task (``jobs test``): logs one INFO line."""
+    log.info(
+        "Test job %s ran on %s (queue %s).",
+        self.request.id,
+        self.request.hostname,
+        (self.request.delivery_info or {}).get("routing_key"),
+    )
+    return self.request.id
+
+
+@control_command(
+    args=[("task_ids", list)],
+    signature="<task_id> [<task_id> ...]",
+)
+def pyramid_tasks_unrevoke(state, task_ids, **kwargs):
+    """Worker remote control: forget earlier revokes of ``task_ids`` (a
+    cancelled job retried under its id would be dropped as revoked)."""
+    for task_id in task_ids:
+        worker_state.revoked.discard(task_id)
+    return {"ok": f"{len(task_ids)} forgotten"}
+
+
+class JobService:
+    """The operators' operations on one app's job table."""
+
+    #: Rows one DELETE (``prune``) or UPDATE (``clear``) takes at most.
+    batch_size = 1000
+    #: Largest ``limit`` of :meth:`list`.
+    max_limit = 1000
+
+    def __init__(self, jobs, app):
+        self.jobs = jobs
+        self.store = jobs.store
+        self.app = app
+
+    @classmethod
+    def from_registry(cls, registry):
+        """The service of the app whose registry includes ``pyramid_tasks.jobs``."""
+        return cls(registry.pyramid_tasks_jobs, registry.celery_app)
+
+    def _connect(self):
+        return explain_missing_table(self.store.engine)
+
+    # -- validation ----------------------------------------------------------
+
+    @staticmethod
+    def _strings(name, value):
+        if value is None:
+            return None
+        values = [value] if isinstance(value, str) else list(value)
+        for item in values:
+            if not isinstance(item, str) or not item:
+                raise BadParameter(name, item, f"bad {name} {item!r}: not a name")
+        return values
+
+    def _states(self, value, allowed=STATES, what="state"):
+        states = self._strings("state", value)
+        for state in states or ():
+            if state not in allowed:
+                raise BadParameter(
+                    "state",
+                    state,
+                    f"unknown {what} {state!r}: expected one of {', '.join(allowed)}",
+                )
+        return states
+
+    def configured_queues(self):
+        """The queues the app's configuration names: its default queue,
+        ``celery.task_queues``, the queues of tasks declared with ``queue=``
+        and those of its routes given as mappings (a router function's
+        cannot be known before it runs)."""
+        conf = self.app.conf
+        queues = [conf.task_default_queue]
+        queues += [queue.name for queue in conf.task_queues or ()]
+        queues += [
+            route["queue"] for route in self.app.pyramid_task_queues.queues.values()
+        ]
+        naming = self.app.pyramid_registry.pyramid_tasks_settings.queue_name
+        for router in conf.task_routes or ():
+            queues += _route_queues(router, naming)
+        return list(dict.fromkeys(q for q in queues if isinstance(q, str) and q))
+
+    def table_queues(self, connection):
+        """The queues present in the table, ascending: one index probe a
+        queue (a loose scan of ``(queue, state)``), never ``DISTINCT``."""
+        queues = []
+        query = select(func.min(_c.queue))
+        while True:
+            after = queues[-1] if queues else None
+            where = _c.queue > after if after is not None else _c.queue.is_not(None)
+            queue = connection.execute(query.where(where)).scalar()
+            if queue is None:
+                return queues
+            queues.append(queue)
+
+    def _queues(self, connection, value):
+        """``value`` (a name or names) checked: a queue is known when the
+        app's configuration names it (:meth:`configured_queues`) or a job of
+        the table has it.  ``tasks.queue_prefix`` is added when missing."""
+        queues = self._strings("queue", value)
+        if queues is None:
+            return None
+        configured = set(self.configured_queues())
+        naming = self.app.pyramid_registry.pyramid_tasks_settings.queue_name
+        checked = []
+        for queue in queues:
+            for name in dict.fromkeys((queue, naming(queue))):
+                if (
+                    name in configured
+                    or connection.execute(
+                        select(_c.id).where(_c.queue == name).limit(1)
+                    ).first()
+                ):
+                    checked.append(name)
+                    break
+            else:
+                raise BadParameter(
+                    "queue",
+                    queue,
+                    f"unknown queue {queue!r}: not configured and no job has it",
+                )
+        return list(dict.fromkeys(checked))
+
+    def check_queues(self, queues):
+        """``queues`` (a name or names, or None) checked as :meth:`list`
+        checks its ``queue``: the names, prefixed where needed, or None."""
+        with self._connect(), self.store.engine.connect() as connection:
+            return self._queues(connection, queues)
+
+    def _rows(self, connection, ids):
+        """``{id: row}`` of ``ids``, every one there, else UnknownJob."""
+        ids = self._strings("id", ids)
+        if not ids:
+            raise BadParameter("id", ids, "no job id given")
+        rows = {}
+        for start in range(0, len(ids), self.batch_size):
+            chunk = ids[start : start + self.batch_size]
+            for row in connection.execute(select(_table).where(_c.id.in_(chunk))):
+                rows[row.id] = loaded(row._asdict())
+        for job_id in ids:
+            if job_id not in rows:
+                raise UnknownJob(job_id)
+        return {job_id: rows[job_id] for job_id in ids}
+
+    @staticmethod
+    def _check_key_free(connection, job_id, key):
+        """BadParameter when another unfinished job holds ``key``, the
+        ``unique_key`` of ``job_id`` (the partial unique index would refuse
+        ``job_id`` back among the unfinished).  A holder that commits after
+        this read makes the UPDATE fail on the index instead: the whole
+        retry rolls back, nothing changed either way."""
+        if key is None:
+            return
+        holder = connection.execute(
+            select(_c.id).where(
+                _c.unique_key == key, _c.state.in_(UNFINISHED), _c.id != job_id
+            )
+        ).scalar()
+        if holder is not None:
+            raise BadParameter(
+                "id",
+                job_id,
+                f"job {job_id} has the unique_key {key!r}, which the unfinished "
+                f"job {holder} holds: it runs once that one is finished",
+            )
+
+    @staticmethod
+    def duration(name, value, default):
+        """Seconds from ``value`` (seconds, a ``timedelta``, or text such as
+        ``90``, ``30s``, ``15m``, ``12h``, ``7d``), ``default`` for None;
+        BadParameter ``name``."""
+        if value is None:
+            return default
+        if isinstance(value, timedelta):
+            value = value.total_seconds()
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if value >= 0:
+                return float(value)
+        else:
+            try:
+                return parse_duration(name, value)
+            except ConfigurationError:
+                pass
+        raise BadParameter(
+            name,
+            value,
+            f"bad {name} {value!r}: expected a duration such as 90, 30s, 15m, 12h, 7d",
+        )
+
+    # -- reading -------------------------------------------------------------
+
+    def list(
+        self, state=None, queue=None, name=None, title=None, before=None, limit=50
+    ):
+        """Jobs newest first (``created_at``, then ``id``, descending), as
+        :func:`job_json` dicts.
+
+        ``state``, ``queue``, ``name``: a string or a list of strings;
+        ``title``: a case-insensitive substring; ``before``: a job id, the
+        last of the previous page (the rows strictly older than it);
+        ``limit``: 1 to :attr:`max_limit`.
+
+        One branch per state, each an ordered range of the ``(state,
+        created_at)`` index read ``limit`` rows deep, merged: cheap whatever
+        the size of the table.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            try:
+                limit = int(str(limit).strip())
+            except ValueError:
+                raise BadParameter(
+                    "limit", limit, f"bad limit {limit!r}: not a whole number"
+                ) from None
+        if not 1 <= limit <= self.max_limit:
+            raise BadParameter(
+                "limit", limit, f"bad limit {limit}: expected 1 to {self.max_limit}"
+            )
+        states = self._states(state) or list(STATES)
+        names = self._strings("name", name)
+        if title is not None and not isinstance(title, str):
+            raise BadParameter("title", title, f"bad title {title!r}: not a string")
+        with self._connect(), self.store.engine.connect() as connection:
+            queues = self._queues(connection, queue)
+            where = []
+            if queues is not None:
+                where.append(_c.queue.in_(queues))
+            if names is not None:
+                where.append(_c.name.in_(names))
+            if title:
+                where.append(
+                    func.lower(_c.title).contains(title.lower(), autoescape=True)
+                )
+            if before is not None:
+                if not isinstance(before, str):
+                    raise BadParameter("before", before, f"bad before {before!r}")
+                mark = connection.execute(
+                    select(_c.created_at, _c.id).where(_c.id == before)
+                ).first()
+                if mark is None:
+                    raise BadParameter(
+                        "before", before, f"bad before {before!r}: no job has that id"
+                    )
+                created, job_id = mark
+                where.append(
+                    (_c.created_at <= created)
+                    & ((_c.created_at < created) | (_c.id < job_id))
+                )
+            order = (_c.created_at.desc(), _c.id.desc())
+            branches = [
+                select(_table)
+                .where(_c.state == one, *where)
+                .order_by(*order)
+                .limit(limit)
+                .subquery()
+                for one in states
+            ]
+            if len(branches) == 1:
+                merged = branches[0]
+            else:
+                merged = union_all(*(select(branch) for branch in branches)).subquery()
+            rows = connection.execute(
+                select(merged)
+                .order_by(merged.c.created_at.desc(), merged.c.id.desc())
+                .limit(limit)
+            ).all()
+        return [job_json(row._asdict()) for row in rows]
+
+    def get(self, job_id):
+        """The job ``job_id`` as :func:`job_json` gives it; UnknownJob."""
+        with self._connect(), self.store.engine.connect() as connection:
+            row = self._rows(connection, [job_id])[job_id]
+        return job_json(row)
+
+    # -- actions -------------------------------------------------------------
+
+    def cancel(self, ids):
+        """Cancel the jobs ``ids``: each unfinished one never runs.
+
+        Every id is checked first (UnknownJob, nothing changed).  Each
+        unfinished job becomes ``cancelled`` in one UPDATE naming the state
+        it was found in; its message is revoked at the broker's workers; a
+        ``started`` one is asked to stop (its ``cancel_requested()`` turns
+        true, and a transactional run's transaction rolls back).  A finished
+        job is left as it is.  Per id: ``{"id", "state_before", "state",
+        "cancelled"}``.
+        """
+        with self._connect(), self.store.engine.connect() as connection:
+            rows = self._rows(connection, ids)
+        results = []
+        with self.store.engine.begin() as connection:
+            for job_id, row in rows.items():
+                results.append(self._cancel_one(connection, job_id, row["state"]))
+        cancelled = [r["id"] for r in results if r["cancelled"]]
+        if cancelled:
+            self._revoke(cancelled)
+            for result in results:
+                if result["cancelled"]:
+                    row = rows[result["id"]]
+                    joblog.line(
+                        joblog.CANCELLED,
+                        row["id"],
+                        row["name"],
+                        row["queue"],
+                        row["title"],
+                        f"(it was {result['state_before']})",
+                    )
+        return results
+
+    def _cancel_one(self, connection, job_id, state):
+        while state in UNFINISHED:
+            changed = connection.execute(
+                update(_table)
+                .where(_c.id == job_id, _c.state == state)
+                .values(state=CANCELLED, finished_at=utcnow())
+            ).rowcount
+            if changed == 1:
+                return {
+                    "id": job_id,
+                    "state_before": state,
+                    "state": CANCELLED,
+                    "cancelled": True,
+                }
+            # Changed since it was read: cancel it in its new state.
+            state = self.store.state(job_id, connection)
+        return {"id": job_id, "state_before": state, "state": state, "cancelled": False}
+
+    def _revoke(self, ids):
+        """Revoke ``ids`` at the workers; a broker that does not answer only
+        costs a warning (the rows are cancelled: no worker starts them)."""
+        try:
+            with self._broker() as connection:
+                self.app.control.revoke(ids, connection=connection)
+        except Exception as exc:
+            log.warning(
+                "%d cancelled job(s) could not be revoked at the broker (no "
+                "worker starts them anyway): %s",
+                len(ids),
+                one_line(exc),
+            )
+
+    def _broker(self):
+        """A connection to the broker that fails within :data:`BROKER_TIMEOUT`."""
+        connection = self.app.connection_for_write()
+        options = {
+            **connection.transport_options,
+            "socket_timeout": BROKER_TIMEOUT,
+            "socket_connect_timeout": BROKER_TIMEOUT,
+            "max_retries": 1,
+        }
+        connection = connection.clone(
+            connect_timeout=BROKER_TIMEOUT, transport_options=options
+        )
+        try:
+            connection.ensure_connection(max_retries=0, timeout=BROKER_TIMEOUT)
+        except BaseException:
+            connection.release()
+            raise
+        return connection
+
+    def clear(self, queues=None):
+        """Cancel every waiting job (``pending`` or ``queued``) of ``queues``
+        (a name or names; every known queue when None) and purge those queues
+        at the broker.  ``{"queues": {queue: cancelled}, "purged": {queue:
+        messages purged, or None when the broker did not answer}}``."""
+        with self._connect(), self.store.engine.connect() as connection:
+            chosen = self._queues(connection, queues)
+            if chosen is None:
+                chosen = list(
+                    dict.fromkeys(
+                        self.configured_queues() + self.table_queues(connection)
+                    )
+                )
+        cleared = {queue: 0 for queue in chosen}
+        for queue in chosen:
+            while True:
+                # A bounded batch a transaction: a backlog of millions never
+                # holds its locks in one statement.
+                with self.store.engine.begin() as connection:
+                    batch = (
+                        select(_c.id)
+                        .where(_c.queue == queue, _c.state.in_(WAITING))
+                        .limit(self.batch_size)
+                        .scalar_subquery()
+                    )
+                    count = connection.execute(
+                        update(_table)
+                        .where(_c.id.in_(batch), _c.state.in_(WAITING))
+                        .values(state=CANCELLED, finished_at=utcnow())
+                    ).rowcount
+                cleared[queue] += count
+                if count < self.batch_size:
+                    break
+        purged = {}
+        try:
+            with self._broker() as connection:
+                for queue in chosen:
+                    purged[queue] = self._purge(connection, queue)
+        except Exception as exc:
+            log.warning("The broker did not purge %s: %s", chosen, one_line(exc))
+            purged = {queue: purged.get(queue) for queue in chosen}
+        for queue in chosen:
+            log.info(
+                "Queue %s cleared: %d job(s) cancelled, %s message(s) purged.",
+                queue,
+                cleared[queue],
+                purged[queue],
+            )
+        return {"queues": cleared, "purged": purged}
+
+    @staticmethod
+    def _purge(connection, queue):
+        channel = connection.channel()
+        try:
+            return channel.queue_purge(queue) or 0
+        except connection.channel_errors:  # no such queue at the broker
+            return 0
+        finally:
+            _close(channel)
+
+    def retry(self, ids):
+        """Run the failed, cancelled or dead jobs ``ids`` again: a new attempt
+        of each under its id, published at once (no eta, no countdown).
+
+        Every id is checked first: an unknown one is UnknownJob, a job in
+        another state BadParameter naming it and its state; nothing changed.
+        Each job goes back to ``pending`` (one UPDATE naming the state it
+        was found in), is published as the relay publishes, and is marked
+        ``queued`` when the broker took it; what the broker did not take
+        stays ``pending`` for the relay.  Per id ``{"id", "state_before",
+        "state"}``.
+        """
+        with self._connect(), self.store.engine.connect() as connection:
+            rows = self._rows(connection, ids)
+        for job_id, row in rows.items():
+            if row["state"] not in RETRYABLE:
+                raise BadParameter(
+                    "id",
+                    job_id,
+                    f"job {job_id} is {row['state']}: only a "
+                    f"{', '.join(RETRYABLE[:-1])} or {RETRYABLE[-1]} job is retried",
+                )
+        retried = []
+        with self.store.engine.begin() as connection:
+            for job_id, row in rows.items():
+                self._check_key_free(connection, job_id, row["unique_key"])
+                options = {
+                    k: v
+                    for k, v in (row["options"] or {}).items()
+                    if k not in ("eta", "countdown")
+                }
+                changed = connection.execute(
+                    update(_table)
+                    .where(_c.id == job_id, _c.state == row["state"])
+                    .values(
+                        state=PENDING,
+                        options=stored({"options": options})["options"],
+                        eta=None,
+                        publish_after=None,
+                        publish_attempts=0,
+                        lost=0,  # its workers' deaths start counting again
+                        published_at=None,
+                        finished_at=None,
+                    )
+                ).rowcount
+                if changed != 1:
+                    raise BadParameter(
+                        "id", job_id, f"job {job_id} changed meanwhile: try again"
+                    )
+                retried.append(
+                    {**row, "state": PENDING, "eta": None, "options": options}
+                )
+        if any(row["state"] == CANCELLED for row in rows.values()):
+            self._unrevoke(
+                [job_id for job_id, r in rows.items() if r["state"] == CANCELLED]
+            )
+        sends, _unknown = Relay(self.app)._sends(retried)
+        sent = publish(self.app, sends, durable=True) if sends else []
+        if sent:
+            self.store.mark_published([(s.task_id, None) for s in sent])
+        sent_ids = {s.task_id for s in sent}
+        results = []
+        for job_id, row in rows.items():
+            state = QUEUED if job_id in sent_ids else PENDING
+            log.info(
+                "Job %s[%s] retried (it was %s): %s.",
+                row["name"],
+                job_id,
+                row["state"],
+                state,
+            )
+            results.append({"id": job_id, "state_before": row["state"], "state": state})
+        return results
+
+    def _unrevoke(self, ids):
+        """Make the workers forget the revokes of cancelled jobs about to run
+        again (each worker keeps a job's revoke for hours); waits for their
+        answers, a second at most."""
+        try:
+            with self._broker() as connection:
+                self.app.control.broadcast(
+                    "pyramid_tasks_unrevoke",
+                    arguments={"task_ids": ids},
+                    connection=connection,
+                    reply=True,
+                    timeout=1.0,
+                )
+        except Exception as exc:
+            log.warning("The workers could not be told of the retry: %s", one_line(exc))
+
+    def test(self, queue=None):
+        """Send the package's own test job (``pyramid_tasks.jobs.test``,
+        which logs one INFO line on the worker that runs it) to ``queue``
+        (the app's default queue when None), with a row like any job: its
+        id."""
+        queues = self.check_queues(queue)
+        options = {"queue": queues[0]} if queues else {}
+        task = self.app.tasks[TEST_TASK]
+        tm = transaction.TransactionManager(explicit=True)
+        with tm:
+            job_id = task.apply_async(tm=tm, **options).id
+        self.jobs.flush(BROKER_TIMEOUT)
+        log.info("Test job %s sent.", job_id)
+        return job_id
+
+    def depth(self, include_scheduled=False):
+        """Per known queue (configured or in the table), ascending:
+        ``{"queue", "waiting", "broker", "oldest_waiting_age"}`` and, when
+        ``include_scheduled``, ``"scheduled"``.
+
+        ``waiting``: the table's ``pending`` and ``queued`` jobs of the
+        queue; ``oldest_waiting_age``: seconds since the oldest of them was
+        created (None when none waits); ``broker``: the messages the broker
+        holds in the queue (Redis ``LLEN``, AMQP's passive declare), None
+        when the broker does not answer within :data:`BROKER_TIMEOUT`;
+        ``scheduled``: the ``scheduled`` and ``retrying`` jobs (an eta ahead:
+        the broker counts their messages until a worker takes them to hold
+        until then).
+        """
+        now = utcnow()
+        with self._connect(), self.store.engine.connect() as connection:
+            queues = sorted(
+                set(self.configured_queues() + self.table_queues(connection))
+            )
+            found = []
+            for queue in queues:
+                count, oldest = connection.execute(
+                    select(func.count(), func.min(_c.created_at)).where(
+                        _c.queue == queue, _c.state.in_(WAITING)
+                    )
+                ).one()
+                entry = {
+                    "queue": queue,
+                    "waiting": count,
+                    "broker": None,
+                    "oldest_waiting_age": None
+                    if oldest is None
+                    else (
+                        now - loaded({"created_at": oldest})["created_at"]
+                    ).total_seconds(),
+                }
+                if include_scheduled:
+                    entry["scheduled"] = connection.execute(
+                        select(func.count()).where(
+                            _c.queue == queue, _c.state.in_(DELAYED)
+                        )
+                    ).scalar()
+                found.append(entry)
+        for entry, size in zip(found, self.broker_sizes(queues), strict=True):
+            entry["broker"] = size
+        return found
+
+    def broker_sizes(self, queues):
+        """The messages the broker holds in each of ``queues`` (None for
+        each when it does not answer)."""
+        sizes = []
+        try:
+            with self._broker() as connection:
+                for queue in queues:
+                    sizes.append(_size(connection, queue))
+        except Exception as exc:
+            log.warning("The broker did not tell its queue sizes: %s", one_line(exc))
+        return sizes + [None] * (len(queues) - len(sizes))
+
+    def prune(self, older_than=None, states=None):
+        """Delete the finished jobs (``states``, a name or names among
+        succeeded, failed, cancelled, dead; all of them when None) that
+        finished more than ``older_than`` ago (seconds, a ``timedelta`` or a
+        duration such as ``7d``; ``tasks.jobs.retention`` when None).
+
+        In batches of at most :attr:`batch_size` rows a statement, each its
+        own transaction, along the ``(state, created_at)`` index (a job
+        finished before the cut-off was created before it).  ``{state:
+        deleted}`` for each state asked.
+        """
+        seconds = self.duration("older_than", older_than, self.jobs.settings.retention)
+        states = self._states(states, FINISHED, "finished state") or list(FINISHED)
+        cutoff = utcnow() - timedelta(seconds=seconds)
+        deleted = {state: 0 for state in states}
+        with self._connect():
+            for state in states:
+                while True:
+                    with self.store.engine.begin() as connection:
+                        batch = (
+                            select(_c.id)
+                            .where(
+                                _c.state == state,
+                                _c.created_at < cutoff,
+                                _c.finished_at < cutoff,
+                            )
+                            .limit(self.batch_size)
+                            .scalar_subquery()
+                        )
+                        count = connection.execute(
+                            delete(_table).where(_c.id.in_(batch), _c.state == state)
+                        ).rowcount
+                    deleted[state] += count
+                    if count < self.batch_size:
+                        break
+        log.info(
+            "Pruned the jobs finished before %s: %s.",
+            _iso(cutoff),
+            ", ".join(f"{n} {s}" for s, n in deleted.items()),
+        )
+        return deleted
+
+
+def _route_queues(router, naming):
+    """The queues a router names in mappings (Celery's MapRoute, ours)."""
+    inner = getattr(router, "routers", None)
+    if inner is not None:  # _PrefixedRoutes: its routers' queues, prefixed
+        return [naming(q) for r in inner for q in _route_queues(r, naming)]
+    queues = []
+    for mapping in (getattr(router, "map", None), getattr(router, "patterns", None)):
+        for route in (mapping or {}).values():
+            queue = route if isinstance(route, str) else route.get("queue")
+            queue = getattr(queue, "name", queue)
+            if isinstance(queue, str):
+                queues.append(queue)
+    return queues
+
+
+def _size(connection, queue):
+    channel = connection.channel()
+    try:
+        return channel.queue_declare(queue=queue, passive=True).message_count
+    except connection.channel_errors:  # the broker has no such queue
+        return 0
+    finally:
+        _close(channel)
+
+
+def _close(channel):
+    # A channel the broker closed already (AMQP's 404) fails to close.
+    with suppress(Exception):
+        channel.close()
