@@ -299,7 +299,14 @@ class JobService:
     # -- reading -------------------------------------------------------------
 
     def list(
-        self, state=None, queue=None, name=None, title=None, before=None, limit=50
+        self,
+        state=None,
+        queue=None,
+        name=None,
+        title=None,
+        before=None,
+        limit=50,
+        fields=None,
     ):
         """Jobs newest first (``created_at``, then ``id``, descending), as
         :func:`job_json` dicts.
@@ -307,7 +314,9 @@ class JobService:
         ``state``, ``queue``, ``name``: a string or a list of strings;
         ``title``: a case-insensitive substring; ``before``: a job id, the
         last of the previous page (the rows strictly older than it);
-        ``limit``: 1 to :attr:`max_limit`.
+        ``limit``: 1 to :attr:`max_limit`; ``fields``: the columns to read
+        and give (``id`` and ``created_at`` always), every one when None (the
+        dashboard's list reads neither arguments nor tracebacks).
 
         One branch per state, each an ordered range of the ``(state,
         created_at)`` index read ``limit`` rows deep, merged: cheap whatever
@@ -355,8 +364,11 @@ class JobService:
                     & ((_c.created_at < created) | (_c.id < job_id))
                 )
             order = (_c.created_at.desc(), _c.id.desc())
+            keys = JOB_KEYS
+            if fields is not None:
+                keys = tuple(dict.fromkeys(("id", "created_at", *fields)))
             branches = [
-                select(_table)
+                select(*(_c[key] for key in keys))
                 .where(_c.state == one, *where)
                 .order_by(*order)
                 .limit(limit)
@@ -372,7 +384,8 @@ class JobService:
                 .order_by(merged.c.created_at.desc(), merged.c.id.desc())
                 .limit(limit)
             ).all()
-        return [job_json(row._asdict()) for row in rows]
+        jobs = [job_json(row._asdict()) for row in rows]
+        return [{key: job[key] for key in keys} for job in jobs]
 
     def get(self, job_id):
         """The job ``job_id`` as :func:`job_json` gives it; UnknownJob."""

@@ -1,0 +1,77 @@
+"""The overview's figures: capped counts along the table's indexes.
+
+No query counts more than :data:`CAP` rows or reads the whole table: each
+count is of one queue in some states (the ``(queue, state)`` index), read
+``CAP + 1`` entries deep at most; the queues are found by a loose index scan
+(:meth:`.JobService.table_queues`), never ``DISTINCT``.
+"""
+
+from sqlalchemy import func, select
+
+from ..jobs.model import DEAD, FAILED, STARTED, Job, loaded, utcnow
+from ..jobs.service import DELAYED, WAITING
+
+__all__ = ["CAP", "COLUMNS", "overview"]
+
+#: Counts stop here: the page shows "1000+" (an exact count of millions of
+#: rows would cost seconds).
+CAP = 1000
+
+_c = Job.__table__.c
+
+#: The overview's columns: ``(key, states)``.
+COLUMNS = (
+    ("waiting", WAITING),
+    ("running", (STARTED,)),
+    ("scheduled", DELAYED),
+    ("failed", (FAILED,)),
+    ("dead", (DEAD,)),
+)
+
+
+def _capped(connection, queue, states, cap):
+    capped = (
+        select(_c.id)
+        .where(_c.queue == queue, _c.state.in_(states))
+        .limit(cap + 1)
+        .subquery()
+    )
+    return connection.execute(select(func.count()).select_from(capped)).scalar()
+
+
+def _oldest(connection, queue):
+    """When the oldest waiting job of ``queue`` was created, or None: per
+    waiting state, the first entry of ``(state, created_at)`` of the queue."""
+    found = []
+    for state in WAITING:
+        created = connection.execute(
+            select(_c.created_at)
+            .where(_c.state == state, _c.queue == queue)
+            .order_by(_c.created_at)
+            .limit(1)
+        ).scalar()
+        if created is not None:
+            found.append(loaded({"created_at": created})["created_at"])
+    return min(found, default=None)
+
+
+def overview(service, cap=CAP):
+    """Per known queue (configured or in the table), ascending: ``{"queue",
+    "oldest_waiting_age"}`` (seconds, or None) and, per :data:`COLUMNS`
+    key, a count up to ``cap + 1`` (more than ``cap`` is "above the cap")."""
+    now = utcnow()
+    rows = []
+    with service._connect(), service.store.engine.connect() as connection:
+        queues = sorted(
+            set(service.configured_queues() + service.table_queues(connection))
+        )
+        for queue in queues:
+            row = {"queue": queue}
+            for key, states in COLUMNS:
+                row[key] = _capped(connection, queue, states, cap)
+            oldest = _oldest(connection, queue)
+            row["oldest_waiting_age"] = (
+                None if oldest is None else (now - oldest).total_seconds()
+            )
+            rows.append(row)
+    return rows
