@@ -6,6 +6,7 @@ comes from the ``X-Role`` header (anonymous, ``viewer``, ``manager``); the
 CSRF token lives in a cookie and the forms carry it.
 """
 
+import html
 import logging
 import re
 
@@ -64,16 +65,14 @@ class Dashboard:
         return response
 
     def token(self):
-        """The CSRF token of a manager's pages (its cookie set)."""
-        self.app.get(self.prefix + "/", headers={"X-Role": "manager"})
-        return self.app.cookies["csrf_token"]
+        """A CSRF token, as its cookie (what a manager's page sets)."""
+        self.app.set_cookie("csrf_token", "the-token")
+        return "the-token"
 
     def post(self, path, role="manager", token=True, status=303):
         headers = {"X-Role": role} if role else {}
         params = {"csrf_token": self.token()} if token else {}
-        return self.app.post(
-            self.prefix + path, params, headers=headers, status=status
-        )
+        return self.app.post(self.prefix + path, params, headers=headers, status=status)
 
     def states(self):
         with self.d.engine.connect() as connection:
@@ -92,7 +91,7 @@ def dashboard(durable):  # noqa: F811 (the fixture imported above)
 
 def text(response):
     """The page's text, tags dropped and spaces squeezed."""
-    return " ".join(re.sub(r"<[^>]+>", " ", response.text).split())
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", response.text)).split())
 
 
 # -- access ---------------------------------------------------------------------------
@@ -132,7 +131,7 @@ def test_pages_need_the_view_permission_and_actions_the_manage_permission(
     # A manager sees the actions that apply to each job, with the token.
     forms = board.get("/jobs/f", role="manager").forms
     assert [f.action for f in forms.values()] == [f"{PREFIX}/jobs/f/retry"]
-    assert forms[0]["csrf_token"].value == board.app.cookies["csrf_token"]
+    assert forms[0]["csrf_token"].value == board.token()
     forms = board.get("/jobs/q", role="manager").forms
     assert [f.action for f in forms.values()] == [f"{PREFIX}/jobs/q/cancel"]
 
@@ -148,8 +147,10 @@ def test_an_action_is_one_audit_line_and_one_event(dashboard, caplog):
         | {"queue": board.d.queue, "name": "echo", "args": [1]},
     )
     caplog.set_level(logging.INFO, AUDIT)
-    page = board.get("/jobs/q", role="manager").forms[0].submit(
-        headers={"X-Role": "manager"}, status=303
+    page = (
+        board.get("/jobs/q", role="manager")
+        .forms[0]
+        .submit(headers={"X-Role": "manager"}, status=303)
     )
     assert page.location.endswith(f"{PREFIX}/jobs/q?done=cancel")
     assert "Cancelled." in text(page.follow(headers={"X-Role": "viewer"}))
@@ -164,7 +165,9 @@ def test_an_action_is_one_audit_line_and_one_event(dashboard, caplog):
         ("manager", "cancel", ["q"]),
         ("manager", "retry", ["f"]),
     ]
-    assert events[1].results == [{"id": "f", "state_before": "failed", "state": "queued"}]
+    assert events[1].results == [
+        {"id": "f", "state_before": "failed", "state": "queued"}
+    ]
     assert events[1].request.path == f"{PREFIX}/jobs/f/retry"
     # A cancelled job is retried; a queued one is not: the page again with
     # the reason, nothing changed.
@@ -172,9 +175,8 @@ def test_an_action_is_one_audit_line_and_one_event(dashboard, caplog):
     assert board.states()["q"] == "queued"
     caplog.clear()
     refused = board.post("/jobs/q/retry", status=409)
-    assert (
-        "job q is queued: only a failed, cancelled or dead job is retried"
-        in text(refused)
+    assert "job q is queued: only a failed, cancelled or dead job is retried" in text(
+        refused
     )
     board.post("/jobs/nope/cancel", status=404)
     assert [r.getMessage() for r in caplog.records if r.name == AUDIT] == [
@@ -184,3 +186,382 @@ def test_an_action_is_one_audit_line_and_one_event(dashboard, caplog):
     ]
     assert len(events) == 3
     assert board.states() == {"f": "queued", "q": "queued"}
+
+
+# -- the pages ------------------------------------------------------------------------
+
+
+def rows_of(page):
+    """The job ids of a list page, in order."""
+    return re.findall(r"<code>([^<]+)</code></div>", page.text)
+
+
+def test_the_list_filters_combine_and_pages_newest_first(dashboard):
+    board = dashboard()
+    ours = board.d.queue
+    other = f"{ours}_other"
+    rows = [
+        {"id": f"j{i:03}", "state": ("failed", "succeeded")[i % 2]}
+        | {"created_at": ago(1000 - i), "queue": (ours, other)[i % 3 == 0]}
+        | {"name": ("app.mail", "app.report")[i % 5 == 0], "title": f"Order #{i}"}
+        for i in range(120)
+    ]
+    add_jobs(board.d.engine, *rows)
+    newest_first = [r["id"] for r in reversed(rows)]
+    # Unfiltered, keyset-paged by 50: every job once, newest first.
+    seen = []
+    page = board.get("/jobs")
+    while True:
+        seen += rows_of(page)
+        older = [
+            link for link in page.html.find_all("a") if link.get("rel") == ["next"]
+        ]
+        if not older:
+            break
+        page = board.app.get(older[0]["href"], headers={"X-Role": "viewer"})
+        assert "« newest" in page.text
+    assert seen == newest_first
+    # Each filter, then all of them together; the form shows them.
+    expected = {
+        "state": lambda r: r["state"] == "failed",
+        "queue": lambda r: r["queue"] == other,
+        "name": lambda r: r["name"] == "app.report",
+        "title": lambda r: "#1" in r["title"],
+    }
+    values = {"state": "failed", "queue": other, "name": "app.report", "title": "#1"}
+    for key, keep in expected.items():
+        page = board.get("/jobs", **{key: values[key]})
+        assert rows_of(page) == [r["id"] for r in reversed(rows) if keep(r)][:50]
+    page = board.get("/jobs", **{**values, "title": " ORDER #1 "})
+    assert rows_of(page) == [
+        r["id"] for r in reversed(rows) if all(k(r) for k in expected.values())
+    ]
+    form = page.forms[0]
+    assert (form["state"].value, form["queue"].value) == ("failed", other)
+    assert (form["name"].value, form["title"].value) == ("app.report", "ORDER #1")
+    # Empty filters are no filters.
+    assert rows_of(board.get("/jobs", state="", name=" ")) == newest_first[:50]
+
+
+def test_a_bad_filter_is_400_naming_it(dashboard):
+    board = dashboard()
+    page = board.get("/jobs", status=400, state="lost")
+    assert "unknown state 'lost': expected one of pending, queued" in text(page)
+    page = board.get("/jobs", status=400, queue="nowhere")
+    assert "unknown queue 'nowhere': not configured and no job has it" in text(page)
+    page = board.get("/jobs", status=400, before="nope")
+    assert "bad before 'nope': no job has that id" in text(page)
+
+
+def test_the_list_reads_neither_arguments_nor_tracebacks(dashboard):
+    board = dashboard()
+    add_jobs(
+        board.d.engine,
+        {"id": "f", "state": "failed", "created_at": ago(5), "args": ["s3cret-arg"]}
+        | {"traceback": "Traceback: the-trace", "error": "ValueError: boom"},
+    )
+    statements = Statements(board.d.engine)
+    mark = statements.mark()
+    page = board.get("/jobs")
+    assert rows_of(page) == ["f"]
+    assert "ValueError: boom" in page.text
+    assert "s3cret-arg" not in page.text and "the-trace" not in page.text
+    sql = [s for _pid, s in statements.since(mark)[0]]
+    reads = [s for s in sql if "ORDER BY anon_1.created_at DESC" in s]
+    assert len(reads) == 1
+    # One branch per state, each LIMIT-ed, none reading args or tracebacks.
+    assert reads[0].count("pyramid_tasks_job.state =") == 9
+    assert reads[0].count("LIMIT") == 10
+    assert "args" not in reads[0] and "traceback" not in reads[0]
+
+
+def test_the_job_page_shows_every_field_with_secrets_redacted(dashboard):
+    board = dashboard()
+    add_jobs(
+        board.d.engine,
+        {"id": "parent-1", "state": "succeeded", "created_at": ago(120)},
+        {
+            "id": "job-1",
+            "name": "app.tasks.charge",
+            "title": "Charge <b>order</b> 7",
+            "queue": board.d.queue,
+            "priority": 3,
+            "state": "failed",
+            "attempts": 2,
+            "args": [7, {"api_key": "AK-123", "amount": 5}],
+            "kwargs": {"password": "hunter2", "note": "keep", "nested": [{"Token": 1}]},
+            "options": {"countdown": 5},
+            "created_at": ago(100),
+            "published_at": ago(99),
+            "started_at": ago(90),
+            "finished_at": ago(80),
+            "worker": "celery@host-1",
+            "error": "ValueError: card declined",
+            "traceback": 'Traceback (most recent call last):\n  File "x.py"\nValueError',
+            "progress": 40,
+            "progress_message": "charging the card",
+            "parent_id": "parent-1",
+            "unique_key": "charge-7",
+        },
+    )
+    page = board.get("/jobs/job-1")
+    shown = text(page)
+    assert "<b>order</b>" not in page.text  # escaped
+    assert "Charge &lt;b&gt;order&lt;/b&gt; 7" in page.text
+    for value in (
+        "app.tasks.charge",
+        board.d.queue,
+        "celery@host-1",
+        "ValueError: card declined",
+        "charge-7",
+        "charging the card",
+        "40 %",
+        '"amount": 5',
+        '"note": "keep"',
+        '"countdown": 5',
+    ):
+        assert value in shown, value
+    assert "Traceback (most recent call last):\n  File &#34;x.py&#34;" in page.text
+    for secret in ("AK-123", "hunter2"):
+        assert secret not in page.text
+    assert '"api_key": "***"' in shown and '"password": "***"' in shown
+    assert '"Token": "***"' in shown
+    labels = re.findall(r'<span class="label">([^<]+)</span>', page.text)
+    assert labels == ["created", "published", "started", "finished"]
+    assert "1 min ago" in shown and "2 min" not in shown
+    assert f'<a href="{PREFIX}/jobs/parent-1">' in page.text
+    parent = board.get("/jobs/parent-1")
+    assert "succeeded" in text(parent)
+    missing = board.get("/jobs/nope", status=404)
+    assert "no job has the id 'nope'" in text(missing)
+
+
+def test_the_overview_counts_per_queue_capped(dashboard):
+    board = dashboard()
+    ours = board.d.queue
+    rows = [
+        {"id": f"p{i}", "state": "pending", "created_at": ago(400 + i)}
+        for i in range(3)
+    ]
+    rows += [{"id": "q1", "state": "queued", "created_at": ago(30)}]
+    rows += [{"id": "r1", "state": "started", "created_at": ago(20)}]
+    rows += [
+        {"id": f"s{i}", "state": "scheduled", "created_at": ago(9)} for i in range(2)
+    ]
+    rows += [{"id": "rt", "state": "retrying", "created_at": ago(9)}]
+    rows += [{"id": "f1", "state": "failed", "created_at": ago(9)}]
+    rows += [{"id": "ok", "state": "succeeded", "created_at": ago(9)}]
+    add_jobs(board.d.engine, *[{**r, "queue": ours} for r in rows])
+    add_jobs(
+        board.d.engine,
+        {"id": "d1", "state": "dead", "created_at": ago(1), "queue": "b"},
+    )
+    found = overview(board.service)
+    ages = [row.pop("oldest_waiting_age") for row in found]
+    assert found == [
+        {
+            "queue": "b",
+            "waiting": 0,
+            "running": 0,
+            "scheduled": 0,
+            "failed": 0,
+            "dead": 1,
+        },
+        {
+            "queue": ours,
+            "waiting": 4,
+            "running": 1,
+            "scheduled": 3,
+            "failed": 1,
+            "dead": 0,
+        },
+    ]
+    assert ages[0] is None and 402 <= ages[1] < 460
+    # Capped: one more than the cap means "above it".
+    capped = overview(board.service, cap=2)
+    assert [(r["waiting"], r["scheduled"]) for r in capped] == [(0, 0), (3, 3)]
+    page = board.get("/")
+    cells = [
+        " ".join(re.sub(r"<[^>]+>", " ", cell).split())
+        for cell in re.findall(r"<td[^>]*>(.*?)</td>", page.text, re.S)
+    ]
+    assert cells == ["b", "0", "0", "0", "0", "1", ""] + [
+        ours,
+        "4",
+        "1",
+        "3",
+        "1",
+        "0",
+        "6 min",
+    ]
+    assert f'href="{PREFIX}/jobs?queue={ours}&amp;state=started"' in page.text
+    home = board.app.get(PREFIX, headers={"X-Role": "viewer"}, status=303)
+    assert home.location.endswith(f"{PREFIX}/")
+
+
+def test_counts_above_the_cap_and_short_ages():
+    from pyramid_tasks.dashboard.views import _count
+
+    assert (_count(1000), _count(1001)) == ("1000", "1000+")
+    assert [short_age(s) for s in (None, -3, 59.9, 60, 7199, 86400 * 3)] == [
+        "",
+        "0 s",
+        "59 s",
+        "1 min",
+        "1 h",
+        "3 d",
+    ]
+
+
+def test_redacted_keeps_the_shape():
+    pattern = parse_dashboard_settings({}).redact
+    assert pattern.pattern == DEFAULT_REDACT
+    value = {"a": [{"secret_x": 1, "b": {"PASSWD": [1]}}], "k": "v", "key": None}
+    assert redacted(value, pattern) == {
+        "a": [{"secret_x": "***", "b": {"PASSWD": "***"}}],
+        "k": "v",
+        "key": "***",
+    }
+    assert redacted([1, "x"], pattern) == [1, "x"]
+
+
+def test_read_only_hides_and_refuses_the_actions(dashboard, caplog):
+    board = dashboard(**{"tasks.dashboard.read_only": "true"})
+    add_jobs(board.d.engine, {"id": "f", "state": "failed", "created_at": ago(5)})
+    page = board.get("/jobs/f", role="manager")
+    assert page.forms == {} and "read-only" in text(page)
+    caplog.set_level(logging.INFO, AUDIT)
+    refused = board.post("/jobs/f/retry", status=403)
+    assert (
+        refused.text == "The jobs dashboard is read-only (tasks.dashboard.read_only)."
+    )
+    assert board.states() == {"f": "failed"}
+    assert [r.getMessage() for r in caplog.records if r.name == AUDIT] == [
+        "manager refused: retry of job f (read-only)"
+    ]
+
+
+def test_the_prefix_and_the_permission_names_come_from_the_settings(dashboard):
+    roles = {"viewer": {"see"}, "manager": {"see", "act"}}
+    board = dashboard(
+        roles=roles,
+        **{
+            "tasks.dashboard.prefix": "/ops/jobs/",
+            "tasks.jobs.view_permission": "see",
+            "tasks.jobs.manage_permission": "act",
+            "tasks.dashboard.redact": "^note$",
+        },
+    )
+    board.prefix = "/ops/jobs"
+    add_jobs(
+        board.d.engine,
+        {"id": "f", "state": "failed", "created_at": ago(5)}
+        | {"kwargs": {"note": "hidden", "password": "shown"}},
+    )
+    page = board.get("/jobs/f", role="manager")
+    assert '"note": "***"' in text(page) and '"password": "shown"' in text(page)
+    assert [f.action for f in page.forms.values()] == ["/ops/jobs/jobs/f/retry"]
+    assert 'href="/ops/jobs/static/dashboard.css"' in page.text
+    assert "color" in board.app.get("/ops/jobs/static/dashboard.css").text
+    board.app.get("/_tasks/", headers={"X-Role": "manager"}, status=404)
+
+
+# -- configuration ----------------------------------------------------------------------
+
+
+def configure(settings=None, jobs=True, policy=True, dashboard=True):
+    config = Configurator(
+        settings={"celery.broker_url": "memory://", **(settings or {})}
+    )
+    config.registry["dbsession_factory"] = SESSION_FACTORY
+    config.include("pyramid_tasks.jobs" if jobs else "pyramid_tasks")
+    if dashboard:
+        config.include("pyramid_tasks.dashboard")
+    if policy:
+        config.set_security_policy(RolePolicy(ROLES))
+    config.set_csrf_storage_policy(CookieCSRFStoragePolicy())
+    config.commit()
+    return config
+
+
+def configuration_error(**kwargs):
+    with pytest.raises(ConfigurationError) as info:
+        configure(**kwargs)
+    return str(getattr(info.value, "evalue", info.value))
+
+
+def test_the_dashboard_needs_the_job_table_and_a_security_policy():
+    assert configuration_error(jobs=False) == (
+        "pyramid_tasks.dashboard needs the job table: add "
+        "config.include('pyramid_tasks.jobs') (before or after it)."
+    )
+    assert configuration_error(policy=False).startswith(
+        "pyramid_tasks.dashboard needs a security policy: without one Pyramid "
+        "grants every permission"
+    )
+
+
+def test_dashboard_settings_without_the_dashboard_are_an_error():
+    assert configuration_error(
+        settings={"tasks.dashboard.read_only": "true"}, dashboard=False
+    ) == (
+        "Setting tasks.dashboard.read_only is set, but the app does not include "
+        "pyramid_tasks.dashboard: add config.include('pyramid_tasks.dashboard') "
+        "(or remove the setting)."
+    )
+    # The permission names are the API's and the dashboard's.
+    assert configuration_error(
+        settings={"tasks.jobs.view_permission": "see"}, dashboard=False
+    ) == (
+        "Setting tasks.jobs.view_permission is set, but the app does not include "
+        "pyramid_tasks.jobs.api or pyramid_tasks.dashboard: add "
+        "config.include('pyramid_tasks.jobs.api') (or remove the setting)."
+    )
+    routes = configure({"tasks.jobs.view_permission": "see"}).get_routes_mapper()
+    assert f"{PREFIX}/jobs/{{id}}" in {r.pattern for r in routes.get_routes()}
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        (
+            "prefix",
+            "ops",
+            "Invalid setting tasks.dashboard.prefix = 'ops': expected a URL path",
+        ),
+        ("read_only", "ture", "Invalid setting tasks.dashboard.read_only = 'ture'"),
+        (
+            "redact",
+            "pass(",
+            "Invalid setting tasks.dashboard.redact = 'pass(': expected a regular "
+            "expression (missing ), unterminated subpattern at position 4).",
+        ),
+        (
+            "readonly",
+            "true",
+            "Unknown setting tasks.dashboard.readonly: did you mean "
+            "tasks.dashboard.read_only?",
+        ),
+    ],
+)
+def test_bad_dashboard_settings_name_the_key(key, value, expected):
+    with pytest.raises(ConfigurationError) as info:
+        parse_dashboard_settings({f"tasks.dashboard.{key}": value})
+    assert str(info.value).startswith(expected)
+
+
+def test_dashboard_settings_parsed():
+    parsed = parse_dashboard_settings(
+        {"tasks.dashboard.prefix": "/", "tasks.dashboard.read_only": "yes"}
+    )
+    assert (parsed.prefix, parsed.read_only) == ("", True)
+    assert (parsed.view_permission, parsed.manage_permission) == (
+        "tasks.view",
+        "tasks.manage",
+    )
+
+
+def test_at_the_root_of_the_site():
+    routes = configure({"tasks.dashboard.prefix": "/"}).get_routes_mapper()
+    patterns = {r.pattern for r in routes.get_routes()}
+    assert {"/", "/jobs", "/jobs/{id}", "/jobs/{id}/{action:retry|cancel}"} <= patterns
