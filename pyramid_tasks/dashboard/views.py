@@ -70,13 +70,14 @@ def ago(seconds):
 
 
 def _when(text):
-    """``(UTC time, age)`` of an ISO time of :func:`.job_json`."""
+    """``(UTC time, "5 min ago" or "in 1 h")`` of an ISO time of
+    :func:`.job_json`, or None."""
     value = _time(text)
     if value is None:
         return None
-    return value.strftime("%Y-%m-%d %H:%M:%S UTC"), ago(
-        (utcnow() - value).total_seconds()
-    )
+    seconds = (utcnow() - value).total_seconds()
+    relative = f"{ago(seconds)} ago" if seconds >= 0 else f"in {ago(-seconds)}"
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC"), relative
 
 
 def redacted(value, pattern):
@@ -210,6 +211,7 @@ def job_page(request, error=None, status=200):
         "job.jinja2",
         status=status,
         job=job,
+        publish_after=_when(job["publish_after"]),
         args=_pretty(job["args"], pattern),
         kwargs=_pretty(job["kwargs"], pattern),
         options=_pretty(job["options"], pattern),
