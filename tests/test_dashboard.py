@@ -567,3 +567,38 @@ def test_at_the_root_of_the_site():
     routes = configure({"tasks.dashboard.prefix": "/"}).get_routes_mapper()
     patterns = {r.pattern for r in routes.get_routes()}
     assert {"/", "/jobs", "/jobs/{id}", "/jobs/{id}/{action:retry|cancel}"} <= patterns
+
+
+# -- the demo ---------------------------------------------------------------------
+
+
+def test_the_demo_links_to_its_dashboard_on_sqlite_for_local_requests(tmp_path):
+    from demo_app import main
+
+    app = main(
+        {},
+        **{
+            "sqlalchemy.url": f"sqlite:///{tmp_path}/demo.sqlite",
+            "pyramid.includes": "\npyramid_tasks.jobs\npyramid_tasks.dashboard",
+            "demo.create_tables": "true",
+            "celery.broker_url": "memory://",
+        },
+    )
+    local = webtest.TestApp(app, extra_environ={"REMOTE_ADDR": "127.0.0.1"})
+    local.post("/orders", {"email": "ann@example.com"}, status=302)
+    home = local.get("/")
+    assert home.html.find("a", string="Jobs dashboard")["href"] == (
+        "http://localhost/_tasks/"
+    )
+    assert "waiting" in text(local.get("/_tasks/"))
+    jobs = local.get("/_tasks/jobs", {"name": "demo_app.tasks.confirm_order"})
+    (link,) = [a for a in jobs.html.find_all("a") if "/_tasks/jobs/" in a["href"]]
+    job = local.get(link["href"])
+    assert "queued" in text(job) and "[ 1 ]" in text(job)  # the order's id
+    done = job.forms[0].submit(status=303).follow()
+    assert "Cancelled." in text(done) and "cancelled" in text(done)
+    # Only from this machine.
+    remote = webtest.TestApp(app, extra_environ={"REMOTE_ADDR": "192.0.2.7"})
+    remote.get("/_tasks/", status=403)
+    remote.post(link["href"] + "/retry", status=403)
+    assert "cancelled" in text(local.get(link["href"]))
