@@ -18,6 +18,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from pyramid_tasks.jobs import Job
 from pyramid_tasks.jobs.service import TEST_TASK
 
 from . import conftest
@@ -76,12 +77,13 @@ def served(app):
 
 
 @contextmanager
-def browsing(chromium, board, role="manager"):
+def browsing(chromium, board, role="manager", javascript=True):
     """A page of a browser whose requests say ``role``, and the base URL."""
     with served(board.app.app) as url:
         context = chromium.new_context(
             extra_http_headers={"X-Role": role},
             viewport={"width": 1200, "height": 800},
+            java_script_enabled=javascript,
         )
         try:
             yield context.new_page(), url + board.prefix
@@ -217,6 +219,59 @@ def test_the_pages_work_with_the_broker_stopped(dashboard, chromium, own_redis):
         expect(page.locator("h1 .state")).to_have_text("cancelled")
         shoot(page, "broker-stopped")
     assert board.states() == {"q-1": "cancelled"}
+
+
+def test_live_refresh_moves_the_progress_bar_without_reloading(
+    dashboard,  # noqa: F811
+    chromium,
+):
+    board = dashboard()
+    add_jobs(
+        board.d.engine,
+        {"id": "run-1", "name": "app.tasks.build_report", "queue": board.d.queue}
+        | {"state": "started", "created_at": ago(30), "started_at": ago(29)}
+        | {"progress": 20, "progress_message": "part 1 of 5", "attempts": 1},
+    )
+    with browsing(chromium, board) as (page, base):
+        page.goto(f"{base}/jobs/run-1")
+        bar = page.locator(".progress progress")
+        expect(bar).to_have_attribute("value", "20")
+        page.evaluate("window.notReloaded = true")
+        page.locator("#refresh").select_option("2")
+        with board.d.engine.begin() as connection:
+            connection.execute(
+                Job.__table__.update()
+                .where(Job.id == "run-1")
+                .values(progress=70, progress_message="part 4 of 5")
+            )
+        expect(bar).to_have_attribute("value", "70", timeout=10_000)
+        expect(page.locator(".progress .message")).to_have_text("part 4 of 5")
+        assert page.evaluate("window.notReloaded") is True
+        shoot(page, "job-running")
+        # The choice holds on the next page; "off" stops it.
+        page.get_by_role("link", name="All jobs").first.click()
+        expect(page.locator("#refresh")).to_have_value("2")
+        page.locator("#refresh").select_option("0")
+        page.reload()
+        expect(page.locator("#refresh")).to_have_value("0")
+
+
+def test_without_javascript_the_pages_read_and_filter(dashboard, chromium):  # noqa: F811
+    board = dashboard()
+    add_jobs(
+        board.d.engine,
+        {"id": "f-1", "state": "failed", "created_at": ago(9), "title": "Broken"},
+        {"id": "ok-1", "state": "succeeded", "created_at": ago(5), "title": "Fine"},
+    )
+    with browsing(chromium, board, javascript=False) as (page, base):
+        page.goto(f"{base}/jobs")
+        expect(page.locator(".refresh")).to_be_hidden()
+        expect(page.locator("tbody tr")).to_have_count(2)
+        page.locator("select[name=state]").select_option("failed")
+        page.get_by_role("button", name="Filter").click()
+        expect(page.locator("tbody tr")).to_have_count(1)
+        page.get_by_role("link", name="Broken").click()
+        expect(page.locator("h1 .state")).to_have_text("failed")
 
 
 @pytest.mark.parametrize("in_ci, outcome", [(False, "skip"), (True, "fail")])

@@ -118,7 +118,9 @@ def _render(request, template, status=200, **values):
     body = _env.get_template(template).render(
         request=request,
         route=lambda name, **kw: request.route_path(ROUTE + name, **kw),
-        static=request.static_path("pyramid_tasks.dashboard:static/dashboard.css"),
+        static=lambda name: request.static_path(
+            f"pyramid_tasks.dashboard:static/{name}"
+        ),
         read_only=settings.read_only,
         can_act=can_act,
         csrf_token=get_csrf_token(request) if can_act else "",
