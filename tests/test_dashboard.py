@@ -69,9 +69,10 @@ class Dashboard:
         self.app.set_cookie("csrf_token", "the-token")
         return "the-token"
 
-    def post(self, path, role="manager", token=True, status=303):
+    def post(self, path, role="manager", token=True, status=303, **params):
         headers = {"X-Role": role} if role else {}
-        params = {"csrf_token": self.token()} if token else {}
+        if token:
+            params["csrf_token"] = self.token()
         return self.app.post(self.prefix + path, params, headers=headers, status=status)
 
     def states(self):
@@ -110,18 +111,21 @@ def test_pages_need_the_view_permission_and_actions_the_manage_permission(
     for path in pages:
         board.get(path, role=None, status=403)
         board.get(path, role="viewer")
-    # A viewer sees no action.
+    # A viewer sees no action, and no box to check.
     assert board.get("/jobs/f").forms == {}
     assert "Retry" not in board.get("/jobs/f").text
+    assert [f.id for f in board.get("/jobs").forms.values()] == [None]  # filters
     caplog.set_level(logging.INFO, AUDIT)
-    for path in ("/jobs/f/retry", "/jobs/q/cancel"):
-        board.post(path, role=None, status=403)
-        board.post(path, role="viewer", status=403)
+    unsafe = ["/jobs/f/retry", "/jobs/q/cancel", "/actions/retry", "/actions/cancel"]
+    for path in unsafe:
+        ids = {"id": ["f", "q"]}
+        board.post(path, role=None, status=403, **ids)
+        board.post(path, role="viewer", status=403, **ids)
         # A manager without the token, or with a wrong one.
-        board.post(path, token=False, status=400)
+        board.post(path, token=False, status=400, **ids)
         board.app.post(
             PREFIX + path,
-            {"csrf_token": "wrong"},
+            {"csrf_token": "wrong", **ids},
             headers={"X-Role": "manager"},
             status=400,
         )
@@ -180,9 +184,9 @@ def test_an_action_is_one_audit_line_and_one_event(dashboard, caplog):
     )
     board.post("/jobs/nope/cancel", status=404)
     assert [r.getMessage() for r in caplog.records if r.name == AUDIT] == [
-        "manager refused: retry of job q: job q is queued: only a failed, "
+        "manager refused: retry of job(s) q: job q is queued: only a failed, "
         "cancelled or dead job is retried",
-        "manager refused: cancel of job nope: no job has the id 'nope'",
+        "manager refused: cancel of job(s) nope: no job has the id 'nope'",
     ]
     assert len(events) == 3
     assert board.states() == {"f": "queued", "q": "queued"}
@@ -427,6 +431,82 @@ def test_redacted_keeps_the_shape():
     assert redacted([1, "x"], pattern) == [1, "x"]
 
 
+def test_checked_jobs_are_retried_or_cancelled_together(dashboard, caplog):
+    events = []
+    board = dashboard(events=events)
+    ours = board.d.queue
+    add_jobs(
+        board.d.engine,
+        *[
+            {"id": f"f{i}", "state": "failed", "created_at": ago(50 - i)}
+            | {"queue": ours, "name": "echo", "args": [i]}
+            for i in range(3)
+        ],
+        {"id": "done", "state": "succeeded", "created_at": ago(60), "queue": ours},
+    )
+    caplog.set_level(logging.INFO, AUDIT)
+    page = board.get("/jobs", role="manager", state="failed", queue=ours)
+    form = page.forms["checked"]
+    assert form.action == f"{PREFIX}/actions/retry?state=failed&queue={ours}"
+    boxes = form.fields["id"]
+    assert [box._value for box in boxes] == ["f2", "f1", "f0"]
+    boxes[0].checked = boxes[2].checked = True
+    done = form.submit(headers={"X-Role": "manager"}, status=303)
+    assert done.location.endswith(
+        f"{PREFIX}/jobs?state=failed&queue={ours}&done=retry&count=2"
+    )
+    shown = done.follow(headers={"X-Role": "viewer"})
+    assert "2 jobs sent again." in text(shown)
+    assert rows_of(shown) == ["f1"]  # still failed: the filter is kept
+    assert board.states() == {"f0": "queued", "f1": "failed", "f2": "queued"} | {
+        "done": "succeeded"
+    }
+    # Cancel: the finished one is left as it is, and not counted.
+    page = board.get("/jobs", role="manager")
+    cancel = page.html.find("button", string="Cancel checked")
+    assert cancel["formaction"] == f"{PREFIX}/actions/cancel?"
+    done = board.post("/actions/cancel?", id=["done", "f0"])
+    assert done.location.endswith(f"{PREFIX}/jobs?done=cancel&count=1")
+    assert "1 job cancelled." in text(done.follow(headers={"X-Role": "viewer"}))
+    assert [r.getMessage() for r in caplog.records if r.name == AUDIT] == [
+        "manager: retry of job(s) f2, f0: failed -> queued, failed -> queued",
+        "manager: cancel of job(s) done, f0: succeeded -> succeeded, "
+        "queued -> cancelled",
+    ]
+    assert [(e.action, e.job_ids) for e in events] == [
+        ("retry", ["f2", "f0"]),
+        ("cancel", ["done", "f0"]),
+    ]
+    # Refused: none checked, too many, or one the action does not take.
+    caplog.clear()
+    page = board.post("/actions/retry", status=400)
+    assert "No job is checked: check the jobs to act on." in text(page)
+    many = [f"j{i}" for i in range(201)]
+    page = board.post("/actions/cancel", status=400, id=many)
+    assert "201 jobs are checked: at most 200 at once." in text(page)
+    page = board.post("/actions/retry?state=failed", status=409, id=["f1", "done"])
+    assert (
+        "job done is succeeded: only a failed, cancelled or dead job is retried"
+        in text(page)
+    )
+    assert page.forms[0]["state"].value == "failed"
+    assert rows_of(page) == ["f1"]
+    assert board.states() == {"f0": "cancelled", "f1": "failed", "f2": "queued"} | {
+        "done": "succeeded"
+    }
+    assert len(events) == 2
+    assert [r.getMessage() for r in caplog.records if r.name == AUDIT] == [
+        "manager refused: retry of job(s) f1, done: job done is succeeded: only "
+        "a failed, cancelled or dead job is retried"
+    ]
+    # A later page stays that page.
+    done = board.post("/actions/retry?before=f2", id=["f1"])
+    assert done.location.endswith(f"{PREFIX}/jobs?done=retry&count=1&before=f2")
+    # A notice needs a known action and a count.
+    for query in ({"done": "purge", "count": "1"}, {"done": "retry", "count": "x"}):
+        assert "sent again" not in text(board.get("/jobs", **query))
+
+
 def test_read_only_hides_and_refuses_the_actions(dashboard, caplog):
     board = dashboard(**{"tasks.dashboard.read_only": "true"})
     add_jobs(board.d.engine, {"id": "f", "state": "failed", "created_at": ago(5)})
@@ -437,9 +517,12 @@ def test_read_only_hides_and_refuses_the_actions(dashboard, caplog):
     assert (
         refused.text == "The jobs dashboard is read-only (tasks.dashboard.read_only)."
     )
+    board.post("/actions/cancel", status=403, id="f")
+    assert "Cancel checked" not in board.get("/jobs", role="manager").text
     assert board.states() == {"f": "failed"}
     assert [r.getMessage() for r in caplog.records if r.name == AUDIT] == [
-        "manager refused: retry of job f (read-only)"
+        "manager refused: retry of job(s) f (read-only)",
+        "manager refused: cancel of job(s) f (read-only)",
     ]
 
 

@@ -221,6 +221,39 @@ def test_the_pages_work_with_the_broker_stopped(dashboard, chromium, own_redis):
     assert board.states() == {"q-1": "cancelled"}
 
 
+def test_check_rows_then_retry_or_cancel_them(dashboard, chromium):  # noqa: F811
+    board = dashboard()
+    ours = board.d.queue
+    add_jobs(
+        board.d.engine,
+        *[
+            {"id": f"f-{i}", "name": "echo", "queue": ours, "args": [i]}
+            | {"state": "failed", "created_at": ago(90 - i), "title": f"Sync #{i}"}
+            | {"error": f"TimeoutError: shop {i} did not answer", "attempts": 3}
+            for i in range(4)
+        ],
+    )
+    with browsing(chromium, board) as (page, base):
+        page.goto(f"{base}/jobs?state=failed")
+        page.get_by_label("check f-1").check()
+        page.get_by_label("check f-3").check()
+        shoot(page, "jobs-checked")
+        page.get_by_role("button", name="Retry checked").click()
+        expect(page.get_by_role("status")).to_have_text("2 jobs sent again.")
+        assert "state=failed" in page.url
+        expect(page.locator("tbody tr")).to_have_count(2)  # still failed
+        page.goto(f"{base}/jobs?state=queued")
+        page.get_by_label("check f-1").check()
+        page.get_by_role("button", name="Cancel checked").click()
+        expect(page.get_by_role("status")).to_have_text("1 job cancelled.")
+    assert board.states() == {
+        "f-0": "failed",
+        "f-1": "cancelled",
+        "f-2": "failed",
+        "f-3": "queued",
+    }
+
+
 def test_live_refresh_moves_the_progress_bar_without_reloading(
     dashboard,  # noqa: F811
     chromium,

@@ -150,18 +150,18 @@ def _filters(request):
     }
 
 
-def jobs_page(request):
+def jobs_page(request, error=None, status=200):
+    """The list; ``error``: why an action on checked jobs was refused."""
     service = JobService.from_registry(request.registry)
     filters = _filters(request)
     before = request.GET.get("before") or None
-    error = None
     jobs = []
     try:
         jobs = service.list(
             **filters, before=before, limit=PAGE_SIZE + 1, fields=LIST_FIELDS
         )
     except JobError as exc:
-        error = mask_secrets(exc)
+        error, status = mask_secrets(exc), 400
     following = None
     if len(jobs) > PAGE_SIZE:  # one row more than a page: there is a next one
         jobs = jobs[:PAGE_SIZE]
@@ -176,7 +176,7 @@ def jobs_page(request):
     return _render(
         request,
         "jobs.jinja2",
-        status=400 if error else 200,
+        status=status,
         jobs=jobs,
         filters=filters,
         states=STATES,
@@ -184,7 +184,18 @@ def jobs_page(request):
         error=error,
         first="?" + urlencode(filters) if before else None,
         following=following,
+        query=urlencode({**filters, **({"before": before} if before else {})}),
+        notice=_notice(request),
     )
+
+
+def _notice(request):
+    """What the action that led here did (its redirect's query), or None."""
+    done, count = request.GET.get("done"), request.GET.get("count", "")
+    if done not in _ACTIONS or not count.isdigit():
+        return None
+    jobs = "1 job" if count == "1" else f"{count} jobs"
+    return f"{jobs} {_DONE[done]}."
 
 
 def job_page(request, error=None, status=200):
@@ -239,37 +250,87 @@ def _cancel(service, ids):
 _ACTIONS = {"retry": _retry, "cancel": _cancel}
 
 
+_DONE = {"retry": "sent again", "cancel": "cancelled"}
+
+#: The most jobs one action on checked rows takes (a page has 50).
+MAX_CHECKED = 200
+
+
+def _read_only(request, action, ids):
+    """The refusal of a read-only dashboard (logged), or None."""
+    if not _settings(request).read_only:
+        return None
+    audit.warning(
+        "%s refused: %s of job(s) %s (read-only)",
+        request.authenticated_userid,
+        action,
+        ", ".join(ids),
+    )
+    return Response(
+        "The jobs dashboard is read-only (tasks.dashboard.read_only).",
+        status=403,
+        content_type="text/plain",
+    )
+
+
+def _perform(request, action, ids):
+    """Do ``action`` on the jobs ``ids``: one audit line and, when done, one
+    :class:`JobsActedOn`.  The service's answer; its JobError if refused."""
+    who = request.authenticated_userid
+    what = f"{action} of job(s) {', '.join(ids)}"
+    service = JobService.from_registry(request.registry)
+    try:
+        results = _ACTIONS[action](service, ids)
+    except JobError as exc:
+        audit.warning("%s refused: %s: %s", who, what, exc)
+        raise
+    changes = ", ".join(f"{r['state_before']} -> {r['state']}" for r in results)
+    audit.info("%s: %s: %s", who, what, changes)
+    request.registry.notify(JobsActedOn(request, action, ids, results))
+    return results
+
+
 def act(request):
     """Retry or cancel one job; then back to its page (303)."""
     action = request.matchdict["action"]
     job_id = request.matchdict["id"]
-    who = request.authenticated_userid
-    if _settings(request).read_only:
-        audit.warning("%s refused: %s of job %s (read-only)", who, action, job_id)
-        return Response(
-            "The jobs dashboard is read-only (tasks.dashboard.read_only).",
-            status=403,
-            content_type="text/plain",
-        )
-    service = JobService.from_registry(request.registry)
+    refused = _read_only(request, action, [job_id])
+    if refused is not None:
+        return refused
     try:
-        results = _ACTIONS[action](service, [job_id])
+        _perform(request, action, [job_id])
+    except UnknownJob:
+        return job_page(request)
     except JobError as exc:
-        audit.warning("%s refused: %s of job %s: %s", who, action, job_id, exc)
-        if isinstance(exc, UnknownJob):
-            return job_page(request)
         return job_page(request, error=mask_secrets(exc), status=409)
-    audit.info(
-        "%s: %s of job(s) %s: %s",
-        who,
-        action,
-        ", ".join(r["id"] for r in results),
-        ", ".join(f"{r['state_before']} -> {r['state']}" for r in results),
-    )
-    request.registry.notify(JobsActedOn(request, action, [job_id], results))
     return HTTPSeeOther(
         request.route_path(ROUTE + "job", id=job_id, _query={"done": action})
     )
+
+
+def act_on_checked(request):
+    """Retry or cancel the jobs checked on a page of the list (at most
+    :data:`MAX_CHECKED`); then back to that page (303), its filters kept in
+    the query string."""
+    action = request.matchdict["action"]
+    ids = list(dict.fromkeys(i for i in request.POST.getall("id") if i))
+    refused = _read_only(request, action, ids)
+    if refused is not None:
+        return refused
+    if not ids:
+        return jobs_page(request, "No job is checked: check the jobs to act on.", 400)
+    if len(ids) > MAX_CHECKED:
+        message = f"{len(ids)} jobs are checked: at most {MAX_CHECKED} at once."
+        return jobs_page(request, message, 400)
+    try:
+        results = _perform(request, action, ids)
+    except JobError as exc:
+        return jobs_page(request, mask_secrets(exc), 409)
+    changed = sum(r["state"] != r["state_before"] for r in results)
+    query = {**_filters(request), "done": action, "count": changed}
+    if request.GET.get("before"):
+        query["before"] = request.GET["before"]
+    return HTTPSeeOther(request.route_path(ROUTE + "jobs", _query=query))
 
 
 def _to_overview(request):
@@ -294,14 +355,19 @@ def add_views(config, settings):
     if prefix:  # the prefix alone: the overview
         config.add_route(ROUTE + "home", prefix)
         config.add_view(_to_overview, route_name=ROUTE + "home")
-    config.add_route(ROUTE + "act", prefix + "/jobs/{id}/{action:retry|cancel}")
-    config.add_view(
-        act,
-        route_name=ROUTE + "act",
-        request_method="POST",
-        permission=settings.manage_permission,
-        require_csrf=True,
+    actions = (
+        ("act", "/jobs/{id}/{action:retry|cancel}", act),
+        ("checked", "/actions/{action:retry|cancel}", act_on_checked),
     )
+    for name, pattern, view in actions:
+        config.add_route(ROUTE + name, prefix + pattern)
+        config.add_view(
+            view,
+            route_name=ROUTE + name,
+            request_method="POST",
+            permission=settings.manage_permission,
+            require_csrf=True,
+        )
     config.add_static_view(
         (prefix + "/static").lstrip("/"), "pyramid_tasks.dashboard:static"
     )

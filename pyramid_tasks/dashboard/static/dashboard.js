@@ -1,7 +1,7 @@
 // Live refresh for the jobs dashboard: the pages work without it.
 // Every chosen interval the page is fetched again and its <main> swapped in;
-// nothing is fetched while the tab is hidden or while a field of the page
-// has the focus (a filter being typed).  The choice is kept per browser.
+// nothing is fetched while the tab is hidden, while a field of the page has
+// the focus (a filter being typed) or while rows are checked.  The choice is kept per browser.
 (function () {
   "use strict";
   var KEY = "pyramid_tasks.dashboard.refresh";
@@ -33,8 +33,12 @@
     return active && active.closest("main") && /^(INPUT|SELECT|TEXTAREA)$/.test(active.tagName);
   }
 
+  function checking() {
+    return document.querySelector("main input[type=checkbox]:checked") !== null;
+  }
+
   function refresh() {
-    if (busy || document.hidden || typing()) {
+    if (busy || document.hidden || typing() || checking()) {
       return;
     }
     busy = true;
