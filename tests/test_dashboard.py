@@ -11,6 +11,7 @@ import logging
 import re
 
 import pytest
+import sqlalchemy
 import webtest
 from pyramid.config import Configurator
 from pyramid.csrf import CookieCSRFStoragePolicy
@@ -21,10 +22,11 @@ from pyramid_tasks.dashboard import (
     DEFAULT_REDACT,
     JobsActedOn,
     parse_dashboard_settings,
+    views,
 )
 from pyramid_tasks.dashboard.counts import overview
+from pyramid_tasks.dashboard.views import _count, redacted
 from pyramid_tasks.dashboard.views import ago as short_age
-from pyramid_tasks.dashboard.views import redacted
 from pyramid_tasks.jobs import Job
 from pyramid_tasks.jobs.service import JobService
 
@@ -348,7 +350,7 @@ def test_the_job_page_shows_every_field_with_secrets_redacted(dashboard):
     assert "no job has the id 'nope'" in text(missing)
 
 
-def test_the_overview_counts_per_queue_capped(dashboard):
+def test_the_overview_counts_per_queue_capped(dashboard, monkeypatch, pg_schema):
     board = dashboard()
     ours = board.d.queue
     rows = [
@@ -371,27 +373,29 @@ def test_the_overview_counts_per_queue_capped(dashboard):
     found = overview(board.service)
     ages = [row.pop("oldest_waiting_age") for row in found]
     assert found == [
-        {
-            "queue": "b",
-            "waiting": 0,
-            "running": 0,
-            "scheduled": 0,
-            "failed": 0,
-            "dead": 1,
-        },
-        {
-            "queue": ours,
-            "waiting": 4,
-            "running": 1,
-            "scheduled": 3,
-            "failed": 1,
-            "dead": 0,
-        },
+        {"queue": "b", "waiting": 0, "running": 0, "scheduled": 0}
+        | {"failed": 0, "dead": 1, "about": {}},
+        {"queue": ours, "waiting": 4, "running": 1, "scheduled": 3}
+        | {"failed": 1, "dead": 0, "about": {}},
     ]
     assert ages[0] is None and 402 <= ages[1] < 460
-    # Capped: one more than the cap means "above it".
+    # Capped: one more than the cap means "above it", and PostgreSQL's
+    # planner tells about how many (its statistics up to date here).
+    with board.d.engine.begin() as connection:
+        connection.execute(sqlalchemy.text(f'ANALYZE "{pg_schema}".pyramid_tasks_job'))
     capped = overview(board.service, cap=2)
     assert [(r["waiting"], r["scheduled"]) for r in capped] == [(0, 0), (3, 3)]
+    about = capped[1]["about"]
+    assert set(about) == {"waiting", "scheduled"}
+    assert all(1 <= n <= 12 for n in about.values()), about
+    monkeypatch.setattr(views, "CAP", 2)
+    cells = [td.get_text(" ", strip=True) for td in board.get("/").html.find_all("td")]
+    assert cells[8:11] == [
+        _count(4, about["waiting"], 2),
+        "1",
+        _count(3, about["scheduled"], 2),
+    ]
+    monkeypatch.undo()
     page = board.get("/")
     cells = [
         " ".join(re.sub(r"<[^>]+>", " ", cell).split())
@@ -406,9 +410,10 @@ def test_the_overview_counts_per_queue_capped(dashboard):
 
 
 def test_counts_above_the_cap_and_short_ages():
-    from pyramid_tasks.dashboard.views import _count
-
     assert (_count(1000), _count(1001)) == ("1000", "1000+")
+    assert _count(1001, about=1_234_567) == "about 1,234,567"
+    assert _count(1001, about=900) == "1000+"  # stale statistics
+    assert _count(3, about=None, cap=2) == "2+"
     assert [short_age(s) for s in (None, -3, 59.9, 60, 7199, 86400 * 3)] == [
         "",
         "0 s",
@@ -655,7 +660,9 @@ def test_at_the_root_of_the_site():
 # -- the demo ---------------------------------------------------------------------
 
 
-def test_the_demo_links_to_its_dashboard_on_sqlite_for_local_requests(tmp_path):
+def test_the_demo_links_to_its_dashboard_on_sqlite_for_local_requests(
+    tmp_path, monkeypatch
+):
     from demo_app import main
 
     app = main(
@@ -673,7 +680,11 @@ def test_the_demo_links_to_its_dashboard_on_sqlite_for_local_requests(tmp_path):
     assert home.html.find("a", string="Jobs dashboard")["href"] == (
         "http://localhost/_tasks/"
     )
-    assert "waiting" in text(local.get("/_tasks/"))
+    # SQLite has no estimate for a count above the cap.
+    monkeypatch.setattr(views, "CAP", 0)
+    cells = [td.get_text(strip=True) for td in local.get("/_tasks/").html("td")]
+    assert cells[:2] == ["celery", "0+"]
+    monkeypatch.undo()
     jobs = local.get("/_tasks/jobs", {"name": "demo_app.tasks.confirm_order"})
     (link,) = [a for a in jobs.html.find_all("a") if "/_tasks/jobs/" in a["href"]]
     job = local.get(link["href"])

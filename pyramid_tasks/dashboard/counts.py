@@ -2,11 +2,12 @@
 
 No query counts more than :data:`CAP` rows or reads the whole table: each
 count is of one queue in some states (the ``(queue, state)`` index), read
-``CAP + 1`` entries deep at most; the queues are found by a loose index scan
-(:meth:`.JobService.table_queues`), never ``DISTINCT``.
+``CAP + 1`` entries deep at most; above the cap PostgreSQL's planner gives
+its estimate (``EXPLAIN``, no row read).  The queues are found by a loose
+index scan (:meth:`.JobService.table_queues`), never ``DISTINCT``.
 """
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from ..jobs.model import DEAD, FAILED, STARTED, Job, loaded, utcnow
 from ..jobs.service import DELAYED, WAITING
@@ -39,6 +40,27 @@ def _capped(connection, queue, states, cap):
     return connection.execute(select(func.count()).select_from(capped)).scalar()
 
 
+def _estimate(connection, queue, states):
+    """The planner's estimate of the rows of ``queue`` in ``states``
+    (PostgreSQL), or None (another database)."""
+    if connection.dialect.name != "postgresql":
+        return None
+    query = select(_c.id).where(_c.queue == queue, _c.state.in_(states))
+    # Text, so the table's name as the connection maps it (an app's
+    # schema_translate_map) and the values inline (EXPLAIN takes no
+    # parameters): names of queues and states, quoted by the dialect.
+    sql = query.compile(
+        dialect=connection.dialect,
+        schema_translate_map=connection.get_execution_options().get(
+            "schema_translate_map"
+        ),
+        render_schema_translate=True,
+        compile_kwargs={"literal_binds": True},
+    )
+    plan = connection.execute(text(f"EXPLAIN (FORMAT JSON) {sql}")).scalar()
+    return int(plan[0]["Plan"]["Plan Rows"])
+
+
 def _oldest(connection, queue):
     """When the oldest waiting job of ``queue`` was created, or None: per
     waiting state, the first entry of ``(state, created_at)`` of the queue."""
@@ -66,9 +88,13 @@ def overview(service, cap=CAP):
             set(service.configured_queues() + service.table_queues(connection))
         )
         for queue in queues:
-            row = {"queue": queue}
+            row = {"queue": queue, "about": {}}
             for key, states in COLUMNS:
                 row[key] = _capped(connection, queue, states, cap)
+                if row[key] > cap:
+                    estimate = _estimate(connection, queue, states)
+                    if estimate is not None:
+                        row["about"][key] = estimate
             oldest = _oldest(connection, queue)
             row["oldest_waiting_age"] = (
                 None if oldest is None else (now - oldest).total_seconds()

@@ -96,8 +96,14 @@ def _pretty(value, pattern):
     return json.dumps(redacted(value, pattern), indent=2, ensure_ascii=False)
 
 
-def _count(number):
-    return f"{CAP}+" if number > CAP else str(number)
+def _count(number, about=None, cap=CAP):
+    """A capped count: ``"about 12,345"`` with an estimate above the cap,
+    ``"1000+"`` without (or when the estimate is below the cap: stale)."""
+    if number <= cap:
+        return str(number)
+    if about is not None and about > cap:
+        return f"about {about:,}"
+    return f"{cap}+"
 
 
 _env.filters.update(count=_count, ago=ago)
@@ -137,7 +143,7 @@ def _render(request, template, status=200, **values):
 
 def overview_page(request):
     service = JobService.from_registry(request.registry)
-    queues = overview(service)
+    queues = overview(service, cap=CAP)
     return _render(request, "overview.jinja2", queues=queues, columns=COLUMNS, cap=CAP)
 
 
