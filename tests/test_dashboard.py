@@ -25,8 +25,9 @@ from pyramid_tasks.dashboard import (
     views,
 )
 from pyramid_tasks.dashboard.counts import overview
-from pyramid_tasks.dashboard.views import _count, redacted
-from pyramid_tasks.dashboard.views import ago as short_age
+from pyramid_tasks.dashboard.render import ago as short_age
+from pyramid_tasks.dashboard.render import count as _count
+from pyramid_tasks.dashboard.render import redacted
 from pyramid_tasks.jobs import Job
 from pyramid_tasks.jobs.service import JobService
 

@@ -83,11 +83,13 @@ def parse_dashboard_settings(settings, prefix="tasks.dashboard."):
 def includeme(config):
     """Serve the dashboard under ``tasks.dashboard.prefix`` (needs
     ``pyramid_tasks.jobs``, a security policy and a CSRF token store)."""
-    from .views import add_views
+    from .actions import add_actions
+    from .views import add_pages
 
     settings = parse_dashboard_settings(config.get_settings())
     config.registry.pyramid_tasks_dashboard = settings
-    add_views(config, settings)
+    add_pages(config, settings)
+    add_actions(config, settings)
     config.action(
         "pyramid_tasks:dashboard",
         _action(check_operator_include, config.registry, _INCLUDE),

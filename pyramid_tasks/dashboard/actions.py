@@ -1,0 +1,126 @@
+"""The dashboard's actions: POST forms carrying the CSRF token, each one
+audit line and one :class:`.JobsActedOn` event once done."""
+
+import logging
+
+from pyramid.httpexceptions import HTTPSeeOther
+from pyramid.response import Response
+
+from ..jobs.service import JobError, JobService, UnknownJob
+from ..masking import mask_secrets
+from . import ROUTE
+from .events import JobsActedOn
+from .render import dashboard_settings
+from .views import filters_of, job_page, jobs_page
+
+__all__ = ["add_actions"]
+
+#: One line per action: who, what, which jobs, and what came of it.
+audit = logging.getLogger("pyramid_tasks.dashboard.audit")
+
+
+def _retry(service, ids):
+    return service.retry(ids)
+
+
+def _cancel(service, ids):
+    return service.cancel(ids)
+
+
+_ACTIONS = {"retry": _retry, "cancel": _cancel}
+
+#: The most jobs one action on checked rows takes (a page has 50).
+MAX_CHECKED = 200
+
+
+def _read_only(request, action, ids):
+    """The refusal of a read-only dashboard (logged), or None."""
+    if not dashboard_settings(request).read_only:
+        return None
+    audit.warning(
+        "%s refused: %s of job(s) %s (read-only)",
+        request.authenticated_userid,
+        action,
+        ", ".join(ids),
+    )
+    return Response(
+        "The jobs dashboard is read-only (tasks.dashboard.read_only).",
+        status=403,
+        content_type="text/plain",
+    )
+
+
+def _perform(request, action, ids):
+    """Do ``action`` on the jobs ``ids``: one audit line and, when done, one
+    :class:`JobsActedOn`.  The service's answer; its JobError if refused."""
+    who = request.authenticated_userid
+    what = f"{action} of job(s) {', '.join(ids)}"
+    service = JobService.from_registry(request.registry)
+    try:
+        results = _ACTIONS[action](service, ids)
+    except JobError as exc:
+        audit.warning("%s refused: %s: %s", who, what, exc)
+        raise
+    changes = ", ".join(f"{r['state_before']} -> {r['state']}" for r in results)
+    audit.info("%s: %s: %s", who, what, changes)
+    request.registry.notify(JobsActedOn(request, action, ids, results))
+    return results
+
+
+def act(request):
+    """Retry or cancel one job; then back to its page (303)."""
+    action = request.matchdict["action"]
+    job_id = request.matchdict["id"]
+    refused = _read_only(request, action, [job_id])
+    if refused is not None:
+        return refused
+    try:
+        _perform(request, action, [job_id])
+    except UnknownJob:
+        return job_page(request)
+    except JobError as exc:
+        return job_page(request, error=mask_secrets(exc), status=409)
+    return HTTPSeeOther(
+        request.route_path(ROUTE + "job", id=job_id, _query={"done": action})
+    )
+
+
+def act_on_checked(request):
+    """Retry or cancel the jobs checked on a page of the list (at most
+    :data:`MAX_CHECKED`); then back to that page (303), its filters kept in
+    the query string."""
+    action = request.matchdict["action"]
+    ids = list(dict.fromkeys(i for i in request.POST.getall("id") if i))
+    refused = _read_only(request, action, ids)
+    if refused is not None:
+        return refused
+    if not ids:
+        return jobs_page(request, "No job is checked: check the jobs to act on.", 400)
+    if len(ids) > MAX_CHECKED:
+        message = f"{len(ids)} jobs are checked: at most {MAX_CHECKED} at once."
+        return jobs_page(request, message, 400)
+    try:
+        results = _perform(request, action, ids)
+    except JobError as exc:
+        return jobs_page(request, mask_secrets(exc), 409)
+    changed = sum(r["state"] != r["state_before"] for r in results)
+    query = {**filters_of(request), "done": action, "count": changed}
+    if request.GET.get("before"):
+        query["before"] = request.GET["before"]
+    return HTTPSeeOther(request.route_path(ROUTE + "jobs", _query=query))
+
+
+def add_actions(config, settings):
+    actions = (
+        ("act", "/jobs/{id}/{action:retry|cancel}", act),
+        ("checked", "/actions/{action:retry|cancel}", act_on_checked),
+    )
+    for name, pattern, view in actions:
+        config.add_route(ROUTE + name, settings.prefix + pattern)
+        config.add_view(
+            view,
+            route_name=ROUTE + name,
+            request_method="POST",
+            permission=settings.manage_permission,
+            require_csrf=True,
+        )
