@@ -32,7 +32,12 @@ from pyramid_tasks.jobs import Job
 from pyramid_tasks.jobs.service import JobService
 
 from .test_jobs_api import ROLES, SESSION_FACTORY, RolePolicy, add_jobs, ago
-from .test_jobs_web import Statements, durable, queue  # noqa: F401 (fixtures)
+from .test_jobs_web import (  # noqa: F401 (fixtures)
+    Statements,
+    durable,
+    own_redis,
+    queue,
+)
 
 PREFIX = "/_tasks"
 AUDIT = "pyramid_tasks.dashboard.audit"
@@ -120,6 +125,7 @@ def test_pages_need_the_view_permission_and_actions_the_manage_permission(
     assert [f.id for f in board.get("/jobs").forms.values()] == [None]  # filters
     caplog.set_level(logging.INFO, AUDIT)
     unsafe = ["/jobs/f/retry", "/jobs/q/cancel", "/actions/retry", "/actions/cancel"]
+    unsafe.append(f"/queues/{board.d.queue}/clear")
     for path in unsafe:
         ids = {"id": ["f", "q"]}
         board.post(path, role=None, status=403, **ids)
@@ -132,7 +138,10 @@ def test_pages_need_the_view_permission_and_actions_the_manage_permission(
             headers={"X-Role": "manager"},
             status=400,
         )
-        board.app.get(PREFIX + path, headers={"X-Role": "manager"}, status=404)
+        if "/queues/" in path:  # its confirmation: for managers only
+            board.get(path, role="viewer", status=403)
+        else:
+            board.app.get(PREFIX + path, headers={"X-Role": "manager"}, status=404)
     assert board.states() == {"f": "failed", "q": "queued"}
     assert [r for r in caplog.records if r.name == AUDIT] == []
     # A manager sees the actions that apply to each job, with the token.
@@ -513,6 +522,69 @@ def test_checked_jobs_are_retried_or_cancelled_together(dashboard, caplog):
         assert "sent again" not in text(board.get("/jobs", **query))
 
 
+def test_clearing_a_queue_asks_first_then_cancels_and_purges(
+    dashboard, redis_client, caplog
+):
+    events = []
+    board = dashboard(events=events)
+    d = board.d
+    with d.tm:
+        sent = [d.echo.apply_async((i,), tm=d.tm).id for i in range(3)]
+    assert set(d.states().values()) == {"queued"}
+    assert redis_client.llen(d.queue) == 3
+    add_jobs(
+        d.engine,
+        {"id": "later", "state": "scheduled", "created_at": ago(5), "queue": d.queue},
+    )
+    overview_page = board.get("/", role="manager")
+    link = overview_page.html.find("a", string="clear…")
+    assert link["href"] == f"{PREFIX}/queues/{d.queue}/clear"
+    assert board.get("/").html.find("a", string="clear…") is None  # a viewer
+    ask = board.get(f"/queues/{d.queue}/clear", role="manager")
+    assert "Its 3 waiting jobs (pending or queued) will be cancelled" in text(ask)
+    caplog.set_level(logging.INFO, AUDIT)
+    done = ask.forms[0].submit(headers={"X-Role": "manager"}, status=303)
+    assert done.location.endswith(f"{PREFIX}/?done=clear&queue={d.queue}&count=3")
+    assert (
+        f"Queue {d.queue} cleared: 3 waiting jobs cancelled, its messages purged."
+        in text(done.follow(headers={"X-Role": "viewer"}))
+    )
+    assert board.states() == dict.fromkeys(sent, "cancelled") | {"later": "scheduled"}
+    assert redis_client.llen(d.queue) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == AUDIT] == [
+        f"manager: clear of queue {d.queue}: 3 job(s) cancelled, 3 message(s) purged"
+    ]
+    assert [(e.action, e.job_ids, e.queues) for e in events] == [
+        ("clear", [], [d.queue])
+    ]
+    assert events[0].results == {"queues": {d.queue: 3}, "purged": {d.queue: 3}}
+    # An unknown queue.
+    for method in (board.get, board.post):
+        page = method("/queues/nowhere/clear", role="manager", status=404)
+        assert "unknown queue 'nowhere': not configured and no job has it" in text(page)
+    assert len(events) == 1
+
+
+def test_a_queue_cleared_while_the_broker_is_stopped(
+    dashboard,
+    own_redis,  # noqa: F811 (the fixture imported above)
+    caplog,
+):
+    board = dashboard(broker_url=own_redis.url)
+    add_jobs(
+        board.d.engine,
+        {"id": "w", "state": "queued", "created_at": ago(5), "queue": board.d.queue},
+    )
+    own_redis.stop()
+    caplog.set_level(logging.INFO, AUDIT)
+    board.post(f"/queues/{board.d.queue}/clear")
+    assert board.states() == {"w": "cancelled"}
+    assert [r.getMessage() for r in caplog.records if r.name == AUDIT] == [
+        f"manager: clear of queue {board.d.queue}: 1 job(s) cancelled, unknown "
+        "(the broker did not answer) message(s) purged"
+    ]
+
+
 def test_read_only_hides_and_refuses_the_actions(dashboard, caplog):
     board = dashboard(**{"tasks.dashboard.read_only": "true"})
     add_jobs(board.d.engine, {"id": "f", "state": "failed", "created_at": ago(5)})
@@ -524,11 +596,15 @@ def test_read_only_hides_and_refuses_the_actions(dashboard, caplog):
         refused.text == "The jobs dashboard is read-only (tasks.dashboard.read_only)."
     )
     board.post("/actions/cancel", status=403, id="f")
+    board.post("/queues/q/clear", status=403)
+    board.get("/queues/q/clear", role="manager", status=403)
     assert "Cancel checked" not in board.get("/jobs", role="manager").text
+    assert "clear…" not in board.get("/", role="manager").text
     assert board.states() == {"f": "failed"}
     assert [r.getMessage() for r in caplog.records if r.name == AUDIT] == [
         "manager refused: retry of job(s) f (read-only)",
         "manager refused: cancel of job(s) f (read-only)",
+        "manager refused: clear of queue q (read-only)",
     ]
 
 

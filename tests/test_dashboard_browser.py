@@ -254,6 +254,29 @@ def test_check_rows_then_retry_or_cancel_them(dashboard, chromium):  # noqa: F81
     }
 
 
+def test_purge_a_queue_after_confirming(dashboard, chromium, redis_client):  # noqa: F811
+    board = dashboard()
+    d = board.d
+    with d.tm:
+        for i in range(5):
+            d.echo.apply_async((i,), tm=d.tm)
+    assert redis_client.llen(d.queue) == 5
+    with browsing(chromium, board) as (page, base):
+        page.goto(base + "/")
+        row = page.locator("tbody tr", has_text=d.queue)
+        expect(row.locator("td").nth(1)).to_have_text("5")
+        row.get_by_role("link", name="clear…").click()
+        expect(page.locator("h1")).to_have_text(f"Clear the queue {d.queue}?")
+        shoot(page, "queue-clear")
+        page.get_by_role("button", name=f"Clear {d.queue}").click()
+        expect(page.get_by_role("status")).to_have_text(
+            f"Queue {d.queue} cleared: 5 waiting jobs cancelled, its messages purged."
+        )
+        expect(row.locator("td").nth(1)).to_have_text("0")
+    assert redis_client.llen(d.queue) == 0
+    assert set(d.states().values()) == {"cancelled"}
+
+
 def test_live_refresh_moves_the_progress_bar_without_reloading(
     dashboard,  # noqa: F811
     chromium,

@@ -9,8 +9,9 @@ from pyramid.response import Response
 from ..jobs.service import JobError, JobService, UnknownJob
 from ..masking import mask_secrets
 from . import ROUTE
+from .counts import CAP, WAITING, capped_count
 from .events import JobsActedOn
-from .render import dashboard_settings
+from .render import dashboard_settings, render
 from .views import filters_of, job_page, jobs_page
 
 __all__ = ["add_actions"]
@@ -33,6 +34,14 @@ _ACTIONS = {"retry": _retry, "cancel": _cancel}
 MAX_CHECKED = 200
 
 
+def _read_only_answer():
+    return Response(
+        "The jobs dashboard is read-only (tasks.dashboard.read_only).",
+        status=403,
+        content_type="text/plain",
+    )
+
+
 def _read_only(request, action, ids):
     """The refusal of a read-only dashboard (logged), or None."""
     if not dashboard_settings(request).read_only:
@@ -43,11 +52,7 @@ def _read_only(request, action, ids):
         action,
         ", ".join(ids),
     )
-    return Response(
-        "The jobs dashboard is read-only (tasks.dashboard.read_only).",
-        status=403,
-        content_type="text/plain",
-    )
+    return _read_only_answer()
 
 
 def _perform(request, action, ids):
@@ -110,13 +115,72 @@ def act_on_checked(request):
     return HTTPSeeOther(request.route_path(ROUTE + "jobs", _query=query))
 
 
+def _queue(request, service):
+    """The queue of the URL, checked (as :meth:`.JobService.list` checks
+    its ``queue``); a JobError if none such is known."""
+    return service.check_queues([request.matchdict["queue"]])[0]
+
+
+def confirm_clear(request):
+    """Ask before clearing a queue: what will be cancelled and purged."""
+    if dashboard_settings(request).read_only:
+        return _read_only_answer()
+    service = JobService.from_registry(request.registry)
+    try:
+        queue = _queue(request, service)
+    except JobError as exc:
+        return render(request, "missing.jinja2", status=404, message=str(exc))
+    with service._connect(), service.store.engine.connect() as connection:
+        waiting = capped_count(connection, queue, WAITING, CAP)
+    return render(request, "clear.jinja2", queue=queue, waiting=waiting, cap=CAP)
+
+
+def clear_queue(request):
+    """Cancel every waiting job of a queue and purge its messages at the
+    broker (:meth:`.JobService.clear`); then to the overview (303)."""
+    queue = request.matchdict["queue"]
+    if dashboard_settings(request).read_only:
+        audit.warning(
+            "%s refused: clear of queue %s (read-only)",
+            request.authenticated_userid,
+            queue,
+        )
+        return _read_only_answer()
+    service = JobService.from_registry(request.registry)
+    try:
+        queue = _queue(request, service)
+    except JobError as exc:
+        return render(request, "missing.jinja2", status=404, message=str(exc))
+    result = service.clear([queue])
+    cancelled, purged = result["queues"][queue], result["purged"][queue]
+    audit.info(
+        "%s: clear of queue %s: %d job(s) cancelled, %s message(s) purged",
+        request.authenticated_userid,
+        queue,
+        cancelled,
+        "unknown (the broker did not answer)" if purged is None else purged,
+    )
+    request.registry.notify(JobsActedOn(request, "clear", [], result, queues=[queue]))
+    query = {"done": "clear", "queue": queue, "count": cancelled}
+    return HTTPSeeOther(request.route_path(ROUTE + "overview", _query=query))
+
+
 def add_actions(config, settings):
+    config.add_route(ROUTE + "clear", settings.prefix + "/queues/{queue}/clear")
+    config.add_view(
+        confirm_clear,
+        route_name=ROUTE + "clear",
+        request_method="GET",
+        permission=settings.manage_permission,
+    )
     actions = (
         ("act", "/jobs/{id}/{action:retry|cancel}", act),
         ("checked", "/actions/{action:retry|cancel}", act_on_checked),
+        ("clear", None, clear_queue),
     )
     for name, pattern, view in actions:
-        config.add_route(ROUTE + name, settings.prefix + pattern)
+        if pattern is not None:
+            config.add_route(ROUTE + name, settings.prefix + pattern)
         config.add_view(
             view,
             route_name=ROUTE + name,

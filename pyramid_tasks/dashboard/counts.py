@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text
 from ..jobs.model import DEAD, FAILED, STARTED, Job, loaded, utcnow
 from ..jobs.service import DELAYED, WAITING
 
-__all__ = ["CAP", "COLUMNS", "overview"]
+__all__ = ["CAP", "COLUMNS", "WAITING", "capped_count", "overview"]
 
 #: Counts stop here: the page shows "1000+" (an exact count of millions of
 #: rows would cost seconds).
@@ -30,7 +30,8 @@ COLUMNS = (
 )
 
 
-def _capped(connection, queue, states, cap):
+def capped_count(connection, queue, states, cap=CAP):
+    """The jobs of ``queue`` in ``states``, counted up to ``cap + 1``."""
     capped = (
         select(_c.id)
         .where(_c.queue == queue, _c.state.in_(states))
@@ -90,7 +91,7 @@ def overview(service, cap=CAP):
         for queue in queues:
             row = {"queue": queue, "about": {}}
             for key, states in COLUMNS:
-                row[key] = _capped(connection, queue, states, cap)
+                row[key] = capped_count(connection, queue, states, cap)
                 if row[key] > cap:
                     estimate = _estimate(connection, queue, states)
                     if estimate is not None:

@@ -43,7 +43,21 @@ DONE = {"retry": "sent again", "cancel": "cancelled"}
 def overview_page(request):
     service = JobService.from_registry(request.registry)
     queues = overview(service, cap=CAP)
-    return render(request, "overview.jinja2", queues=queues, columns=COLUMNS, cap=CAP)
+    notice = None
+    done, count = request.GET.get("done"), request.GET.get("count", "")
+    if done == "clear" and count.isdigit():
+        notice = (
+            f"Queue {request.GET.get('queue', '')} cleared: {count} waiting "
+            f"job{'' if count == '1' else 's'} cancelled, its messages purged."
+        )
+    return render(
+        request,
+        "overview.jinja2",
+        queues=queues,
+        columns=COLUMNS,
+        cap=CAP,
+        notice=notice,
+    )
 
 
 def filters_of(request):
