@@ -31,6 +31,7 @@ from pyramid_tasks.dashboard.render import redacted
 from pyramid_tasks.jobs import Job
 from pyramid_tasks.jobs.service import JobService
 
+from .conftest import wait_for
 from .test_jobs_api import ROLES, SESSION_FACTORY, RolePolicy, add_jobs, ago
 from .test_jobs_web import (  # noqa: F401 (fixtures)
     Statements,
@@ -38,6 +39,7 @@ from .test_jobs_web import (  # noqa: F401 (fixtures)
     own_redis,
     queue,
 )
+from .test_jobs_worker import Probe
 
 PREFIX = "/_tasks"
 AUDIT = "pyramid_tasks.dashboard.audit"
@@ -583,6 +585,42 @@ def test_a_queue_cleared_while_the_broker_is_stopped(
         f"manager: clear of queue {board.d.queue}: 1 job(s) cancelled, unknown "
         "(the broker did not answer) message(s) purged"
     ]
+
+
+def test_the_workers_page_shows_each_worker_and_what_it_runs(
+    dashboard, start_worker, ini_vars, redis_client
+):
+    worker = start_worker("-c", "1", section="jobs_probe")
+    board = dashboard(**{"celery.task_default_queue": ini_vars["queue"]})
+    probe = Probe(worker.celery_app, redis_client)
+    key = probe.key()
+    [job_id] = probe.commit("watched", (key,))
+    wait_for(lambda: redis_client.llen(f"{key}:ready"), message="the job to run")
+    page = board.get("/workers")
+    # Other tests' workers may share the broker: ours is the row of its name.
+    (row,) = [
+        tr for tr in page.html.find("tbody").find_all("tr") if worker.node in tr.text
+    ]
+    cells = [td.get_text(" ", strip=True) for td in row.find_all("td")]
+    assert cells[:3] == [worker.node, "prefork", "1"]
+    assert cells[3].isdigit() and cells[4].endswith(" s")
+    assert cells[5] == f"tests.jobs_probe_app.watched {job_id}"
+    assert row.find("a")["href"] == f"{PREFIX}/jobs/{job_id}"
+    redis_client.rpush(f"{key}:go", "go")
+    probe.wait_state(job_id, "succeeded")
+
+
+def test_a_worker_that_tells_little(dashboard):
+    from pyramid_tasks.dashboard.workers import _worker
+
+    assert _worker("w@h", [{"id": "j"}, "junk"], {}) == {
+        "name": "w@h",
+        "pool": None,
+        "concurrency": None,
+        "pid": None,
+        "uptime": None,
+        "active": [{"id": "j", "name": None}],
+    }
 
 
 def test_read_only_hides_and_refuses_the_actions(dashboard, caplog):

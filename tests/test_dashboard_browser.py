@@ -138,7 +138,9 @@ def test_filter_open_a_failed_job_and_retry_it_on_a_worker(
         page.goto(base + "/")
         expect(page.locator("h1")).to_have_text("Overview")
         row = page.locator("tbody tr", has_text=ours)
-        expect(row.locator("td")).to_have_text([ours, "1", "1", "0", "1", "0", "1 min"])
+        expect(row.locator("td")).to_have_text(
+            [ours, "1", "1", "0", "1", "0", "1 min", "clear…"]
+        )
         shoot(page, "overview")
 
         page.get_by_role("link", name="All jobs").click()
@@ -206,10 +208,20 @@ def test_the_pages_work_with_the_broker_stopped(dashboard, chromium, own_redis):
         {"id": "q-1", "name": "echo", "queue": board.d.queue, "args": [1]}
         | {"state": "queued", "created_at": ago(50), "title": "Waiting"},
     )
+    with browsing(chromium, board) as (page, base):
+        page.goto(base + "/workers")
+        expect(page.locator("tbody")).to_have_text("No worker answered within 1.0 s.")
     own_redis.stop()
     with browsing(chromium, board) as (page, base):
+        page.goto(base + "/workers")
+        expect(page.get_by_role("alert")).to_contain_text(
+            "The broker did not answer: Error 111 connecting to 127.0.0.1:"
+        )
+        shoot(page, "workers-broker-stopped")
         page.goto(base + "/")
-        expect(page.locator("tbody tr", has_text=board.d.queue)).to_contain_text("50 s")
+        expect(page.locator("tbody tr", has_text=board.d.queue)).to_contain_text(
+            re.compile(r"\b5\d s\b")  # the oldest waiting job's age
+        )
         page.goto(base + "/jobs")
         page.get_by_role("link", name="Waiting").click()
         expect(page.locator("h1 .state")).to_have_text("queued")

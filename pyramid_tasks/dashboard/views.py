@@ -10,6 +10,7 @@ from ..masking import mask_secrets
 from . import ROUTE
 from .counts import CAP, COLUMNS, overview
 from .render import dashboard_settings, pretty, render, when
+from .workers import TIMEOUT, inspect_workers
 
 __all__ = ["add_pages"]
 
@@ -155,6 +156,14 @@ def job_page(request, error=None, status=200):
     )
 
 
+def workers_page(request):
+    service = JobService.from_registry(request.registry)
+    workers, error = inspect_workers(service)
+    return render(
+        request, "workers.jinja2", workers=workers, error=error, timeout=TIMEOUT
+    )
+
+
 def _to_overview(request):
     return HTTPSeeOther(request.route_path(ROUTE + "overview"))
 
@@ -165,6 +174,7 @@ def add_pages(config, settings):
         ("overview", prefix + "/", overview_page),
         ("jobs", prefix + "/jobs", jobs_page),
         ("job", prefix + "/jobs/{id}", job_page),
+        ("workers", prefix + "/workers", workers_page),
     )
     for name, pattern, view in pages:
         config.add_route(ROUTE + name, pattern)
