@@ -6,8 +6,13 @@ HTML pages over the job table, rendered inside the host app under
     GET  /                     overview: per queue, what waits, runs, failed
     GET  /jobs                 the jobs, filtered (?state= &queue= &name= &title=)
     GET  /jobs/{id}            one job: every field, its timeline and progress
+    GET  /workers              the workers that answer, and what they run
     POST /jobs/{id}/retry      run a failed, cancelled or dead job again
     POST /jobs/{id}/cancel     cancel an unfinished job
+    POST /actions/retry        the same for the checked jobs (``id=``...)
+    POST /actions/cancel
+    GET  /queues/{queue}/clear ask, then POST: cancel the waiting jobs of a
+                               queue and purge it at the broker
 
 Reading needs ``tasks.jobs.view_permission`` (``tasks.view``), acting
 ``tasks.jobs.manage_permission`` (``tasks.manage``) and the CSRF token the
