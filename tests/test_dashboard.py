@@ -127,7 +127,7 @@ def test_pages_need_the_view_permission_and_actions_the_manage_permission(
     assert [f.id for f in board.get("/jobs").forms.values()] == [None]  # filters
     caplog.set_level(logging.INFO, AUDIT)
     unsafe = ["/jobs/f/retry", "/jobs/q/cancel", "/actions/retry", "/actions/cancel"]
-    unsafe.append(f"/queues/{board.d.queue}/clear")
+    unsafe += [f"/queues/{board.d.queue}/clear", "/periodic/ping/run"]
     for path in unsafe:
         ids = {"id": ["f", "q"]}
         board.post(path, role=None, status=403, **ids)
@@ -140,6 +140,8 @@ def test_pages_need_the_view_permission_and_actions_the_manage_permission(
             headers={"X-Role": "manager"},
             status=400,
         )
+        if "/periodic/" in path:
+            continue  # no GET
         if "/queues/" in path:  # its confirmation: for managers only
             board.get(path, role="viewer", status=403)
         else:
@@ -623,6 +625,69 @@ def test_a_worker_that_tells_little(dashboard):
     }
 
 
+BEAT = {
+    "tasks.beat.ping.task": "echo",
+    "tasks.beat.ping.schedule": "30s",
+    "tasks.beat.ping.args": "[7]",
+    "tasks.beat.nightly.task": "plain",
+    "tasks.beat.nightly.schedule": "0 3 * * *",
+    "tasks.beat.nightly.args": '["night"]',
+}
+
+
+def test_periodic_tasks_with_their_last_and_next_runs_and_run_now(dashboard, caplog):
+    events = []
+    board = dashboard(events=events, **BEAT)
+    page = board.get("/periodic")
+    rows = [
+        [td.get_text(" ", strip=True) for td in tr.find_all("td")]
+        for tr in page.html.find("tbody").find_all("tr")
+    ]
+    assert rows == [
+        ["nightly plain", "cron 0 3 * * *", "never", "at beat's next tick"],
+        ["ping echo", "every 30.00 seconds", "never", "at beat's next tick"],
+    ]
+    assert page.forms == {}  # a viewer runs nothing
+    assert "No periodic task" in text(dashboard().get("/periodic"))
+    add_jobs(
+        board.d.engine,
+        {"id": "n-1", "name": "plain", "state": "succeeded", "created_at": ago(60)},
+    )
+    caplog.set_level(logging.INFO, AUDIT)
+    page = board.get("/periodic", role="manager")
+    done = page.forms[1].submit(headers={"X-Role": "manager"}, status=303)
+    job_id = done.location.split("/jobs/")[1].split("?")[0]
+    assert done.location.endswith(f"{PREFIX}/jobs/{job_id}?done=run")
+    shown = text(done.follow(headers={"X-Role": "viewer"}))
+    assert "Sent: the periodic task runs now." in shown and "[ 7 ]" in shown
+    assert board.states() == {"n-1": "succeeded", job_id: "queued"}
+    assert [r.getMessage() for r in caplog.records if r.name == AUDIT] == [
+        f"manager: run now of periodic task ping: job {job_id}"
+    ]
+    assert [(e.action, e.job_ids, e.results) for e in events] == [
+        ("run", [job_id], [{"id": job_id, "periodic": "ping"}])
+    ]
+    rows = [
+        [td.get_text(" ", strip=True) for td in tr.find_all("td")]
+        for tr in board.get("/periodic").html.find("tbody").find_all("tr")
+    ]
+    assert rows[0][2] == "succeeded 1 min ago" and rows[0][3].startswith("in ")
+    assert rows[1][2] == "queued 0 s ago"
+    assert re.fullmatch(r"in (29|30) s", rows[1][3]), rows[1][3]
+    page = board.post("/periodic/nope/run", status=404)
+    assert "no periodic task is named 'nope'" in text(page)
+    assert len(events) == 1
+
+
+def test_schedules_in_words():
+    from celery.schedules import crontab, schedule
+
+    from pyramid_tasks.dashboard.periodic import describe
+
+    assert describe(crontab(minute="*/5", hour="9-17")) == "cron */5 9-17 * * *"
+    assert describe(schedule(90)) == "every 1.50 minutes"
+
+
 def test_read_only_hides_and_refuses_the_actions(dashboard, caplog):
     board = dashboard(**{"tasks.dashboard.read_only": "true"})
     add_jobs(board.d.engine, {"id": "f", "state": "failed", "created_at": ago(5)})
@@ -635,6 +700,7 @@ def test_read_only_hides_and_refuses_the_actions(dashboard, caplog):
     )
     board.post("/actions/cancel", status=403, id="f")
     board.post("/queues/q/clear", status=403)
+    board.post("/periodic/ping/run", status=403)
     board.get("/queues/q/clear", role="manager", status=403)
     assert "Cancel checked" not in board.get("/jobs", role="manager").text
     assert "clear…" not in board.get("/", role="manager").text
@@ -643,6 +709,7 @@ def test_read_only_hides_and_refuses_the_actions(dashboard, caplog):
         "manager refused: retry of job(s) f (read-only)",
         "manager refused: cancel of job(s) f (read-only)",
         "manager refused: clear of queue q (read-only)",
+        "manager refused: run now of periodic task ping (read-only)",
     ]
 
 

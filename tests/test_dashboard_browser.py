@@ -23,7 +23,7 @@ from pyramid_tasks.jobs.service import TEST_TASK
 
 from . import conftest
 from .conftest import ROOT, unavailable, wait_for
-from .test_dashboard import dashboard  # noqa: F401 (fixture)
+from .test_dashboard import BEAT, dashboard  # noqa: F401 (fixture)
 from .test_jobs_api import add_jobs, ago
 from .test_jobs_web import durable, own_redis, queue  # noqa: F401 (fixtures)
 
@@ -287,6 +287,24 @@ def test_purge_a_queue_after_confirming(dashboard, chromium, redis_client):  # n
         expect(row.locator("td").nth(1)).to_have_text("0")
     assert redis_client.llen(d.queue) == 0
     assert set(d.states().values()) == {"cancelled"}
+
+
+def test_run_a_periodic_task_now(dashboard, chromium):  # noqa: F811
+    board = dashboard(**BEAT)
+    with browsing(chromium, board) as (page, base):
+        page.goto(base + "/")
+        page.get_by_role("link", name="Periodic").click()
+        row = page.locator("tbody tr", has_text="ping")
+        expect(row.locator("td").nth(2)).to_have_text("never")
+        shoot(page, "periodic")
+        row.get_by_role("button", name="Run now").click()
+        expect(page.get_by_role("status")).to_have_text(
+            "Sent: the periodic task runs now."
+        )
+        expect(page.locator("h1 .state")).to_have_text("queued")
+        page.get_by_role("link", name="Periodic").click()
+        expect(row.locator("td").nth(2)).to_contain_text("queued")
+    assert list(board.states().values()) == ["queued"]
 
 
 def test_live_refresh_moves_the_progress_bar_without_reloading(

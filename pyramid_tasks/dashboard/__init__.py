@@ -6,6 +6,7 @@ HTML pages over the job table, rendered inside the host app under
     GET  /                     overview: per queue, what waits, runs, failed
     GET  /jobs                 the jobs, filtered (?state= &queue= &name= &title=)
     GET  /jobs/{id}            one job: every field, its timeline and progress
+    GET  /periodic             the beat entries, their last and next runs
     GET  /workers              the workers that answer, and what they run
     POST /jobs/{id}/retry      run a failed, cancelled or dead job again
     POST /jobs/{id}/cancel     cancel an unfinished job
@@ -13,6 +14,7 @@ HTML pages over the job table, rendered inside the host app under
     POST /actions/cancel
     GET  /queues/{queue}/clear ask, then POST: cancel the waiting jobs of a
                                queue and purge it at the broker
+    POST /periodic/{name}/run  send a beat entry's task now
 
 Reading needs ``tasks.jobs.view_permission`` (``tasks.view``), acting
 ``tasks.jobs.manage_permission`` (``tasks.manage``) and the CSRF token the

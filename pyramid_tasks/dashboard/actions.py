@@ -11,6 +11,7 @@ from ..masking import mask_secrets
 from . import ROUTE
 from .counts import CAP, WAITING, capped_count
 from .events import JobsActedOn
+from .periodic import UnknownEntry, run_now
 from .render import dashboard_settings, render
 from .views import filters_of, job_page, jobs_page
 
@@ -165,6 +166,34 @@ def clear_queue(request):
     return HTTPSeeOther(request.route_path(ROUTE + "overview", _query=query))
 
 
+def run_periodic(request):
+    """Send a beat entry's task now; then to its job's page (303)."""
+    name = request.matchdict["name"]
+    if dashboard_settings(request).read_only:
+        audit.warning(
+            "%s refused: run now of periodic task %s (read-only)",
+            request.authenticated_userid,
+            name,
+        )
+        return _read_only_answer()
+    service = JobService.from_registry(request.registry)
+    try:
+        job_id = run_now(service, name)
+    except UnknownEntry as exc:
+        return render(request, "missing.jinja2", status=404, message=str(exc))
+    audit.info(
+        "%s: run now of periodic task %s: job %s",
+        request.authenticated_userid,
+        name,
+        job_id,
+    )
+    results = [{"id": job_id, "periodic": name}]
+    request.registry.notify(JobsActedOn(request, "run", [job_id], results))
+    return HTTPSeeOther(
+        request.route_path(ROUTE + "job", id=job_id, _query={"done": "run"})
+    )
+
+
 def add_actions(config, settings):
     config.add_route(ROUTE + "clear", settings.prefix + "/queues/{queue}/clear")
     config.add_view(
@@ -177,6 +206,7 @@ def add_actions(config, settings):
         ("act", "/jobs/{id}/{action:retry|cancel}", act),
         ("checked", "/actions/{action:retry|cancel}", act_on_checked),
         ("clear", None, clear_queue),
+        ("run", "/periodic/{name}/run", run_periodic),
     )
     for name, pattern, view in actions:
         if pattern is not None:

@@ -26,7 +26,8 @@ _env = Environment(
 # -- formatting ----------------------------------------------------------------
 
 
-def _time(text):
+def parse_time(text):
+    """An ISO time of :func:`.job_json` as an aware datetime (None: None)."""
     return None if text is None else datetime.fromisoformat(text)
 
 
@@ -43,8 +44,8 @@ def ago(seconds):
 
 def when(text):
     """``(UTC time, "5 min ago" or "in 1 h")`` of an ISO time of
-    :func:`.job_json`, or None."""
-    value = _time(text)
+    :func:`.job_json` (or an aware datetime), or None."""
+    value = text if isinstance(text, datetime) else parse_time(text)
     if value is None:
         return None
     seconds = (utcnow() - value).total_seconds()
@@ -96,7 +97,7 @@ def render(request, template, status=200, **values):
     )
     body = _env.get_template(template).render(
         request=request,
-        route=lambda name, **kw: request.route_path(ROUTE + name, **kw),
+        route=lambda route_name, **kw: request.route_path(ROUTE + route_name, **kw),
         static=lambda name: request.static_path(
             f"pyramid_tasks.dashboard:static/{name}"
         ),

@@ -9,6 +9,7 @@ from ..jobs.service import RETRYABLE, JobError, JobService, UnknownJob
 from ..masking import mask_secrets
 from . import ROUTE
 from .counts import CAP, COLUMNS, overview
+from .periodic import periodic_entries
 from .render import dashboard_settings, pretty, render, when
 from .workers import TIMEOUT, inspect_workers
 
@@ -36,6 +37,12 @@ FILTERS = ("state", "queue", "name", "title")
 
 #: What an action did, for the notice of the page it leads back to.
 DONE = {"retry": "sent again", "cancel": "cancelled"}
+#: The same on the job's own page.
+DONE_JOB = {
+    "retry": "Sent again: the job runs anew.",
+    "cancel": "Cancelled.",
+    "run": "Sent: the periodic task runs now.",
+}
 
 
 # -- the pages -------------------------------------------------------------------
@@ -150,10 +157,19 @@ def job_page(request, error=None, status=200):
         options=pretty(job["options"], pattern),
         timeline=timeline,
         error=error,
-        done=done if done in DONE else None,
+        done=DONE_JOB.get(done),
         can_retry=job["state"] in RETRYABLE,
         can_cancel=job["state"] in UNFINISHED,
     )
+
+
+def periodic_page(request):
+    service = JobService.from_registry(request.registry)
+    entries = periodic_entries(service)
+    for entry in entries:
+        entry["when_last"] = entry["last"] and when(entry["last"]["created_at"])
+        entry["when_next"] = when(entry["next"])
+    return render(request, "periodic.jinja2", entries=entries)
 
 
 def workers_page(request):
@@ -174,6 +190,7 @@ def add_pages(config, settings):
         ("overview", prefix + "/", overview_page),
         ("jobs", prefix + "/jobs", jobs_page),
         ("job", prefix + "/jobs/{id}", job_page),
+        ("periodic", prefix + "/periodic", periodic_page),
         ("workers", prefix + "/workers", workers_page),
     )
     for name, pattern, view in pages:
