@@ -126,7 +126,8 @@ def test_pages_need_the_view_permission_and_actions_the_manage_permission(
     assert "Retry" not in board.get("/jobs/f").text
     assert [f.id for f in board.get("/jobs").forms.values()] == [None]  # filters
     caplog.set_level(logging.INFO, AUDIT)
-    unsafe = ["/jobs/f/retry", "/jobs/q/cancel", "/actions/retry", "/actions/cancel"]
+    unsafe = ["/jobs/f/retry", "/jobs/q/cancel", "/jobs/f/delete"]
+    unsafe += ["/actions/retry", "/actions/cancel", "/actions/delete"]
     unsafe += [f"/queues/{board.d.queue}/clear", "/periodic/ping/run"]
     for path in unsafe:
         ids = {"id": ["f", "q"]}
@@ -150,7 +151,10 @@ def test_pages_need_the_view_permission_and_actions_the_manage_permission(
     assert [r for r in caplog.records if r.name == AUDIT] == []
     # A manager sees the actions that apply to each job, with the token.
     forms = board.get("/jobs/f", role="manager").forms
-    assert [f.action for f in forms.values()] == [f"{PREFIX}/jobs/f/retry"]
+    assert [f.action for f in forms.values()] == [
+        f"{PREFIX}/jobs/f/retry",
+        f"{PREFIX}/jobs/f/delete",
+    ]
     assert forms[0]["csrf_token"].value == board.token()
     forms = board.get("/jobs/q", role="manager").forms
     assert [f.action for f in forms.values()] == [f"{PREFIX}/jobs/q/cancel"]
@@ -688,6 +692,77 @@ def test_schedules_in_words():
     assert describe(schedule(90)) == "every 1.50 minutes"
 
 
+def test_deleting_finished_jobs_one_or_checked(dashboard, caplog):
+    events = []
+    board = dashboard(events=events)
+    add_jobs(
+        board.d.engine,
+        {"id": "ok", "state": "succeeded", "created_at": ago(9)},
+        {"id": "f", "state": "failed", "created_at": ago(8)},
+        {"id": "d", "state": "dead", "created_at": ago(7)},
+        {"id": "run", "state": "started", "created_at": ago(6)},
+    )
+    caplog.set_level(logging.INFO, AUDIT)
+    page = board.get("/jobs/ok", role="manager")
+    assert [f.action for f in page.forms.values()] == [f"{PREFIX}/jobs/ok/delete"]
+    done = page.forms[0].submit(headers={"X-Role": "manager"}, status=303)
+    assert done.location.endswith(f"{PREFIX}/jobs?done=delete&count=1")
+    assert "1 job deleted." in text(done.follow(headers={"X-Role": "viewer"}))
+    # An unfinished job is not deleted, alone or among the checked ones.
+    refused = board.post("/jobs/run/delete", status=409)
+    assert "job run is started: only a finished job is deleted (cancel it first)" in (
+        text(refused)
+    )
+    board.post("/actions/delete", status=409, id=["f", "run"])
+    assert board.states() == {"f": "failed", "d": "dead", "run": "started"}
+    done = board.post("/actions/delete", id=["f", "d"])
+    assert done.location.endswith(f"{PREFIX}/jobs?done=delete&count=2")
+    assert board.states() == {"run": "started"}
+    assert [r.getMessage() for r in caplog.records if r.name == AUDIT] == [
+        "manager: delete of job(s) ok: succeeded -> deleted",
+        "manager refused: delete of job(s) run: job run is started: only a "
+        "finished job is deleted (cancel it first)",
+        "manager refused: delete of job(s) f, run: job run is started: only a "
+        "finished job is deleted (cancel it first)",
+        "manager: delete of job(s) f, d: failed -> deleted, dead -> deleted",
+    ]
+    assert [(e.action, e.job_ids) for e in events] == [
+        ("delete", ["ok"]),
+        ("delete", ["f", "d"]),
+    ]
+
+
+def test_a_job_retried_while_it_is_deleted_is_left(dashboard):
+    """The DELETE names the finished states: a job another operator retried
+    between the check and the DELETE stays, and the answer says so."""
+    board = dashboard()
+    engine = board.d.engine
+    add_jobs(
+        engine,
+        {"id": "a", "state": "failed", "created_at": ago(9)},
+        {"id": "b", "state": "failed", "created_at": ago(8)},
+    )
+
+    done = []
+
+    def retried_meanwhile(conn, cursor, statement, parameters, context, many):
+        if statement.lstrip().startswith("DELETE") and not done:
+            done.append(statement)
+            with engine.begin() as other:
+                other.execute(
+                    Job.__table__.update().where(Job.id == "b").values(state="pending")
+                )
+
+    sqlalchemy.event.listen(engine, "before_cursor_execute", retried_meanwhile)
+    deleted = board.service.delete(["a", "b"])
+    sqlalchemy.event.remove(engine, "before_cursor_execute", retried_meanwhile)
+    assert deleted == [
+        {"id": "a", "state_before": "failed", "state": None},
+        {"id": "b", "state_before": "failed", "state": "pending"},
+    ]
+    assert board.states() == {"b": "pending"}
+
+
 def test_read_only_hides_and_refuses_the_actions(dashboard, caplog):
     board = dashboard(**{"tasks.dashboard.read_only": "true"})
     add_jobs(board.d.engine, {"id": "f", "state": "failed", "created_at": ago(5)})
@@ -732,7 +807,10 @@ def test_the_prefix_and_the_permission_names_come_from_the_settings(dashboard):
     )
     page = board.get("/jobs/f", role="manager")
     assert '"note": "***"' in text(page) and '"password": "shown"' in text(page)
-    assert [f.action for f in page.forms.values()] == ["/ops/jobs/jobs/f/retry"]
+    assert [f.action for f in page.forms.values()] == [
+        "/ops/jobs/jobs/f/retry",
+        "/ops/jobs/jobs/f/delete",
+    ]
     assert 'href="/ops/jobs/static/dashboard.css"' in page.text
     assert "color" in board.app.get("/ops/jobs/static/dashboard.css").text
     board.app.get("/_tasks/", headers={"X-Role": "manager"}, status=404)
@@ -836,7 +914,12 @@ def test_dashboard_settings_parsed():
 def test_at_the_root_of_the_site():
     routes = configure({"tasks.dashboard.prefix": "/"}).get_routes_mapper()
     patterns = {r.pattern for r in routes.get_routes()}
-    assert {"/", "/jobs", "/jobs/{id}", "/jobs/{id}/{action:retry|cancel}"} <= patterns
+    assert {
+        "/",
+        "/jobs",
+        "/jobs/{id}",
+        "/jobs/{id}/{action:retry|cancel|delete}",
+    } <= patterns
 
 
 # -- the demo ---------------------------------------------------------------------

@@ -10,8 +10,10 @@ HTML pages over the job table, rendered inside the host app under
     GET  /workers              the workers that answer, and what they run
     POST /jobs/{id}/retry      run a failed, cancelled or dead job again
     POST /jobs/{id}/cancel     cancel an unfinished job
+    POST /jobs/{id}/delete     delete a finished job
     POST /actions/retry        the same for the checked jobs (``id=``...)
     POST /actions/cancel
+    POST /actions/delete
     GET  /queues/{queue}/clear ask, then POST: cancel the waiting jobs of a
                                queue and purge it at the broker
     POST /periodic/{name}/run  send a beat entry's task now

@@ -29,7 +29,11 @@ def _cancel(service, ids):
     return service.cancel(ids)
 
 
-_ACTIONS = {"retry": _retry, "cancel": _cancel}
+def _delete(service, ids):
+    return service.delete(ids)
+
+
+_ACTIONS = {"retry": _retry, "cancel": _cancel, "delete": _delete}
 
 #: The most jobs one action on checked rows takes (a page has 50).
 MAX_CHECKED = 200
@@ -67,14 +71,17 @@ def _perform(request, action, ids):
     except JobError as exc:
         audit.warning("%s refused: %s: %s", who, what, exc)
         raise
-    changes = ", ".join(f"{r['state_before']} -> {r['state']}" for r in results)
+    changes = ", ".join(
+        f"{r['state_before']} -> {r['state'] or 'deleted'}" for r in results
+    )
     audit.info("%s: %s: %s", who, what, changes)
     request.registry.notify(JobsActedOn(request, action, ids, results))
     return results
 
 
 def act(request):
-    """Retry or cancel one job; then back to its page (303)."""
+    """Retry, cancel or delete one job; then back to its page (303), or to
+    the list once it is deleted."""
     action = request.matchdict["action"]
     job_id = request.matchdict["id"]
     refused = _read_only(request, action, [job_id])
@@ -86,13 +93,16 @@ def act(request):
         return job_page(request)
     except JobError as exc:
         return job_page(request, error=mask_secrets(exc), status=409)
+    if action == "delete":
+        query = {"done": "delete", "count": 1}
+        return HTTPSeeOther(request.route_path(ROUTE + "jobs", _query=query))
     return HTTPSeeOther(
         request.route_path(ROUTE + "job", id=job_id, _query={"done": action})
     )
 
 
 def act_on_checked(request):
-    """Retry or cancel the jobs checked on a page of the list (at most
+    """Retry, cancel or delete the jobs checked on a page of the list (at most
     :data:`MAX_CHECKED`); then back to that page (303), its filters kept in
     the query string."""
     action = request.matchdict["action"]
@@ -203,8 +213,8 @@ def add_actions(config, settings):
         permission=settings.manage_permission,
     )
     actions = (
-        ("act", "/jobs/{id}/{action:retry|cancel}", act),
-        ("checked", "/actions/{action:retry|cancel}", act_on_checked),
+        ("act", "/jobs/{id}/{action:retry|cancel|delete}", act),
+        ("checked", "/actions/{action:retry|cancel|delete}", act_on_checked),
         ("clear", None, clear_queue),
         ("run", "/periodic/{name}/run", run_periodic),
     )

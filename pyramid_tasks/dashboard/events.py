@@ -8,8 +8,8 @@ class JobsActedOn:
 
     ``event.request`` is the request; ``event.userid`` the operator (the
     security policy's ``authenticated_userid``, None when anonymous);
-    ``event.action`` what was done (``"retry"``, ``"cancel"``, ``"clear"``,
-    ``"run"``: a periodic task sent now);
+    ``event.action`` what was done (``"retry"``, ``"cancel"``, ``"delete"``,
+    ``"clear"``, ``"run"``: a periodic task sent now);
     ``event.job_ids`` the jobs (none for ``clear``: ``event.queues`` names
     the queues); ``event.results`` the service's answer: for ``retry`` and
     ``cancel`` one dict per job (``id``, ``state_before``, ``state``), for

@@ -36,7 +36,7 @@ LIST_FIELDS = (
 FILTERS = ("state", "queue", "name", "title")
 
 #: What an action did, for the notice of the page it leads back to.
-DONE = {"retry": "sent again", "cancel": "cancelled"}
+DONE = {"retry": "sent again", "cancel": "cancelled", "delete": "deleted"}
 #: The same on the job's own page.
 DONE_JOB = {
     "retry": "Sent again: the job runs anew.",
@@ -160,6 +160,7 @@ def job_page(request, error=None, status=200):
         done=DONE_JOB.get(done),
         can_retry=job["state"] in RETRYABLE,
         can_cancel=job["state"] in UNFINISHED,
+        can_delete=job["state"] not in UNFINISHED,
     )
 
 

@@ -536,6 +536,50 @@ class JobService:
         finally:
             _close(channel)
 
+    def delete(self, ids):
+        """Delete the finished jobs ``ids`` (succeeded, failed, cancelled or
+        dead): their rows are gone.
+
+        Every id is checked first: an unknown one is UnknownJob, an
+        unfinished job BadParameter naming it and its state (cancel it
+        first); nothing changed.  One DELETE per :attr:`batch_size` ids, each
+        naming the finished states (a job retried meanwhile is left, in its
+        new state).  Per id ``{"id", "state_before", "state"}``, ``state``
+        None once deleted.
+        """
+        with self._connect(), self.store.engine.connect() as connection:
+            rows = self._rows(connection, ids)
+        for job_id, row in rows.items():
+            if row["state"] not in FINISHED:
+                raise BadParameter(
+                    "id",
+                    job_id,
+                    f"job {job_id} is {row['state']}: only a finished job is "
+                    "deleted (cancel it first)",
+                )
+        ids = list(rows)
+        kept = {}  # retried meanwhile: left, in the state it is in now
+        with self.store.engine.begin() as connection:
+            for start in range(0, len(ids), self.batch_size):
+                chunk = ids[start : start + self.batch_size]
+                connection.execute(
+                    delete(_table).where(_c.id.in_(chunk), _c.state.in_(FINISHED))
+                )
+                kept.update(
+                    connection.execute(
+                        select(_c.id, _c.state).where(_c.id.in_(chunk))
+                    ).all()
+                )
+        results = []
+        for job_id, row in rows.items():
+            state = kept.get(job_id)
+            if state is None:
+                log.info(
+                    "Job %s[%s] deleted (it was %s).", row["name"], job_id, row["state"]
+                )
+            results.append({"id": job_id, "state_before": row["state"], "state": state})
+        return results
+
     def retry(self, ids):
         """Run the failed, cancelled or dead jobs ``ids`` again: a new attempt
         of each under its id, published at once (no eta, no countdown).
