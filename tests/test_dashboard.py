@@ -21,10 +21,13 @@ from sqlalchemy import select
 from pyramid_tasks.dashboard import (
     DEFAULT_REDACT,
     JobsActedOn,
+    actions,
+    failures,
     parse_dashboard_settings,
     views,
 )
 from pyramid_tasks.dashboard.counts import overview
+from pyramid_tasks.dashboard.failures import signature
 from pyramid_tasks.dashboard.render import ago as short_age
 from pyramid_tasks.dashboard.render import count as _count
 from pyramid_tasks.dashboard.render import redacted
@@ -129,6 +132,7 @@ def test_pages_need_the_view_permission_and_actions_the_manage_permission(
     unsafe = ["/jobs/f/retry", "/jobs/q/cancel", "/jobs/f/delete"]
     unsafe += ["/actions/retry", "/actions/cancel", "/actions/delete"]
     unsafe += [f"/queues/{board.d.queue}/clear", "/periodic/ping/run"]
+    unsafe += ["/failures/0123456789ab/retry", "/failures/0123456789ab/delete"]
     for path in unsafe:
         ids = {"id": ["f", "q"]}
         board.post(path, role=None, status=403, **ids)
@@ -141,7 +145,7 @@ def test_pages_need_the_view_permission_and_actions_the_manage_permission(
             headers={"X-Role": "manager"},
             status=400,
         )
-        if "/periodic/" in path:
+        if "/periodic/" in path or "/failures/" in path:
             continue  # no GET
         if "/queues/" in path:  # its confirmation: for managers only
             board.get(path, role="viewer", status=403)
@@ -776,6 +780,7 @@ def test_read_only_hides_and_refuses_the_actions(dashboard, caplog):
     board.post("/actions/cancel", status=403, id="f")
     board.post("/queues/q/clear", status=403)
     board.post("/periodic/ping/run", status=403)
+    board.post("/failures/0123456789ab/retry", status=403)
     board.get("/queues/q/clear", role="manager", status=403)
     assert "Cancel checked" not in board.get("/jobs", role="manager").text
     assert "clear…" not in board.get("/", role="manager").text
@@ -785,6 +790,7 @@ def test_read_only_hides_and_refuses_the_actions(dashboard, caplog):
         "manager refused: cancel of job(s) f (read-only)",
         "manager refused: clear of queue q (read-only)",
         "manager refused: run now of periodic task ping (read-only)",
+        "manager refused: retry of failure group 0123456789ab (read-only)",
     ]
 
 
@@ -961,3 +967,137 @@ def test_the_demo_links_to_its_dashboard_on_sqlite_for_local_requests(
     remote.get("/_tasks/", status=403)
     remote.post(link["href"] + "/retry", status=403)
     assert "cancelled" in text(local.get(link["href"]))
+
+
+# -- failures grouped -----------------------------------------------------------
+
+
+UUIDS = ("5f1c2d3e-0000-4000-8000-00000000000a", "0b3e9f00-1111-4111-8111-11111111111b")
+
+
+def test_a_signature_sets_numbers_and_ids_aside():
+    assert signature("t", f"ValueError: card 1234 of {UUIDS[0]} at 2.5s") == (
+        "t",
+        "ValueError",
+        "card <n> of <id> at <n>s",
+    )
+    assert signature("t", "KeyError: object 5f1c2d3e9a declined\nTraceback") == (
+        "t",
+        "KeyError",
+        "object <id> declined",
+    )
+    assert signature("t", "something went wrong: 3 times") == (
+        "t",
+        "",
+        "something went wrong: <n> times",
+    )
+    assert signature("t", "TimeoutError") == ("t", "TimeoutError", "")
+    assert signature("t", None) == ("t", "", "")
+
+
+def failed_rows(queue_name):
+    """Failed jobs of three signatures (and one never failed)."""
+    rows = [
+        {"id": f"c{i}", "name": "echo", "args": [i], "created_at": ago(100 - i)}
+        | {"error": f"ValueError: card {1000 + i} of {UUIDS[i % 2]} declined"}
+        | {"finished_at": ago(90 - i)}
+        for i in range(3)
+    ]
+    rows += [
+        {"id": "k1", "name": "echo", "args": [9], "created_at": ago(50)}
+        | {"error": "KeyError: 'sku'", "finished_at": ago(40)},
+        {"id": "p1", "name": "plain", "args": [1], "created_at": ago(30)}
+        | {"error": "ValueError: card 7 of x declined", "finished_at": None},
+    ]
+    rows = [{**row, "state": "failed", "queue": queue_name} for row in rows]
+    rows.append({"id": "ok", "state": "succeeded", "created_at": ago(5)})
+    return rows
+
+
+def test_failures_grouped_then_retried_or_deleted_by_group(
+    dashboard, caplog, monkeypatch
+):
+    events = []
+    board = dashboard(events=events)
+    add_jobs(board.d.engine, *failed_rows(board.d.queue))
+    page = board.get("/failures")
+    rows = [
+        [td.get_text(" ", strip=True) for td in tr.find_all("td")]
+        for tr in page.html.find("tbody").find_all("tr")
+    ]
+    assert [row[:2] for row in rows] == [
+        ["echo ValueError : card <n> of <id> declined", "3"],
+        ["plain ValueError : card <n> of x declined", "1"],  # the newest of 1s
+        ["echo KeyError : 'sku'", "1"],
+    ]
+    assert rows[0][2:] == ["1 min ago", "1 min ago"]
+    assert "older ones exist" not in text(page)
+    # Grouped over the newest SCAN only: the page says so.
+    monkeypatch.setattr(failures, "SCAN", 2)
+    assert "over the newest 2 failed jobs (older ones exist)" in text(
+        board.get("/failures")
+    )
+    groups, complete = failures.failure_groups(board.service)
+    assert ([g["count"] for g in groups], complete) == ([1, 1], False)
+    monkeypatch.undo()
+    groups, complete = failures.failure_groups(board.service, scan=5)
+    assert ([g["count"] for g in groups], complete) == ([3, 1, 1], True)
+    big, plain_group, key_group = groups
+    caplog.set_level(logging.INFO, AUDIT)
+    forms = board.get("/failures", role="manager").forms
+    assert [f.action for f in forms.values()][:2] == [
+        f"{PREFIX}/failures/{big['key']}/retry",
+        f"{PREFIX}/failures/{big['key']}/delete",
+    ]
+    done = forms[0].submit(headers={"X-Role": "manager"}, status=303)
+    assert done.location.endswith(f"{PREFIX}/failures?done=retry&count=3")
+    assert "3 jobs sent again." in text(done.follow(headers={"X-Role": "viewer"}))
+    board.post(f"/failures/{key_group['key']}/delete")
+    states = board.states()
+    assert {k: states.get(k) for k in ("c0", "c1", "c2", "k1", "p1", "ok")} == {
+        "c0": "queued",
+        "c1": "queued",
+        "c2": "queued",
+        "k1": None,
+        "p1": "failed",
+        "ok": "succeeded",
+    }
+    assert [r.getMessage() for r in caplog.records if r.name == AUDIT] == [
+        "manager: retry of job(s) c2, c1, c0: failed -> queued, failed -> queued, "
+        "failed -> queued",
+        "manager: delete of job(s) k1: failed -> deleted",
+    ]
+    assert [(e.action, e.job_ids) for e in events] == [
+        ("retry", ["c2", "c1", "c0"]),
+        ("delete", ["k1"]),
+    ]
+    # A group gone meanwhile, one too big, one changed under the action.
+    page = board.post(f"/failures/{big['key']}/retry", status=404)
+    assert f"No failure group {big['key']}: its jobs were retried or deleted." in (
+        text(page)
+    )
+    monkeypatch.setattr(actions, "MAX_GROUP", 0)
+    page = board.post(f"/failures/{plain_group['key']}/delete", status=400)
+    assert "The group has 1 jobs: at most 0 are deleted at once from here." in (
+        text(page)
+    )
+    monkeypatch.undo()
+    engine = board.d.engine
+    moved = []
+
+    def started_meanwhile(conn, cursor, statement, parameters, context, many):
+        # The action's own read of the group's rows, after the grouping.
+        if "pyramid_tasks_job.id IN (" in statement and not moved:
+            moved.append(statement)
+            with engine.begin() as other:
+                other.execute(
+                    Job.__table__.update().where(Job.id == "p1").values(state="started")
+                )
+
+    sqlalchemy.event.listen(engine, "before_cursor_execute", started_meanwhile)
+    page = board.post(f"/failures/{plain_group['key']}/retry", status=409)
+    sqlalchemy.event.remove(engine, "before_cursor_execute", started_meanwhile)
+    assert "job p1 is started: only a failed, cancelled or dead job is retried" in (
+        text(page)
+    )
+    assert len(events) == 2

@@ -23,7 +23,7 @@ from pyramid_tasks.jobs.service import TEST_TASK
 
 from . import conftest
 from .conftest import ROOT, unavailable, wait_for
-from .test_dashboard import BEAT, dashboard  # noqa: F401 (fixture)
+from .test_dashboard import BEAT, dashboard, failed_rows  # noqa: F401 (fixture)
 from .test_jobs_api import add_jobs, ago
 from .test_jobs_web import durable, own_redis, queue  # noqa: F401 (fixtures)
 
@@ -305,6 +305,28 @@ def test_run_a_periodic_task_now(dashboard, chromium):  # noqa: F811
         page.get_by_role("link", name="Periodic").click()
         expect(row.locator("td").nth(2)).to_contain_text("queued")
     assert list(board.states().values()) == ["queued"]
+
+
+def test_bulk_retry_a_failure_group(dashboard, chromium):  # noqa: F811
+    board = dashboard()
+    add_jobs(board.d.engine, *failed_rows(board.d.queue))
+    with browsing(chromium, board) as (page, base):
+        page.goto(base + "/")
+        page.get_by_role("link", name="Failures").click()
+        row = page.locator("tbody tr").first
+        expect(row).to_contain_text("ValueError: card <n> of <id> declined")
+        shoot(page, "failures")
+        row.get_by_role("button", name="Retry all").click()
+        expect(page.get_by_role("status")).to_have_text("3 jobs sent again.")
+        expect(page.locator("tbody tr")).to_have_count(2)
+    states = board.states()
+    assert [states[k] for k in ("c0", "c1", "c2", "k1", "p1")] == [
+        "queued",
+        "queued",
+        "queued",
+        "failed",
+        "failed",
+    ]
 
 
 def test_live_refresh_moves_the_progress_bar_without_reloading(

@@ -6,6 +6,7 @@ HTML pages over the job table, rendered inside the host app under
     GET  /                     overview: per queue, what waits, runs, failed
     GET  /jobs                 the jobs, filtered (?state= &queue= &name= &title=)
     GET  /jobs/{id}            one job: every field, its timeline and progress
+    GET  /failures             the failed jobs grouped by signature
     GET  /periodic             the beat entries, their last and next runs
     GET  /workers              the workers that answer, and what they run
     POST /jobs/{id}/retry      run a failed, cancelled or dead job again
@@ -17,6 +18,7 @@ HTML pages over the job table, rendered inside the host app under
     GET  /queues/{queue}/clear ask, then POST: cancel the waiting jobs of a
                                queue and purge it at the broker
     POST /periodic/{name}/run  send a beat entry's task now
+    POST /failures/{key}/retry retry (or /delete) every job of a failure group
 
 Reading needs ``tasks.jobs.view_permission`` (``tasks.view``), acting
 ``tasks.jobs.manage_permission`` (``tasks.manage``) and the CSRF token the

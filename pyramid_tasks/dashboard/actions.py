@@ -11,9 +11,10 @@ from ..masking import mask_secrets
 from . import ROUTE
 from .counts import CAP, WAITING, capped_count
 from .events import JobsActedOn
+from .failures import failure_groups
 from .periodic import UnknownEntry, run_now
 from .render import dashboard_settings, render
-from .views import filters_of, job_page, jobs_page
+from .views import failures_page, filters_of, job_page, jobs_page
 
 __all__ = ["add_actions"]
 
@@ -47,16 +48,11 @@ def _read_only_answer():
     )
 
 
-def _read_only(request, action, ids):
-    """The refusal of a read-only dashboard (logged), or None."""
+def _read_only(request, what):
+    """The refusal of ``what`` by a read-only dashboard (logged), or None."""
     if not dashboard_settings(request).read_only:
         return None
-    audit.warning(
-        "%s refused: %s of job(s) %s (read-only)",
-        request.authenticated_userid,
-        action,
-        ", ".join(ids),
-    )
+    audit.warning("%s refused: %s (read-only)", request.authenticated_userid, what)
     return _read_only_answer()
 
 
@@ -84,7 +80,7 @@ def act(request):
     the list once it is deleted."""
     action = request.matchdict["action"]
     job_id = request.matchdict["id"]
-    refused = _read_only(request, action, [job_id])
+    refused = _read_only(request, f"{action} of job(s) {job_id}")
     if refused is not None:
         return refused
     try:
@@ -107,7 +103,7 @@ def act_on_checked(request):
     the query string."""
     action = request.matchdict["action"]
     ids = list(dict.fromkeys(i for i in request.POST.getall("id") if i))
-    refused = _read_only(request, action, ids)
+    refused = _read_only(request, f"{action} of job(s) {', '.join(ids)}")
     if refused is not None:
         return refused
     if not ids:
@@ -150,13 +146,9 @@ def clear_queue(request):
     """Cancel every waiting job of a queue and purge its messages at the
     broker (:meth:`.JobService.clear`); then to the overview (303)."""
     queue = request.matchdict["queue"]
-    if dashboard_settings(request).read_only:
-        audit.warning(
-            "%s refused: clear of queue %s (read-only)",
-            request.authenticated_userid,
-            queue,
-        )
-        return _read_only_answer()
+    refused = _read_only(request, f"clear of queue {queue}")
+    if refused is not None:
+        return refused
     service = JobService.from_registry(request.registry)
     try:
         queue = _queue(request, service)
@@ -176,16 +168,47 @@ def clear_queue(request):
     return HTTPSeeOther(request.route_path(ROUTE + "overview", _query=query))
 
 
+#: The most jobs an action on a failure group takes in the request.
+MAX_GROUP = 1000
+
+
+def act_on_group(request):
+    """Retry or delete every job of a failure group (as the page grouped
+    them); then back to the failures (303)."""
+    action, key = request.matchdict["action"], request.matchdict["key"]
+    refused = _read_only(request, f"{action} of failure group {key}")
+    if refused is not None:
+        return refused
+    service = JobService.from_registry(request.registry)
+    groups, _complete = failure_groups(service)
+    ids = next((g["ids"] for g in groups if g["key"] == key), [])
+    if not ids:
+        message = f"No failure group {key}: its jobs were retried or deleted."
+        return failures_page(request, message, 404)
+    if len(ids) > MAX_GROUP:
+        message = (
+            f"The group has {len(ids)} jobs: at most {MAX_GROUP} are "
+            f"{DONE_WORD[action]} at once from here."
+        )
+        return failures_page(request, message, 400)
+    try:
+        results = _perform(request, action, ids)
+    except JobError as exc:  # one of them changed meanwhile
+        return failures_page(request, mask_secrets(exc), 409)
+    changed = sum(r["state"] != r["state_before"] for r in results)
+    query = {"done": action, "count": changed}
+    return HTTPSeeOther(request.route_path(ROUTE + "failures", _query=query))
+
+
+DONE_WORD = {"retry": "retried", "delete": "deleted"}
+
+
 def run_periodic(request):
     """Send a beat entry's task now; then to its job's page (303)."""
     name = request.matchdict["name"]
-    if dashboard_settings(request).read_only:
-        audit.warning(
-            "%s refused: run now of periodic task %s (read-only)",
-            request.authenticated_userid,
-            name,
-        )
-        return _read_only_answer()
+    refused = _read_only(request, f"run now of periodic task {name}")
+    if refused is not None:
+        return refused
     service = JobService.from_registry(request.registry)
     try:
         job_id = run_now(service, name)
@@ -217,6 +240,7 @@ def add_actions(config, settings):
         ("checked", "/actions/{action:retry|cancel|delete}", act_on_checked),
         ("clear", None, clear_queue),
         ("run", "/periodic/{name}/run", run_periodic),
+        ("group", "/failures/{key}/{action:retry|delete}", act_on_group),
     )
     for name, pattern, view in actions:
         if pattern is not None:

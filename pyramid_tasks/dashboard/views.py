@@ -7,7 +7,7 @@ from pyramid.httpexceptions import HTTPSeeOther
 from ..jobs.model import STATES, UNFINISHED
 from ..jobs.service import RETRYABLE, JobError, JobService, UnknownJob
 from ..masking import mask_secrets
-from . import ROUTE
+from . import ROUTE, failures
 from .counts import CAP, COLUMNS, overview
 from .periodic import periodic_entries
 from .render import dashboard_settings, pretty, render, when
@@ -164,6 +164,29 @@ def job_page(request, error=None, status=200):
     )
 
 
+def failures_page(request, error=None, status=200):
+    """The failures grouped; ``error``: why an action on a group was refused."""
+    service = JobService.from_registry(request.registry)
+    groups, complete = failures.failure_groups(service)
+    for group in groups:
+        group["when_first"] = when(group["first"])
+        group["when_last"] = when(group["last"])
+    done, count = request.GET.get("done"), request.GET.get("count", "")
+    notice = None
+    if done in DONE and count.isdigit():
+        notice = f"{count} job{'' if count == '1' else 's'} {DONE[done]}."
+    return render(
+        request,
+        "failures.jinja2",
+        status=status,
+        groups=groups,
+        complete=complete,
+        scan=failures.SCAN,
+        error=error,
+        notice=notice,
+    )
+
+
 def periodic_page(request):
     service = JobService.from_registry(request.registry)
     entries = periodic_entries(service)
@@ -191,6 +214,7 @@ def add_pages(config, settings):
         ("overview", prefix + "/", overview_page),
         ("jobs", prefix + "/jobs", jobs_page),
         ("job", prefix + "/jobs/{id}", job_page),
+        ("failures", prefix + "/failures", failures_page),
         ("periodic", prefix + "/periodic", periodic_page),
         ("workers", prefix + "/workers", workers_page),
     )
