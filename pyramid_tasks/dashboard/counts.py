@@ -32,8 +32,10 @@ COLUMNS = (
 
 def capped_count(connection, queue, states, cap=CAP):
     """The jobs of ``queue`` in ``states``, counted up to ``cap + 1``."""
+    # Only columns of ``(queue, state)``: an index-only scan where the
+    # table's visibility map allows.
     capped = (
-        select(_c.id)
+        select(_c.state)
         .where(_c.queue == queue, _c.state.in_(states))
         .limit(cap + 1)
         .subquery()
@@ -64,17 +66,23 @@ def _estimate(connection, queue, states):
 
 def _oldest(connection, queue):
     """When the oldest waiting job of ``queue`` was created, or None: per
-    waiting state, the first entry of ``(state, created_at)`` of the queue."""
+    waiting state that the queue has jobs in (one probe of ``(queue,
+    state)``: a walk of ``(state, created_at)`` finding none of the queue
+    would read every job in that state), the first entry of ``(state,
+    created_at)`` of the queue."""
     found = []
     for state in WAITING:
-        created = connection.execute(
-            select(_c.created_at)
-            .where(_c.state == state, _c.queue == queue)
-            .order_by(_c.created_at)
-            .limit(1)
-        ).scalar()
-        if created is not None:
-            found.append(loaded({"created_at": created})["created_at"])
+        if not capped_count(connection, queue, (state,), cap=0):
+            continue
+        found.append(
+            connection.execute(
+                select(_c.created_at)
+                .where(_c.state == state, _c.queue == queue)
+                .order_by(_c.created_at)
+                .limit(1)
+            ).scalar()  # None if its jobs moved on meanwhile
+        )
+    found = [loaded({"created_at": c})["created_at"] for c in filter(None, found)]
     return min(found, default=None)
 
 
@@ -96,7 +104,7 @@ def overview(service, cap=CAP):
                     estimate = _estimate(connection, queue, states)
                     if estimate is not None:
                         row["about"][key] = estimate
-            oldest = _oldest(connection, queue)
+            oldest = _oldest(connection, queue) if row["waiting"] else None
             row["oldest_waiting_age"] = (
                 None if oldest is None else (now - oldest).total_seconds()
             )
