@@ -3,6 +3,9 @@
 import os
 
 from pyramid.config import Configurator
+from pyramid.csrf import CookieCSRFStoragePolicy
+
+from .security import LocalOperatorPolicy
 
 # Environment variables that override INI settings (the twelve-factor way).
 ENVIRONMENT = {
@@ -19,6 +22,10 @@ def main(global_config, **settings):
             settings.update(dict.fromkeys(keys, os.environ[variable]))
     with Configurator(settings=settings) as config:
         config.include("pyramid_jinja2")
+        # The jobs dashboard (conf/local.ini includes it) needs a security
+        # policy and a place for its CSRF tokens: the local user operates.
+        config.set_security_policy(LocalOperatorPolicy())
+        config.set_csrf_storage_policy(CookieCSRFStoragePolicy())
         config.include(".models")
         # conf/local.ini and conf/development.ini add durable mode with
         # ``pyramid.includes = pyramid_tasks.jobs``: the same as

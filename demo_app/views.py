@@ -1,6 +1,7 @@
 """The demo's pages: place orders, ask for reports, watch the tasks work."""
 
 from pyramid.httpexceptions import HTTPFound, HTTPNotFound
+from pyramid.interfaces import IRoutesMapper
 from pyramid.renderers import render_to_response
 from pyramid.view import view_config
 
@@ -39,9 +40,18 @@ def home(request):
         or any(report.state != "done" for report, _ in reports)
         or any(job.state in UNFINISHED for job in jobs),
         "eager": request.celery_app.conf.task_always_eager,
+        "dashboard": _dashboard_url(request),
         "email": "ann@example.com",
         "error": None,
     }
+
+
+def _dashboard_url(request):
+    """The jobs dashboard's URL when the app includes it, else None."""
+    mapper = request.registry.getUtility(IRoutesMapper)
+    if mapper.get_route("pyramid_tasks.dashboard.overview") is None:
+        return None
+    return request.route_url("pyramid_tasks.dashboard.overview")
 
 
 def _email_error(email):

@@ -327,9 +327,16 @@ def check_beat_tasks(registry):
 def check_jobs_settings(registry):
     """``tasks.jobs.*`` settings need ``pyramid_tasks.jobs``, and those of an
     include on top of it (:data:`.settings.JOBS_INCLUDE_KEYS`) that include:
-    never ignored."""
+    never ignored; nor are ``tasks.dashboard.*`` without the dashboard."""
+    included = getattr(registry, "pyramid_tasks_jobs_includes", ())
+    dashboard = sorted(k for k in registry.settings if k.startswith("tasks.dashboard."))
+    if dashboard and "pyramid_tasks.dashboard" not in included:
+        raise ConfigurationError(
+            f"Setting {dashboard[0]} is set, but the app does not include "
+            "pyramid_tasks.dashboard: add config.include('pyramid_tasks.dashboard') "
+            "(or remove the setting)."
+        )
     if getattr(registry, "pyramid_tasks_jobs", None) is not None:
-        included = getattr(registry, "pyramid_tasks_jobs_includes", ())
         for name, includes in JOBS_INCLUDE_KEYS.items():
             key = f"tasks.jobs.{name}"
             if key in registry.settings and not set(includes) & set(included):

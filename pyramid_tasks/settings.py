@@ -332,7 +332,8 @@ def parse_tasks_settings(settings, prefix=TASKS_PREFIX):
     values = {}
     for key, value in settings.items():
         if not key.startswith(prefix) or key.startswith(
-            (f"{prefix}beat.", f"{prefix}jobs.")
+            # Each parsed by its own include.
+            (f"{prefix}beat.", f"{prefix}jobs.", f"{prefix}dashboard.")
         ):
             continue
         name = key[len(prefix) :]
@@ -399,8 +400,8 @@ class JobsSettings:
 # named): set without it they would be ignored (config.check_jobs_settings).
 JOBS_INCLUDE_KEYS = {
     "api_prefix": ("pyramid_tasks.jobs.api",),
-    "view_permission": ("pyramid_tasks.jobs.api",),
-    "manage_permission": ("pyramid_tasks.jobs.api",),
+    "view_permission": ("pyramid_tasks.jobs.api", "pyramid_tasks.dashboard"),
+    "manage_permission": ("pyramid_tasks.jobs.api", "pyramid_tasks.dashboard"),
     "metrics_window": ("pyramid_tasks.jobs.api",),
 }
 

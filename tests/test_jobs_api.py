@@ -728,9 +728,11 @@ def test_a_csrf_token_in_the_session_needs_a_session_factory():
 )
 def test_api_settings_without_the_api_are_an_error(key):
     value = {"api_prefix": "/x", "metrics_window": "1h"}.get(key, "p")
+    # The permission names are the dashboard's too.
+    also = " or pyramid_tasks.dashboard" if key.endswith("_permission") else ""
     assert configuration_error(settings={f"tasks.jobs.{key}": value}, api=False) == (
         f"Setting tasks.jobs.{key} is set, but the app does not include "
-        "pyramid_tasks.jobs.api: add config.include('pyramid_tasks.jobs.api') "
+        f"pyramid_tasks.jobs.api{also}: add config.include('pyramid_tasks.jobs.api') "
         "(or remove the setting)."
     )
 

@@ -23,14 +23,13 @@ import functools
 import json
 import logging
 
-from pyramid.csrf import LegacySessionCSRFStoragePolicy, SessionCSRFStoragePolicy
-from pyramid.exceptions import BadCSRFToken, ConfigurationError, PredicateMismatch
-from pyramid.interfaces import ICSRFStoragePolicy, ISecurityPolicy, ISessionFactory
+from pyramid.exceptions import BadCSRFToken, PredicateMismatch
 from pyramid.response import Response
 
 from ..config import _action
 from ..masking import mask_secrets
 from ..settings import parse_jobs_settings
+from .access import check_operator_include
 from .service import JobError, JobService, UnknownJob
 
 __all__ = ["includeme"]
@@ -39,7 +38,6 @@ log = logging.getLogger(__name__)
 
 _INCLUDE = "pyramid_tasks.jobs.api"
 _ROUTE = "pyramid_tasks.jobs.api."
-_IN_SESSION = (LegacySessionCSRFStoragePolicy, SessionCSRFStoragePolicy)
 
 
 class _Refused(Exception):
@@ -317,27 +315,4 @@ def includeme(config):
 
 def _check(registry):
     """Refuse an API that could not work, or that anyone could use."""
-    if getattr(registry, "pyramid_tasks_jobs", None) is None:
-        raise ConfigurationError(
-            f"{_INCLUDE} needs the job table: add "
-            "config.include('pyramid_tasks.jobs') (before or after it)."
-        )
-    if registry.queryUtility(ISecurityPolicy) is None:
-        raise ConfigurationError(
-            f"{_INCLUDE} needs a security policy: without one Pyramid grants "
-            "every permission, so anyone could cancel jobs. Set one with "
-            "config.set_security_policy(...)."
-        )
-    policy = registry.queryUtility(ICSRFStoragePolicy)
-    sessions = registry.queryUtility(ISessionFactory)
-    if isinstance(policy, _IN_SESSION) and sessions is None:
-        raise ConfigurationError(
-            f"{_INCLUDE} checks a CSRF token kept in the session, but the app "
-            "has no session factory: set one (config.set_session_factory) or "
-            "keep the token in a cookie (config.set_csrf_storage_policy("
-            "pyramid.csrf.CookieCSRFStoragePolicy()))."
-        )
-    registry.pyramid_tasks_jobs_includes = (
-        *getattr(registry, "pyramid_tasks_jobs_includes", ()),
-        _INCLUDE,
-    )
+    check_operator_include(registry, _INCLUDE)

@@ -322,7 +322,14 @@ class JobService:
     # -- reading -------------------------------------------------------------
 
     def list(
-        self, state=None, queue=None, name=None, title=None, before=None, limit=50
+        self,
+        state=None,
+        queue=None,
+        name=None,
+        title=None,
+        before=None,
+        limit=50,
+        fields=None,
     ):
         """Jobs newest first (``created_at``, then ``id``, descending), as
         :func:`job_json` dicts.
@@ -330,7 +337,9 @@ class JobService:
         ``state``, ``queue``, ``name``: a string or a list of strings;
         ``title``: a case-insensitive substring; ``before``: a job id, the
         last of the previous page (the rows strictly older than it);
-        ``limit``: 1 to :attr:`max_limit`.
+        ``limit``: 1 to :attr:`max_limit`; ``fields``: the columns to read
+        and give (``id`` and ``created_at`` always), every one when None (the
+        dashboard's list reads neither arguments nor tracebacks).
 
         One branch per state, each an ordered range of the ``(state,
         created_at)`` index read ``limit`` rows deep, merged: cheap whatever
@@ -378,8 +387,11 @@ class JobService:
                     & ((_c.created_at < created) | (_c.id < job_id))
                 )
             order = (_c.created_at.desc(), _c.id.desc())
+            keys = JOB_KEYS
+            if fields is not None:
+                keys = tuple(dict.fromkeys(("id", "created_at", *fields)))
             branches = [
-                select(_table)
+                select(*(_c[key] for key in keys))
                 .where(_c.state == one, *where)
                 .order_by(*order)
                 .limit(limit)
@@ -395,7 +407,8 @@ class JobService:
                 .order_by(merged.c.created_at.desc(), merged.c.id.desc())
                 .limit(limit)
             ).all()
-        return [job_json(row._asdict()) for row in rows]
+        jobs = [job_json(row._asdict()) for row in rows]
+        return [{key: job[key] for key in keys} for job in jobs]
 
     def get(self, job_id):
         """The job ``job_id`` as :func:`job_json` gives it; UnknownJob."""
@@ -548,6 +561,50 @@ class JobService:
             return 0
         finally:
             _close(channel)
+
+    def delete(self, ids):
+        """Delete the finished jobs ``ids`` (succeeded, failed, cancelled or
+        dead): their rows are gone.
+
+        Every id is checked first: an unknown one is UnknownJob, an
+        unfinished job BadParameter naming it and its state (cancel it
+        first); nothing changed.  One DELETE per :attr:`batch_size` ids, each
+        naming the finished states (a job retried meanwhile is left, in its
+        new state).  Per id ``{"id", "state_before", "state"}``, ``state``
+        None once deleted.
+        """
+        with self._connect(), self.store.engine.connect() as connection:
+            rows = self._rows(connection, ids)
+        for job_id, row in rows.items():
+            if row["state"] not in FINISHED:
+                raise BadParameter(
+                    "id",
+                    job_id,
+                    f"job {job_id} is {row['state']}: only a finished job is "
+                    "deleted (cancel it first)",
+                )
+        ids = list(rows)
+        kept = {}  # retried meanwhile: left, in the state it is in now
+        with self.store.engine.begin() as connection:
+            for start in range(0, len(ids), self.batch_size):
+                chunk = ids[start : start + self.batch_size]
+                connection.execute(
+                    delete(_table).where(_c.id.in_(chunk), _c.state.in_(FINISHED))
+                )
+                kept.update(
+                    connection.execute(
+                        select(_c.id, _c.state).where(_c.id.in_(chunk))
+                    ).all()
+                )
+        results = []
+        for job_id, row in rows.items():
+            state = kept.get(job_id)
+            if state is None:
+                log.info(
+                    "Job %s[%s] deleted (it was %s).", row["name"], job_id, row["state"]
+                )
+            results.append({"id": job_id, "state_before": row["state"], "state": state})
+        return results
 
     def retry(self, ids):
         """Run the failed, cancelled or dead jobs ``ids`` again: a new attempt
