@@ -530,8 +530,17 @@ def test_the_one_command_demo_runs_and_stops_cleanly(tmp_path):
             return len([p for p, _ in seen if 0 < p < 100]) >= 2
 
         wait_for(moved, timeout=30, message=f"the report's bar to move: {seen}")
+
+        def done_and_marked():
+            # The report commits first; its job's mark follows (its own write).
+            cells = _done_report(demo)
+            finished = ("succeeded", "failed", "cancelled", "dead")
+            if cells and cells[2].text.strip() in finished:
+                return cells
+            return None
+
         cells = wait_for(
-            lambda: _done_report(demo), timeout=30, message="the report to be done"
+            done_and_marked, timeout=30, message="the report and its job to be done"
         )
         print(f"report progress seen on the page: {seen}")
         assert cells[2].text.strip() == "succeeded"
