@@ -342,6 +342,8 @@ def test_a_bad_body_is_400_naming_the_parameter_and_changes_nothing(api):
         ("/retry", {"ids": ["q1"]}, "ids", "job q1 is queued: only a failed, "),
         ("/clear", {"queues": ["nowhere"]}, "queues", "unknown queue 'nowhere'"),
         ("/clear", {"queues": "q"}, "queues", "'queues' must be a non-empty list"),
+        # Only an absent "queues" clears every queue, never a null.
+        ("/clear", {"queues": None}, "queues", "'queues' must be a non-empty list"),
         ("/test", {"queue": 5}, "queue", "'queue' must be a queue name, got 5"),
         ("/test", {"queue": ""}, "queue", "'queue' must be a queue name, got ''"),
         ("/test", {"queue": "nowhere"}, "queue", "unknown queue 'nowhere': not "),
