@@ -266,8 +266,13 @@ def cancel(service, options, out):
                 f"Cancelled job {result['id']} (it was {result['state_before']}).",
                 file=out,
             )
+        elif result["state"] is None:  # deleted (pruned) since it was read
+            print(f"Job {result['id']} no longer exists: not cancelled.", file=out)
         else:
-            print(f"Job {result['id']} is {result['state']}: not cancelled.", file=out)
+            print(
+                f"Job {result['id']} is already {result['state']}: left as it is.",
+                file=out,
+            )
     return 0
 
 

@@ -613,12 +613,13 @@ class JobService:
         results = []
         for job_id, row in rows.items():
             state = QUEUED if job_id in sent_ids else PENDING
-            log.info(
-                "Job %s[%s] retried (it was %s): %s.",
-                row["name"],
+            joblog.line(
+                joblog.RETRIED,
                 job_id,
-                row["state"],
-                state,
+                row["name"],
+                row["queue"],
+                row["title"],
+                f"by an operator (it was {row['state']}), {state}",
             )
             results.append({"id": job_id, "state_before": row["state"], "state": state})
         return results
