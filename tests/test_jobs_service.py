@@ -617,6 +617,12 @@ def test_a_dead_broker_costs_warnings_never_a_hang(tmp_path, ini_vars, caplog):
         f"The broker did not purge ['{queue}']: ",
     ):
         assert any(m.startswith(start) for m in messages), (start, messages)
+    # The clear's own line says the broker did not answer (no "None").
+    caplog.set_level(logging.INFO, "pyramid_tasks")
+    service.clear()
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+        f"Queue {queue} cleared: 0 job(s) cancelled, the broker did not answer."
+    ]
     app.close()
 
 

@@ -532,10 +532,12 @@ class JobService:
             purged = {queue: purged.get(queue) for queue in chosen}
         for queue in chosen:
             log.info(
-                "Queue %s cleared: %d job(s) cancelled, %s message(s) purged.",
+                "Queue %s cleared: %d job(s) cancelled, %s.",
                 queue,
                 cleared[queue],
-                purged[queue],
+                "the broker did not answer"
+                if purged[queue] is None
+                else f"{purged[queue]} message(s) purged",
             )
         return {"queues": cleared, "purged": purged}
 
