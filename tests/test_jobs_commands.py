@@ -290,6 +290,14 @@ def test_clear_and_test(jobs, service, app, redis_client):
         "at the broker.\n",
         "",
     )
+    add_jobs(service, {"state": "scheduled"}, {"state": "pending"})
+    assert jobs("clear", queue) == (
+        0,
+        f"Queue {queue}: 1 waiting job(s) cancelled, not purged at the broker: 1 "
+        "scheduled job(s) have their messages there (workers drop the cancelled "
+        "ones).\n",
+        "",
+    )
 
 
 def test_clear_with_the_broker_down(tmp_path, ini_vars, service, capsys):

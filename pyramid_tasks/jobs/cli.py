@@ -277,14 +277,11 @@ def cancel(service, options, out):
 
 
 def clear(service, options, out):
+    from .service import _purge_text
+
     result = service.clear(options.queues or None)
     for queue, count in result["queues"].items():
-        purged = result["purged"][queue]
-        broker = (
-            "the broker did not answer"
-            if purged is None
-            else f"{purged} message(s) purged at the broker"
-        )
+        broker = _purge_text(result["purged"][queue], result["scheduled"][queue])
         print(f"Queue {queue}: {count} waiting job(s) cancelled, {broker}.", file=out)
     return 0
 

@@ -493,7 +493,13 @@ class JobService:
         """Cancel every waiting job (``pending`` or ``queued``) of ``queues``
         (a name or names; every known queue when None) and purge those queues
         at the broker.  ``{"queues": {queue: cancelled}, "purged": {queue:
-        messages purged, or None when the broker did not answer}}``."""
+        messages purged, or None when the broker did not answer or the queue
+        was not purged}, "scheduled": {queue: scheduled or retrying jobs}}``.
+
+        A queue with ``scheduled`` or ``retrying`` jobs is not purged: their
+        messages wait there for a worker to take them (a purge would leave
+        them ``scheduled`` for ever); the workers drop the cancelled jobs'
+        messages instead."""
         with self._connect(), self.store.engine.connect() as connection:
             chosen = self._queues(connection, queues)
             if chosen is None:
@@ -522,24 +528,29 @@ class JobService:
                 cleared[queue] += count
                 if count < self.batch_size:
                     break
-        purged = {}
+        with self.store.engine.connect() as connection:
+            delayed = {
+                queue: connection.execute(
+                    select(func.count()).where(_c.queue == queue, _c.state.in_(DELAYED))
+                ).scalar()
+                for queue in chosen
+            }
+        purged = {queue: None for queue in chosen}
         try:
             with self._broker() as connection:
                 for queue in chosen:
-                    purged[queue] = self._purge(connection, queue)
+                    if not delayed[queue]:
+                        purged[queue] = self._purge(connection, queue)
         except Exception as exc:
             log.warning("The broker did not purge %s: %s", chosen, one_line(exc))
-            purged = {queue: purged.get(queue) for queue in chosen}
         for queue in chosen:
             log.info(
                 "Queue %s cleared: %d job(s) cancelled, %s.",
                 queue,
                 cleared[queue],
-                "the broker did not answer"
-                if purged[queue] is None
-                else f"{purged[queue]} message(s) purged",
+                _purge_text(purged[queue], delayed[queue]),
             )
-        return {"queues": cleared, "purged": purged}
+        return {"queues": cleared, "purged": purged, "scheduled": delayed}
 
     @staticmethod
     def _purge(connection, queue):
@@ -757,6 +768,18 @@ class JobService:
             ", ".join(f"{n} {s}" for s, n in deleted.items()),
         )
         return deleted
+
+
+def _purge_text(purged, scheduled):
+    """What ``clear`` did at the broker to one queue, for its lines."""
+    if scheduled:
+        return (
+            f"not purged at the broker: {scheduled} scheduled job(s) have their "
+            "messages there (workers drop the cancelled ones)"
+        )
+    if purged is None:
+        return "the broker did not answer"
+    return f"{purged} message(s) purged at the broker"
 
 
 def _route_queues(router, naming):
