@@ -376,9 +376,19 @@ def test_retry_refuses_a_job_whose_unique_key_another_unfinished_job_holds(
     assert (type(error), error.name, error.value) == (BadParameter, "id", failed)
     assert str(error) == (
         f"job {failed} has the unique_key 'report-7', which the unfinished job "
-        f"{holder} holds: it runs once that one is finished"
+        f"{holder} holds: retry it once that one is finished"
     )
     assert states(service, [failed, holder, other]) == ["failed", "queued", "dead"]
+    # Two jobs of one key retried together: refused by name, nothing changed.
+    service.cancel([holder])
+    error = error_of(service.retry, [other, holder, failed])
+    assert (error.name, error.value, str(error)) == (
+        "id",
+        failed,
+        f"jobs {holder} and {failed} have the same unique_key 'report-7': only "
+        "one of them can be unfinished, retry one",
+    )
+    assert states(service, [failed, holder, other]) == ["failed", "cancelled", "dead"]
     # The holder cancelled, the key is free: the failed job runs again.
     service.cancel([holder])
     [retried] = service.retry([failed])

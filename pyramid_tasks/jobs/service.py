@@ -293,7 +293,7 @@ class JobService:
                 "id",
                 job_id,
                 f"job {job_id} has the unique_key {key!r}, which the unfinished "
-                f"job {holder} holds: it runs once that one is finished",
+                f"job {holder} holds: retry it once that one is finished",
             )
 
     @staticmethod
@@ -585,9 +585,20 @@ class JobService:
                     f"{', '.join(RETRYABLE[:-1])} or {RETRYABLE[-1]} job is retried",
                 )
         retried = []
+        claimed = {}  # unique_key: the id of this call that takes it
         with self.store.engine.begin() as connection:
             for job_id, row in rows.items():
-                self._check_key_free(connection, job_id, row["unique_key"])
+                key = row["unique_key"]
+                if key is not None and key in claimed:
+                    raise BadParameter(
+                        "id",
+                        job_id,
+                        f"jobs {claimed[key]} and {job_id} have the same "
+                        f"unique_key {key!r}: only one of them can be unfinished, "
+                        "retry one",
+                    )
+                claimed.setdefault(key, job_id)
+                self._check_key_free(connection, job_id, key)
                 options = {
                     k: v
                     for k, v in (row["options"] or {}).items()
