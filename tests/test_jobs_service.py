@@ -640,6 +640,11 @@ def test_a_dead_broker_costs_warnings_never_a_hang(tmp_path, ini_vars, caplog):
     assert service.retry([cancelled]) == [
         {"id": cancelled, "state_before": "cancelled", "state": "pending"}
     ]
+    # The relay leaves a retried job to the retry for its grace, however old
+    # the job (no second message while the retry publishes it).
+    with service.store.engine.begin() as connection:
+        assert service.store.claim_pending(connection, 0, 10) == []
+    assert service.get(cancelled)["publish_after"] is not None
     assert service.clear() == {
         "queues": {queue: 1},
         "purged": {queue: None},

@@ -611,7 +611,10 @@ class JobService:
                         state=PENDING,
                         options=stored({"options": options})["options"],
                         eta=None,
-                        publish_after=None,
+                        # Its created_at is old: without this the relay would
+                        # send it too, while this call publishes it.
+                        publish_after=utcnow()
+                        + timedelta(seconds=self.jobs.settings.relay_grace),
                         publish_attempts=0,
                         lost=0,  # its workers' deaths start counting again
                         published_at=None,
