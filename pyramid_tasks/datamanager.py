@@ -289,3 +289,15 @@ def _check_times(task, options):
         raise TypeError(
             f"{task.name}.apply_async(countdown={countdown!r}): expected seconds"
         )
+    priority = options.get("priority")
+    # A message priority, and the job table's integer column: "high" would
+    # fail only at the commit's INSERT (PostgreSQL) or at the publish.
+    if priority is not None and (
+        isinstance(priority, bool)
+        or not isinstance(priority, int)
+        or not 0 <= priority <= 255
+    ):
+        raise ValueError(
+            f"{task.name}.apply_async(priority={priority!r}): expected a whole "
+            "number from 0 to 255"
+        )

@@ -30,6 +30,16 @@ def enqueue(
     ``apply_async(..., tm=request.tm)`` sends it.
     """
     task = _task(request, func_or_task)
+    # Celery's own error for args=5 names a functools.partial, not the call.
+    for name, value, kind, expected in (
+        ("args", args, list | tuple, "a list or tuple"),
+        ("kwargs", kwargs, dict, "a dict"),
+    ):
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(
+                f"request.enqueue({task.name!r}, {name}={value!r:.80}): "
+                f"expected {expected} of the task's arguments"
+            )
     tm = getattr(request, "tm", None)
     if tm is None:
         raise TypeError(

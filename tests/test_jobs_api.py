@@ -185,6 +185,7 @@ def test_reads_need_the_view_permission_and_actions_the_manage_permission(api):
     assert client.post("/clear", {"queues": [our_queue]}) == {
         "queues": {our_queue: 0},
         "purged": {our_queue: 1},
+        "scheduled": {our_queue: 0},
     }
     assert client.post("/test")["id"] in client.states()
 
@@ -342,6 +343,8 @@ def test_a_bad_body_is_400_naming_the_parameter_and_changes_nothing(api):
         ("/retry", {"ids": ["q1"]}, "ids", "job q1 is queued: only a failed, "),
         ("/clear", {"queues": ["nowhere"]}, "queues", "unknown queue 'nowhere'"),
         ("/clear", {"queues": "q"}, "queues", "'queues' must be a non-empty list"),
+        # Only an absent "queues" clears every queue, never a null.
+        ("/clear", {"queues": None}, "queues", "'queues' must be a non-empty list"),
         ("/test", {"queue": 5}, "queue", "'queue' must be a queue name, got 5"),
         ("/test", {"queue": ""}, "queue", "'queue' must be a queue name, got ''"),
         ("/test", {"queue": "nowhere"}, "queue", "unknown queue 'nowhere': not "),
@@ -445,7 +448,11 @@ def test_test_cancel_clear_and_depth_at_the_broker(api, redis_client):
         }
     ]
     # The cancelled job's message stays at the broker until purged.
-    assert client.post("/clear") == {"queues": {our_queue: 2}, "purged": {our_queue: 3}}
+    assert client.post("/clear") == {
+        "queues": {our_queue: 2},
+        "purged": {our_queue: 3},
+        "scheduled": {our_queue: 0},
+    }
     assert redis_client.llen(our_queue) == 0
     assert client.d.states() == dict.fromkeys((first, second, third), "cancelled")
     assert client.get("/depth")["queues"] == [

@@ -7,6 +7,7 @@ PostgreSQL schema, Redis and a queue of the test's own); the service tests
 (tests/test_jobs_service.py) cover what the commands do to the jobs.
 """
 
+import io
 import json
 import re
 import textwrap
@@ -175,7 +176,7 @@ def test_show_every_field(jobs, service):
     assert refused(jobs, "show", "nope") == "jobs show: no job has the id 'nope'"
 
 
-def test_cancel_retry_and_their_refusals(jobs, service, redis_client):
+def test_cancel_retry_and_their_refusals(jobs, service, redis_client, ini, capsys):
     queued, done, failed = add_jobs(
         service, {}, {"state": "succeeded"}, {"state": "failed", "lost": 2}
     )
@@ -192,19 +193,49 @@ def test_cancel_retry_and_their_refusals(jobs, service, redis_client):
     assert jobs("cancel", queued, done) == (
         0,
         f"Cancelled job {queued} (it was queued).\n"
-        f"Job {done} is succeeded: not cancelled.\n",
+        f"Job {done} is already succeeded: left as it is.\n",
         "",
     )
-    assert jobs("retry", queued, failed) == (
+    assert jobs("cancel", queued) == (
         0,
-        f"Job {queued} (it was cancelled) is queued again.\n"
-        f"Job {failed} (it was failed) is queued again.\n",
+        f"Job {queued} is already cancelled: left as it is.\n",
         "",
     )
+    assert main([str(ini), "jobs", "retry", queued, failed]) == 0
+    out, err = capsys.readouterr()
+    assert out == (
+        f"Job {queued} (it was cancelled) is queued again.\n"
+        f"Job {failed} (it was failed) is queued again.\n"
+    )
+    # One line a job on the step's own logger, named as every job line is.
+    queue = service.app.conf.task_default_queue
+    assert [
+        line.split("] ", 1)[1] for line in err.splitlines() if ".retried]" in line
+    ] == [
+        f"Job tests.jobs_probe_app.plain[{queued}] retried by an operator (it was "
+        f"cancelled), queued: queue {queue}",
+        f"Job tests.jobs_probe_app.plain[{failed}] retried by an operator (it was "
+        f"failed), queued: queue {queue}",
+    ]
     row = service.get(failed)
     assert (row["state"], row["lost"], row["finished_at"]) == ("queued", 0, None)
     assert redis_client.llen(service.app.conf.task_default_queue) == 2
     redis_client.delete(service.app.conf.task_default_queue)
+
+
+def test_cancel_names_a_job_deleted_meanwhile():
+    # The service found no row left (pruned between its read and its UPDATE).
+    class Deleted:
+        def cancel(self, ids):
+            return [
+                {"id": i, "state_before": None, "state": None, "cancelled": False}
+                for i in ids
+            ]
+
+    out = io.StringIO()
+    options = jobs_cli.parse(["cancel", "gone"])
+    assert jobs_cli.cancel(Deleted(), options, out) == 0
+    assert out.getvalue() == "Job gone no longer exists: not cancelled.\n"
 
 
 def test_retry_with_the_broker_down_leaves_the_job_to_the_relay(
@@ -257,6 +288,14 @@ def test_clear_and_test(jobs, service, app, redis_client):
         f"Queue {queue}: 0 waiting job(s) cancelled, 0 message(s) purged at the "
         "broker.\nQueue second: 1 waiting job(s) cancelled, 0 message(s) purged "
         "at the broker.\n",
+        "",
+    )
+    add_jobs(service, {"state": "scheduled"}, {"state": "pending"})
+    assert jobs("clear", queue) == (
+        0,
+        f"Queue {queue}: 1 waiting job(s) cancelled, not purged at the broker: 1 "
+        "scheduled job(s) have their messages there (workers drop the cancelled "
+        "ones).\n",
         "",
     )
 

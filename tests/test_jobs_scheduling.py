@@ -727,6 +727,17 @@ def test_enqueue_names_what_it_cannot_send(durable, request_of, given, error, me
         request.enqueue(given)
 
 
+def test_enqueue_names_bad_args_and_kwargs(durable, request_of):
+    d = enqueue_app(durable)
+    request = request_of(d)
+    with pytest.raises(TypeError, match=r"^request.enqueue\('echo', args=5\): "):
+        request.enqueue("echo", 5)
+    with pytest.raises(
+        TypeError, match=r"^request.enqueue\('echo', kwargs=\[1\]\): expected a dict"
+    ):
+        request.enqueue("echo", kwargs=[1])
+
+
 def test_enqueue_title_without_the_job_table_says_so():
     """An app without pyramid_tasks.jobs (eager here: no broker)."""
     config = Configurator(settings={"celery.task_always_eager": "true"})

@@ -376,9 +376,19 @@ def test_retry_refuses_a_job_whose_unique_key_another_unfinished_job_holds(
     assert (type(error), error.name, error.value) == (BadParameter, "id", failed)
     assert str(error) == (
         f"job {failed} has the unique_key 'report-7', which the unfinished job "
-        f"{holder} holds: it runs once that one is finished"
+        f"{holder} holds: retry it once that one is finished"
     )
     assert states(service, [failed, holder, other]) == ["failed", "queued", "dead"]
+    # Two jobs of one key retried together: refused by name, nothing changed.
+    service.cancel([holder])
+    error = error_of(service.retry, [other, holder, failed])
+    assert (error.name, error.value, str(error)) == (
+        "id",
+        failed,
+        f"jobs {holder} and {failed} have the same unique_key 'report-7': only "
+        "one of them can be unfinished, retry one",
+    )
+    assert states(service, [failed, holder, other]) == ["failed", "cancelled", "dead"]
     # The holder cancelled, the key is free: the failed job runs again.
     service.cancel([holder])
     [retried] = service.retry([failed])
@@ -552,7 +562,11 @@ def test_clear_cancels_the_waiting_jobs_and_purges_the_broker(
     )
     assert redis_client.llen(queue) == 3
 
-    assert service.clear(queue) == {"queues": {queue: 4}, "purged": {queue: 3}}
+    assert service.clear(queue) == {
+        "queues": {queue: 4},
+        "purged": {queue: 3},
+        "scheduled": {queue: 0},
+    }
     assert states(service, [*mine, pending, running]) == ["cancelled"] * 4 + ["started"]
     assert states(service, theirs) == ["queued"] * 2
     assert (redis_client.llen(queue), redis_client.llen(other)) == (0, 2)
@@ -560,8 +574,28 @@ def test_clear_cancels_the_waiting_jobs_and_purges_the_broker(
     assert service.clear() == {
         "queues": {queue: 0, other: 2},
         "purged": {queue: 0, other: 2},
+        "scheduled": {queue: 0, other: 0},
     }
     assert states(service, theirs) == ["cancelled"] * 2
+    probe.close()
+
+
+def test_clear_leaves_a_queue_with_scheduled_jobs_unpurged(app, service, redis_client):
+    """No worker holds a scheduled job's message yet: it waits in the queue,
+    where a purge would delete it and leave the job scheduled for ever."""
+    probe = Probe(app, redis_client)
+    queue = app.conf.task_default_queue
+    [later] = probe.commit("record_once", (probe.key(),), countdown=600)
+    [waiting] = probe.commit("record_once", (probe.key(),))
+    assert redis_client.llen(queue) == 2
+
+    assert service.clear(queue) == {
+        "queues": {queue: 1},
+        "purged": {queue: None},
+        "scheduled": {queue: 1},
+    }
+    assert states(service, [later, waiting]) == ["scheduled", "cancelled"]
+    assert redis_client.llen(queue) == 2  # the workers drop the cancelled one
     probe.close()
 
 
@@ -580,6 +614,7 @@ def test_on_rabbitmq_depth_and_clear_count_the_messages(
         assert service.clear() == {
             "queues": {queue: 2, ghost_queue: 1},
             "purged": {queue: 2, ghost_queue: 0},
+            "scheduled": {queue: 0, ghost_queue: 0},
         }
     finally:
         with app.connection_for_write() as connection:
@@ -605,7 +640,16 @@ def test_a_dead_broker_costs_warnings_never_a_hang(tmp_path, ini_vars, caplog):
     assert service.retry([cancelled]) == [
         {"id": cancelled, "state_before": "cancelled", "state": "pending"}
     ]
-    assert service.clear() == {"queues": {queue: 1}, "purged": {queue: None}}
+    # The relay leaves a retried job to the retry for its grace, however old
+    # the job (no second message while the retry publishes it).
+    with service.store.engine.begin() as connection:
+        assert service.store.claim_pending(connection, 0, 10) == []
+    assert service.get(cancelled)["publish_after"] is not None
+    assert service.clear() == {
+        "queues": {queue: 1},
+        "purged": {queue: None},
+        "scheduled": {queue: 0},
+    }
     elapsed = time.monotonic() - started
     print(f"four actions on a dead broker: {elapsed:.2f} s")
     assert elapsed < 15
@@ -617,6 +661,12 @@ def test_a_dead_broker_costs_warnings_never_a_hang(tmp_path, ini_vars, caplog):
         f"The broker did not purge ['{queue}']: ",
     ):
         assert any(m.startswith(start) for m in messages), (start, messages)
+    # The clear's own line says the broker did not answer (no "None").
+    caplog.set_level(logging.INFO, "pyramid_tasks")
+    service.clear()
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+        f"Queue {queue} cleared: 0 job(s) cancelled, the broker did not answer."
+    ]
     app.close()
 
 

@@ -453,6 +453,9 @@ def test_a_lone_task_that_cannot_be_sent_is_logged(redis_url, queue, caplog):
         ({"expires": "next tuesday"}, "expires='next tuesday'"),
         ({"eta": "soon"}, "eta='soon'"),
         ({"countdown": "10"}, "countdown='10'"),
+        ({"priority": "high"}, "priority='high'"),
+        ({"priority": -1}, "priority=-1"),
+        ({"priority": True}, "priority=True"),
     ],
 )
 def test_bad_publish_options_fail_at_the_call(app, options, message):

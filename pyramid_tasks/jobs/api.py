@@ -134,10 +134,11 @@ def _body(request, allowed):
 
 def _strings(body, name, required=False):
     """``body[name]``: a non-empty list of non-empty strings, or None when
-    absent (or null) and not ``required``."""
-    value = body.get(name)
-    if value is None and not required:
+    absent and not ``required`` (a null is refused: ``{"queues": null}``
+    from a client's bug must not clear every queue)."""
+    if name not in body and not required:
         return None
+    value = body.get(name)
     if (
         not isinstance(value, list)
         or not value

@@ -266,20 +266,22 @@ def cancel(service, options, out):
                 f"Cancelled job {result['id']} (it was {result['state_before']}).",
                 file=out,
             )
+        elif result["state"] is None:  # deleted (pruned) since it was read
+            print(f"Job {result['id']} no longer exists: not cancelled.", file=out)
         else:
-            print(f"Job {result['id']} is {result['state']}: not cancelled.", file=out)
+            print(
+                f"Job {result['id']} is already {result['state']}: left as it is.",
+                file=out,
+            )
     return 0
 
 
 def clear(service, options, out):
+    from .service import _purge_text
+
     result = service.clear(options.queues or None)
     for queue, count in result["queues"].items():
-        purged = result["purged"][queue]
-        broker = (
-            "the broker did not answer"
-            if purged is None
-            else f"{purged} message(s) purged at the broker"
-        )
+        broker = _purge_text(result["purged"][queue], result["scheduled"][queue])
         print(f"Queue {queue}: {count} waiting job(s) cancelled, {broker}.", file=out)
     return 0
 

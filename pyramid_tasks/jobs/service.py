@@ -293,7 +293,7 @@ class JobService:
                 "id",
                 job_id,
                 f"job {job_id} has the unique_key {key!r}, which the unfinished "
-                f"job {holder} holds: it runs once that one is finished",
+                f"job {holder} holds: retry it once that one is finished",
             )
 
     @staticmethod
@@ -506,7 +506,13 @@ class JobService:
         """Cancel every waiting job (``pending`` or ``queued``) of ``queues``
         (a name or names; every known queue when None) and purge those queues
         at the broker.  ``{"queues": {queue: cancelled}, "purged": {queue:
-        messages purged, or None when the broker did not answer}}``."""
+        messages purged, or None when the broker did not answer or the queue
+        was not purged}, "scheduled": {queue: scheduled or retrying jobs}}``.
+
+        A queue with ``scheduled`` or ``retrying`` jobs is not purged: their
+        messages wait there for a worker to take them (a purge would leave
+        them ``scheduled`` for ever); the workers drop the cancelled jobs'
+        messages instead."""
         with self._connect(), self.store.engine.connect() as connection:
             chosen = self._queues(connection, queues)
             if chosen is None:
@@ -535,22 +541,29 @@ class JobService:
                 cleared[queue] += count
                 if count < self.batch_size:
                     break
-        purged = {}
+        with self.store.engine.connect() as connection:
+            delayed = {
+                queue: connection.execute(
+                    select(func.count()).where(_c.queue == queue, _c.state.in_(DELAYED))
+                ).scalar()
+                for queue in chosen
+            }
+        purged = {queue: None for queue in chosen}
         try:
             with self._broker() as connection:
                 for queue in chosen:
-                    purged[queue] = self._purge(connection, queue)
+                    if not delayed[queue]:
+                        purged[queue] = self._purge(connection, queue)
         except Exception as exc:
             log.warning("The broker did not purge %s: %s", chosen, one_line(exc))
-            purged = {queue: purged.get(queue) for queue in chosen}
         for queue in chosen:
             log.info(
-                "Queue %s cleared: %d job(s) cancelled, %s message(s) purged.",
+                "Queue %s cleared: %d job(s) cancelled, %s.",
                 queue,
                 cleared[queue],
-                purged[queue],
+                _purge_text(purged[queue], delayed[queue]),
             )
-        return {"queues": cleared, "purged": purged}
+        return {"queues": cleared, "purged": purged, "scheduled": delayed}
 
     @staticmethod
     def _purge(connection, queue):
@@ -629,9 +642,20 @@ class JobService:
                     f"{', '.join(RETRYABLE[:-1])} or {RETRYABLE[-1]} job is retried",
                 )
         retried = []
+        claimed = {}  # unique_key: the id of this call that takes it
         with self.store.engine.begin() as connection:
             for job_id, row in rows.items():
-                self._check_key_free(connection, job_id, row["unique_key"])
+                key = row["unique_key"]
+                if key is not None and key in claimed:
+                    raise BadParameter(
+                        "id",
+                        job_id,
+                        f"jobs {claimed[key]} and {job_id} have the same "
+                        f"unique_key {key!r}: only one of them can be unfinished, "
+                        "retry one",
+                    )
+                claimed.setdefault(key, job_id)
+                self._check_key_free(connection, job_id, key)
                 options = {
                     k: v
                     for k, v in (row["options"] or {}).items()
@@ -644,7 +668,10 @@ class JobService:
                         state=PENDING,
                         options=stored({"options": options})["options"],
                         eta=None,
-                        publish_after=None,
+                        # Its created_at is old: without this the relay would
+                        # send it too, while this call publishes it.
+                        publish_after=utcnow()
+                        + timedelta(seconds=self.jobs.settings.relay_grace),
                         publish_attempts=0,
                         lost=0,  # its workers' deaths start counting again
                         published_at=None,
@@ -670,12 +697,13 @@ class JobService:
         results = []
         for job_id, row in rows.items():
             state = QUEUED if job_id in sent_ids else PENDING
-            log.info(
-                "Job %s[%s] retried (it was %s): %s.",
-                row["name"],
+            joblog.line(
+                joblog.RETRIED,
                 job_id,
-                row["state"],
-                state,
+                row["name"],
+                row["queue"],
+                row["title"],
+                f"by an operator (it was {row['state']}), {state}",
             )
             results.append({"id": job_id, "state_before": row["state"], "state": state})
         return results
@@ -811,6 +839,18 @@ class JobService:
             ", ".join(f"{n} {s}" for s, n in deleted.items()),
         )
         return deleted
+
+
+def _purge_text(purged, scheduled):
+    """What ``clear`` did at the broker to one queue, for its lines."""
+    if scheduled:
+        return (
+            f"not purged at the broker: {scheduled} scheduled job(s) have their "
+            "messages there (workers drop the cancelled ones)"
+        )
+    if purged is None:
+        return "the broker did not answer"
+    return f"{purged} message(s) purged at the broker"
 
 
 def _route_queues(router, naming):
