@@ -2,6 +2,7 @@
 that count their runs in Redis (outside any transaction) and leave their
 effect in the database (an ``orders`` row whose email is the test's key)."""
 
+import json
 import time
 
 import redis
@@ -117,7 +118,12 @@ def cancellable(self, key, fail=False):
         time.sleep(0.05)
     if fail:
         raise RuntimeError("stopped: cancelled")
-    return {"before": before, "cancelled": self.cancel_requested()}
+    result = {"before": before, "cancelled": self.cancel_requested()}
+    # Also where a test reads it: a duplicate message (the relay re-sends a
+    # job whose "queued" mark lags behind a test's short grace) that a revoke
+    # drops makes the result backend say REVOKED.
+    _redis(self.get_request()).rpush(f"{key}:result", json.dumps(result))
+    return result
 
 
 @task(bind=True, base=TransactionalTask)

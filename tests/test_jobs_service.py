@@ -7,6 +7,7 @@ Rows that only the table must hold (old, finished, in other queues) are
 inserted directly; jobs at the broker are committed through the probe app.
 """
 
+import json
 import logging
 import time
 import uuid
@@ -731,8 +732,10 @@ def test_a_running_worker_revokes_retries_and_logs_the_test_job(
     [running_id] = probe.commit("cancellable", (running,))
     wait_for(lambda: redis_client.llen(f"{running}:ready"), message="it to start")
     assert service.cancel([running_id])[0]["state_before"] == "started"
-    result = app.AsyncResult(running_id).get(timeout=30)
-    assert result == {"before": False, "cancelled": True}
+    # Its return value as the task saw it (not the result backend's: see
+    # jobs_probe_app.cancellable).
+    result = wait_for(lambda: redis_client.lpop(f"{running}:result"))
+    assert json.loads(result) == {"before": False, "cancelled": True}
     assert probe.job(running_id)["state"] == "cancelled"
 
     failing = probe.key()
