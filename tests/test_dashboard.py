@@ -556,25 +556,55 @@ def test_clearing_a_queue_asks_first_then_cancels_and_purges(
     assert "Its 3 waiting jobs (pending or queued) will be cancelled" in text(ask)
     caplog.set_level(logging.INFO, AUDIT)
     done = ask.forms[0].submit(headers={"X-Role": "manager"}, status=303)
-    assert done.location.endswith(f"{PREFIX}/?done=clear&queue={d.queue}&count=3")
+    assert done.location.endswith(
+        f"{PREFIX}/?done=clear&queue={d.queue}&count=3&purge=kept"
+    )
     assert (
-        f"Queue {d.queue} cleared: 3 waiting jobs cancelled, its messages purged."
+        f"Queue {d.queue} cleared: 3 waiting jobs cancelled, its messages kept: "
+        "scheduled jobs wait in it (the workers drop the cancelled ones)."
         in text(done.follow(headers={"X-Role": "viewer"}))
     )
     assert board.states() == dict.fromkeys(sent, "cancelled") | {"later": "scheduled"}
+    # The scheduled job's message would be in the queue: nothing purged.
+    assert redis_client.llen(d.queue) == 3
+    # With nothing scheduled left, a second clear purges the cancelled ones'.
+    with d.engine.begin() as connection:
+        connection.execute(
+            sqlalchemy.update(Job.__table__)
+            .where(Job.id == "later")
+            .values(state="cancelled")
+        )
+    ask = board.get(f"/queues/{d.queue}/clear", role="manager")
+    done = ask.forms[0].submit(headers={"X-Role": "manager"}, status=303)
+    assert done.location.endswith(
+        f"{PREFIX}/?done=clear&queue={d.queue}&count=0&purge=done"
+    )
+    assert (
+        f"Queue {d.queue} cleared: 0 waiting jobs cancelled, its messages purged."
+        in text(done.follow(headers={"X-Role": "viewer"}))
+    )
     assert redis_client.llen(d.queue) == 0
     assert [r.getMessage() for r in caplog.records if r.name == AUDIT] == [
-        f"manager: clear of queue {d.queue}: 3 job(s) cancelled, 3 message(s) purged"
+        f"manager: clear of queue {d.queue}: 3 job(s) cancelled, none (1 scheduled "
+        "job(s) wait in it) message(s) purged",
+        f"manager: clear of queue {d.queue}: 0 job(s) cancelled, 3 message(s) purged",
     ]
     assert [(e.action, e.job_ids, e.queues) for e in events] == [
         ("clear", [], [d.queue])
+    ] * 2
+    assert [e.results for e in events] == [
+        {
+            "queues": {d.queue: 3},
+            "purged": {d.queue: None},
+            "scheduled": {d.queue: 1},
+        },
+        {"queues": {d.queue: 0}, "purged": {d.queue: 3}, "scheduled": {d.queue: 0}},
     ]
-    assert events[0].results == {"queues": {d.queue: 3}, "purged": {d.queue: 3}}
     # An unknown queue.
     for method in (board.get, board.post):
         page = method("/queues/nowhere/clear", role="manager", status=404)
         assert "unknown queue 'nowhere': not configured and no job has it" in text(page)
-    assert len(events) == 1
+    assert len(events) == 2
 
 
 def test_a_queue_cleared_while_the_broker_is_stopped(

@@ -156,15 +156,22 @@ def clear_queue(request):
         return render(request, "missing.jinja2", status=404, message=str(exc))
     result = service.clear([queue])
     cancelled, purged = result["queues"][queue], result["purged"][queue]
+    scheduled = result.get("scheduled", {}).get(queue, 0)
+    if scheduled:  # their messages wait in the queue: not purged
+        purge, purged_text = "kept", f"none ({scheduled} scheduled job(s) wait in it)"
+    elif purged is None:
+        purge, purged_text = "unknown", "unknown (the broker did not answer)"
+    else:
+        purge, purged_text = "done", str(purged)
     audit.info(
         "%s: clear of queue %s: %d job(s) cancelled, %s message(s) purged",
         request.authenticated_userid,
         queue,
         cancelled,
-        "unknown (the broker did not answer)" if purged is None else purged,
+        purged_text,
     )
     request.registry.notify(JobsActedOn(request, "clear", [], result, queues=[queue]))
-    query = {"done": "clear", "queue": queue, "count": cancelled}
+    query = {"done": "clear", "queue": queue, "count": cancelled, "purge": purge}
     return HTTPSeeOther(request.route_path(ROUTE + "overview", _query=query))
 
 

@@ -48,6 +48,15 @@ DONE_JOB = {
 # -- the pages -------------------------------------------------------------------
 
 
+# What became of a cleared queue's messages (the ``purge`` of the notice).
+_PURGE = {
+    "done": "its messages purged.",
+    "kept": "its messages kept: scheduled jobs wait in it (the workers drop "
+    "the cancelled ones).",
+    "unknown": "its messages not purged: the broker did not answer.",
+}
+
+
 def overview_page(request):
     service = JobService.from_registry(request.registry)
     queues = overview(service, cap=CAP)
@@ -56,7 +65,8 @@ def overview_page(request):
     if done == "clear" and count.isdigit():
         notice = (
             f"Queue {request.GET.get('queue', '')} cleared: {count} waiting "
-            f"job{'' if count == '1' else 's'} cancelled, its messages purged."
+            f"job{'' if count == '1' else 's'} cancelled, "
+            f"{_PURGE.get(request.GET.get('purge'), _PURGE['done'])}"
         )
     return render(
         request,
