@@ -1,0 +1,115 @@
+"""Worker side of durable mode: a retried job is never lost to an old revoke.
+
+``jobs cancel`` revokes the job's id at the workers, and each keeps it for
+hours (longer with a ``--statedb``, and a worker starting later learns it
+from its peers).  ``jobs retry`` sends the job again under the same id and
+asks the workers to forget the revoke, but nothing orders that broadcast
+before the message: a worker still holding the revoke drops the message
+(Celery acknowledges it) and the job would wait ``queued`` for ever.
+
+Celery reports each dropped delivery in the worker's main process (the
+``task_revoked`` signal, whatever the pool).  There the job's row decides:
+a job still waiting (``pending``, ``queued``, ``scheduled``, ``retrying``:
+it was retried since it was cancelled) is sent again at once and the revoke
+forgotten in this worker; a cancelled, finished or started job, or a task
+without a row, stays dropped.
+"""
+
+import logging
+import threading
+
+from celery import signals
+from celery.utils.time import maybe_iso8601
+from celery.worker import state as worker_state
+from sqlalchemy import select, update
+
+from ..publish import publish
+from .model import PENDING, QUEUED, RETRYING, SCHEDULED, Job, loaded
+from .relay import Relay
+from .store import one_line
+
+__all__ = ["install", "send_again"]
+
+log = logging.getLogger(__name__)
+
+_table = Job.__table__
+_c = _table.c
+
+#: The states of a job whose dropped message must go out again.
+WAITING = (PENDING, QUEUED, SCHEDULED, RETRYING)
+
+
+def install(app):
+    """Send again the waiting jobs of ``app`` a worker drops as revoked."""
+
+    def on_revoked(sender=None, request=None, terminated=False, expired=False, **kw):
+        # Expired, or terminated while it ran: not a revoke the retry undoes.
+        if sender.app is not app or terminated or expired:
+            return
+        eta = maybe_iso8601(request.eta) if request.eta else None
+        # Off the consumer's thread: a slow or locked database (SQLite's
+        # writer is a running job's transaction) never stalls consumption.
+        threading.Thread(
+            target=send_again,
+            args=(app, sender, request.id, eta, request.retries),
+            name="pyramid_tasks-revoked",
+            daemon=True,
+        ).start()
+
+    signals.task_revoked.connect(on_revoked, weak=False)
+    return on_revoked
+
+
+def send_again(app, task, job_id, eta=None, retries=0):
+    """The delivery of ``job_id`` (``task``'s, its ``eta`` and Celery
+    ``retries``) was dropped as revoked: when the job waits to run, forget
+    the revoke here and send it again (True); a send the broker refuses
+    leaves it ``pending`` for the relay."""
+    if job_id not in worker_state.revoked:
+        return False  # revoked by a stamped header, or forgotten meanwhile
+    store = app.pyramid_registry.pyramid_tasks_jobs.store
+    try:
+        with store.engine.begin() as connection:
+            # The row stays locked (the relay skips it) until it is marked.
+            waiting = connection.execute(
+                update(_table)
+                .where(_c.id == job_id, _c.state.in_(WAITING))
+                .values(state=PENDING, publish_after=None)
+            ).rowcount
+            if not waiting:  # cancelled, finished, started, or no row
+                state = store.state(job_id, connection)
+                log.info(
+                    "Job %s[%s] is %s: its revoked message stays dropped.",
+                    task.name,
+                    job_id,
+                    state or "not in the job table",
+                )
+                return False
+            worker_state.revoked.discard(job_id)
+            row = connection.execute(select(_table).where(_c.id == job_id)).one()
+            row = loaded(row._asdict())
+            if eta is not None:  # a retry()'s or a countdown's: kept
+                row["eta"] = eta
+            sends, _unknown = Relay(app)._sends([row])
+            for send in sends:
+                send.options["retries"] = retries
+            sent = publish(app, sends, durable=True) if sends else []
+            store.relayed(connection, [(s.task_id, s.row["eta"]) for s in sent])
+    except Exception as exc:
+        log.error(
+            "Job %s[%s] was dropped as revoked and its row could not be read "
+            "or written (%s): if it was retried and does not run, cancel it "
+            "and retry it again.",
+            task.name,
+            job_id,
+            one_line(exc),
+        )
+        return False
+    log.warning(
+        "Job %s[%s] was retried after its cancel; this worker still held the "
+        "revoke: %s.",
+        task.name,
+        job_id,
+        "sent again" if sent else "left pending for the relay",
+    )
+    return True
