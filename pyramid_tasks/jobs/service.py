@@ -683,7 +683,9 @@ class JobService:
     def _unrevoke(self, ids):
         """Make the workers forget the revokes of cancelled jobs about to run
         again (each worker keeps a job's revoke for hours); waits for their
-        answers, a second at most."""
+        answers, a second at most.  The fast path only: a worker that drops
+        the job's message under the revoke all the same sends it again
+        (:mod:`pyramid_tasks.jobs.revoked`)."""
         try:
             with self._broker() as connection:
                 self.app.control.broadcast(
