@@ -16,6 +16,7 @@ without a row, stays dropped.
 """
 
 import logging
+import queue
 import threading
 
 from celery import signals
@@ -41,32 +42,49 @@ WAITING = (PENDING, QUEUED, SCHEDULED, RETRYING)
 
 def install(app):
     """Send again the waiting jobs of ``app`` a worker drops as revoked."""
+    drops = queue.SimpleQueue()
+    thread = []
 
     def on_revoked(sender=None, request=None, terminated=False, expired=False, **kw):
-        # Expired, or terminated while it ran: not a revoke the retry undoes.
-        if sender.app is not app or terminated or expired:
+        # Expired, or terminated while it ran: not a revoke a retry undoes.
+        # Read now: an unrevoke arriving later must not hide this drop.
+        if (
+            sender.app is not app
+            or terminated
+            or expired
+            or request.id not in worker_state.revoked  # by a stamped header
+        ):
             return
         eta = maybe_iso8601(request.eta) if request.eta else None
-        # Off the consumer's thread: a slow or locked database (SQLite's
-        # writer is a running job's transaction) never stalls consumption.
-        threading.Thread(
-            target=send_again,
-            args=(app, sender, request.id, eta, request.retries),
-            name="pyramid_tasks-revoked",
-            daemon=True,
-        ).start()
+        drops.put((app, sender, request.id, eta, request.retries))
+        if not thread:
+            # One thread, off the consumer's: a slow or locked database
+            # (SQLite's writer is a running job's transaction) never stalls
+            # consumption, and a burst of drops never a pool of connections.
+            thread.append(
+                threading.Thread(
+                    target=_send_drops,
+                    args=(drops,),
+                    name="pyramid_tasks-revoked",
+                    daemon=True,
+                )
+            )
+            thread[0].start()
 
     signals.task_revoked.connect(on_revoked, weak=False)
     return on_revoked
 
 
+def _send_drops(drops):
+    while True:
+        send_again(*drops.get())
+
+
 def send_again(app, task, job_id, eta=None, retries=0):
-    """The delivery of ``job_id`` (``task``'s, its ``eta`` and Celery
-    ``retries``) was dropped as revoked: when the job waits to run, forget
-    the revoke here and send it again (True); a send the broker refuses
-    leaves it ``pending`` for the relay."""
-    if job_id not in worker_state.revoked:
-        return False  # revoked by a stamped header, or forgotten meanwhile
+    """The delivery of ``job_id`` (``task``'s, with its ``eta`` and Celery
+    ``retries``) was dropped as revoked by its id: when the job waits to
+    run, forget the revoke here and send it again (True); a send the broker
+    refuses leaves it ``pending`` for the relay."""
     store = app.pyramid_registry.pyramid_tasks_jobs.store
     try:
         with store.engine.begin() as connection:
