@@ -1,5 +1,6 @@
-"""A retried job meets a worker that still holds its revoke
-(pyramid_tasks.jobs.revoked): real workers, Redis and PostgreSQL.
+"""A retried job meets a worker that still holds its revoke, and a job
+revoked through Celery (pyramid_tasks.jobs.revoked): real workers, Redis and
+PostgreSQL.
 
 ``jobs retry`` asks the workers to forget the revoke before it sends the
 job, but nothing orders that broadcast before the message.  The tests make
@@ -15,11 +16,12 @@ import sqlalchemy
 from celery import signals
 from celery.app.task import Context
 from celery.worker import state as worker_state
+from sqlalchemy import update
 
 from pyramid_tasks.jobs import revoked as revoked_module
-from pyramid_tasks.jobs.model import utcnow
+from pyramid_tasks.jobs.model import Job, utcnow
 from pyramid_tasks.jobs.relay import Relay
-from pyramid_tasks.jobs.revoked import send_again
+from pyramid_tasks.jobs.revoked import RETRIED_HEADER, send_again
 from pyramid_tasks.jobs.service import JobService
 from pyramid_tasks.publish import publish
 
@@ -161,10 +163,11 @@ def test_a_database_down_is_logged_and_keeps_the_revoke(
 def test_a_delayed_job_goes_again_with_its_eta_and_retries(
     tmp_path, ini_vars, revoked, redis_client
 ):
-    """The receiver Celery calls as it drops a delivery: a job retrying
-    (Celery's retry() sent it with an eta) goes again with that eta and its
-    retries; a run terminated, a message expired or revoked by a stamped
-    header (its id not in the revokes), or a cancelled job, is left alone.
+    """The receiver Celery calls as it drops a delivery: a retried job
+    retrying (Celery's retry() sent it with an eta) goes again with that eta,
+    its retries and its mark; a run terminated, a message expired or revoked
+    by a stamped header (its id not in the revokes), or a cancelled job, is
+    left alone.
     One thread takes the drops in order: once the last one is sent, the
     others were seen."""
     app = web_app(tmp_path, ini_vars, "web")
@@ -181,7 +184,9 @@ def test_a_delayed_job_goes_again_with_its_eta_and_retries(
         on_revoked(sender=task, request=Context(id=expired), expired=True)
         on_revoked(sender=task, request=Context(id=by_header))
         on_revoked(sender=task, request=Context(id=cancelled))
-        request = Context(id=delayed, eta=eta.isoformat(), retries=3)
+        request = Context(
+            id=delayed, eta=eta.isoformat(), retries=3, **{RETRIED_HEADER: True}
+        )
         on_revoked(sender=task, request=request, terminated=False, expired=False)
         row = Probe(app, redis_client).wait_state(delayed, "scheduled")
     finally:
@@ -194,10 +199,65 @@ def test_a_delayed_job_goes_again_with_its_eta_and_retries(
         eta.isoformat(),
         3,
     )
+    assert headers[RETRIED_HEADER] is True
     assert [service.store.state(i) for i in (terminated, expired, by_header)] == [
         "retrying"
     ] * 3
     assert service.store.state(cancelled) == "cancelled"
     assert {terminated, expired, cancelled} <= set(worker_state.revoked)
     assert delayed not in worker_state.revoked
+    app.close()
+
+
+def test_a_job_revoked_through_celery_while_queued_is_cancelled_not_run(
+    jobs_worker, redis_client, ini_vars
+):
+    """``AsyncResult.revoke()`` of a queued job, its message delivered
+    after: dropped, and the row says so (no retry mark: not sent again)."""
+    worker = jobs_worker("-P", "solo")
+    app = worker.celery_app
+    probe = Probe(app, redis_client)
+    later = f"{ini_vars['queue']}_later"  # the worker consumes it only later
+    key = probe.key()
+    [job_id] = probe.commit("record_once", (key,), queue=later)
+    assert probe.job(job_id)["state"] == "queued"
+
+    app.AsyncResult(job_id).revoke()
+    wait_for(lambda: f"Tasks flagged as revoked: {job_id}" in worker.log)
+    app.control.add_consumer(later, destination=[worker.node], reply=True)
+    row = probe.wait_state(job_id, "cancelled")
+    wait_for(lambda: "(revoked through Celery while it waited)" in worker.log)
+    assert (row["attempts"], probe.runs(key), probe.effects(key)) == (0, 0, 0)
+    assert row["finished_at"] is not None
+    assert discarded(worker, job_id) == 1
+    assert worker.log.count(f"[{job_id}] cancelled (revoked through Celery") == 1
+    assert "was retried after its cancel" not in worker.log
+    assert redis_client.llen(later) == 0  # not sent again
+    probe.close()
+
+
+def test_the_relay_sends_a_retried_job_again_with_its_mark(
+    tmp_path, ini_vars, redis_client
+):
+    """A retry the broker refused: the relay sends the row's options, the
+    retry mark among them (a worker that drops it sends it again)."""
+    down = web_app(
+        tmp_path, ini_vars, "down", broker_url=f"redis://127.0.0.1:{free_port()}/0"
+    )
+    [job_id] = add_jobs(service_of(down), {"state": "failed"})
+    assert service_of(down).retry([job_id])[0]["state"] == "pending"
+    down.close()
+    app = web_app(tmp_path, ini_vars, "web")
+    store = service_of(app).store
+    with store.engine.begin() as connection:  # its backoff over
+        connection.execute(
+            update(Job.__table__).where(Job.id == job_id).values(publish_after=None)
+        )
+    assert Relay(app).run_once()[1] == 1
+    [message] = [json.loads(m) for m in redis_client.lrange(ini_vars["queue"], 0, -1)]
+    assert (message["headers"]["id"], message["headers"][RETRIED_HEADER]) == (
+        job_id,
+        True,
+    )
+    assert store.get(job_id)["options"]["headers"] == {RETRIED_HEADER: True}
     app.close()
