@@ -45,9 +45,10 @@ class PyramidLoader(AppLoader):
         signals.beat_embedded_init.connect(_dispose_in_embedded_beat, weak=False)
         jobs = getattr(self.app.pyramid_registry, "pyramid_tasks_jobs", None)
         if jobs is not None:
-            from .jobs import limits
+            from .jobs import limits, revoked
 
             limits.install(self.app)
+            revoked.install(self.app)
         if jobs is not None and jobs.settings.relay:
             from .jobs.relay import install
 

@@ -49,6 +49,7 @@ from .model import (
     utcnow,
 )
 from .relay import Relay
+from .revoked import RETRIED_HEADER
 from .store import explain_missing_table, one_line
 
 __all__ = [
@@ -626,7 +627,9 @@ class JobService:
         Every id is checked first: an unknown one is UnknownJob, a job in
         another state BadParameter naming it and its state; nothing changed.
         Each job goes back to ``pending`` (one UPDATE naming the state it
-        was found in), is published as the relay publishes, and is marked
+        was found in; its options' ``headers`` gain
+        :data:`~pyramid_tasks.jobs.revoked.RETRIED_HEADER`), is published as
+        the relay publishes, and is marked
         ``queued`` when the broker took it; what the broker did not take
         stays ``pending`` for the relay.  Per id ``{"id", "state_before",
         "state"}``.
@@ -660,6 +663,13 @@ class JobService:
                     k: v
                     for k, v in (row["options"] or {}).items()
                     if k not in ("eta", "countdown")
+                }
+                # Every later send carries the mark too (the relay's, a
+                # worker's): one that drops it under the cancel's revoke
+                # sends it again (pyramid_tasks.jobs.revoked).
+                options["headers"] = {
+                    **(options.get("headers") or {}),
+                    RETRIED_HEADER: True,
                 }
                 changed = connection.execute(
                     update(_table)
@@ -711,7 +721,9 @@ class JobService:
     def _unrevoke(self, ids):
         """Make the workers forget the revokes of cancelled jobs about to run
         again (each worker keeps a job's revoke for hours); waits for their
-        answers, a second at most."""
+        answers, a second at most.  The fast path only: a worker that drops
+        the job's message under the revoke all the same sends it again
+        (:mod:`pyramid_tasks.jobs.revoked`)."""
         try:
             with self._broker() as connection:
                 self.app.control.broadcast(
