@@ -36,7 +36,7 @@ from pyramid_tasks.jobs.service import TEST_TASK, JobService
 from pyramid_tasks.jobs.store import JobStore
 from pyramid_tasks.settings import JobsSettings, parse_jobs_settings
 
-from .conftest import wait_for
+from .conftest import free_port, wait_for
 from .test_jobs_web import durable, queue  # noqa: F401 (fixtures)
 
 PREFIX = "/_tasks/api"
@@ -814,3 +814,59 @@ def test_included_from_the_ini_with_its_settings():
     config.commit()
     routes = config.get_routes_mapper().get_routes()
     assert "/ops/tasks/jobs/{id}" in {route.pattern for route in routes}
+
+
+# -- the database fails ---------------------------------------------------------
+
+
+def api_errors(caplog):
+    records = caplog.records
+    return [r for r in records if r.name == API_LOGGER and r.levelname == "ERROR"]
+
+
+def test_a_database_down_is_a_503_json_answer_without_the_password(
+    api, monkeypatch, caplog
+):
+    client = api()
+    password = "s3cret-never-shown"
+    down = sqlalchemy.create_engine(
+        f"postgresql+psycopg://ann:{password}@127.0.0.1:{free_port()}/test"
+    )
+    monkeypatch.setattr(client.d.jobs.store, "engine", down)
+    caplog.set_level(logging.ERROR, API_LOGGER)
+    answer = client.get("/jobs", status=503)
+    assert list(answer) == ["error", "parameter"]
+    assert answer["parameter"] is None
+    assert answer["error"].startswith("OperationalError: connection failed")
+    assert "\n" not in answer["error"] and "SELECT" not in answer["error"]
+    body = client.app.post(
+        PREFIX + "/test",
+        headers={"X-Role": "manager", "X-CSRF-Token": client.token},
+        status=503,
+    ).text
+    assert password not in body and json.loads(body)["error"] == answer["error"]
+    [first, second] = api_errors(caplog)
+    assert first.getMessage().startswith(
+        f"GET {PREFIX}/jobs: the job table did not answer: {answer['error']}\n"
+        "Traceback (most recent call last):"
+    )
+    assert second.getMessage().startswith(f"POST {PREFIX}/test: ")
+    assert password not in caplog.text
+    down.dispose()
+
+
+def test_a_missing_job_table_is_a_503_json_answer_naming_it(api, caplog):
+    client = api()
+    metadata.drop_all(client.d.engine)  # the schema as a fresh one: no table
+    caplog.set_level(logging.ERROR, API_LOGGER)
+    for path in ("/jobs", "/jobs/j", "/depth"):
+        answer = client.get(path, status=503)
+        assert answer["error"].startswith(
+            "The job table pyramid_tasks_job does not exist in postgresql"
+        )
+        assert answer["error"].endswith(
+            "create it with `tasks-celery CONFIG jobs init-db` or your "
+            "migrations (docs/jobs.rst)."
+        )
+    assert len(api_errors(caplog)) == 3
+    assert "JobTableMissing" in api_errors(caplog)[0].getMessage()

@@ -16,21 +16,25 @@ Reads need ``tasks.jobs.view_permission`` (``tasks.view``), actions
 ``tasks.jobs.manage_permission`` (``tasks.manage``); actions check Pyramid's
 CSRF token (the ``X-CSRF-Token`` header).  Every answer is JSON, errors too:
 ``{"error": "...", "parameter": "..."}`` with 400 (a bad parameter), 403,
-404 (an unknown job) or 405.  The work is :class:`.service.JobService`'s.
+404 (an unknown job), 405 or 503 (the database failed: it is down, or the
+job table is missing).  The work is :class:`.service.JobService`'s.
 """
 
 import functools
 import json
 import logging
+import traceback
 
 from pyramid.exceptions import BadCSRFToken, PredicateMismatch
 from pyramid.response import Response
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..config import _action
 from ..masking import mask_secrets
 from ..settings import parse_jobs_settings
 from .access import check_operator_include
 from .service import JobError, JobService, UnknownJob
+from .store import JobTableMissing, one_line
 
 __all__ = ["includeme"]
 
@@ -61,6 +65,24 @@ def _error(status, message, parameter=None):
     return _answer(body, status)
 
 
+def _database_failed(request, exc):
+    """503: the database failed, not the request.  One line to the caller;
+    one ERROR record with the traceback, masked (``exc_info`` would print
+    the raw exception: SQL parameters, a password in a URL)."""
+    if isinstance(exc, JobTableMissing):
+        message = str(exc)
+    else:
+        message = f"{type(exc).__name__}: {one_line(exc)}"
+    log.error(
+        "%s %s: the job table did not answer: %s\n%s",
+        request.method,
+        request.path,
+        mask_secrets(message),
+        mask_secrets("".join(traceback.format_exception(exc))).rstrip(),
+    )
+    return _error(503, message)
+
+
 def _api(**renames):
     """A view of the service: its answer as JSON (unless it is a Response),
     its errors as JSON too.
@@ -83,6 +105,8 @@ def _api(**renames):
             except JobError as exc:  # a BadParameter names its parameter
                 name = getattr(exc, "name", None)
                 return _error(400, str(exc), renames.get(name, name))
+            except (JobTableMissing, SQLAlchemyError) as exc:
+                return _database_failed(request, exc)
 
         return api_view
 
