@@ -205,6 +205,7 @@ def main_jobs(ours, jobs_args):
     """``tasks-celery CONFIG jobs COMMAND``: the status."""
     from .jobs import cli as jobs_cli
     from .jobs.service import JobError
+    from .jobs.store import JobTableMissing
 
     try:
         options = jobs_cli.parse(jobs_args)
@@ -213,7 +214,7 @@ def main_jobs(ours, jobs_args):
         options.config_uri, options.variables = config_uri, variables
         app = load(config_uri, variables)
         return jobs_cli.run(app, options)
-    except JobError as exc:  # refused by the job service: nothing changed
+    except (JobError, JobTableMissing) as exc:  # refused, or no table: unchanged
         return _error(f"jobs {options.command}: {exc}")
     except SQLAlchemyError as exc:  # the database, at the command's work
         from .jobs.store import one_line

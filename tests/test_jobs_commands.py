@@ -443,6 +443,47 @@ def test_drain_times_out_naming_what_is_left(jobs, app, service, capsys):
     )
 
 
+def test_drain_does_not_wait_for_scheduled_or_retrying_jobs(jobs, app, service):
+    # Both wait for an eta an hour away; neither has a message in the queue.
+    later = datetime.now(UTC) + timedelta(hours=1)
+    add_jobs(service, {"state": "scheduled", "eta": later})
+    add_jobs(service, {"state": "retrying", "eta": later})
+    queue = app.conf.task_default_queue
+    status, out, _err = jobs("drain", "--timeout", "20s")
+    assert (status, out) == (0, f"Drained {queue}: nothing waits or runs.\n")
+
+
+def test_drain_waits_while_the_broker_does_not_answer(tmp_path, ini_vars, app, capsys):
+    # The table shows nothing left; the broker (a closed port) cannot say.
+    down = dict(ini_vars, broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    settings = {"probe.redis_url": ini_vars["redis_url"]}
+    ini = overlay_ini(tmp_path / "down.ini", SECTION, down, settings)
+    queue = app.conf.task_default_queue
+    status = main([str(ini), "jobs", "drain", "--timeout", "1s"])
+    out, err = capsys.readouterr()
+    assert (status, out) == (1, "")
+    assert err.splitlines()[-1] == (
+        f"tasks-celery: error: jobs drain: timed out after 1s: queue {queue}: 0 "
+        "job(s) waiting or running, the broker did not answer"
+    )
+
+
+def test_drain_without_the_job_table_says_so_as_the_other_commands(
+    tmp_path, ini_vars, capsys
+):
+    # The demo's app on a fresh schema, told not to create its tables.
+    settings = {"demo.create_tables": "false", "pyramid.includes": "pyramid_tasks.jobs"}
+    ini = overlay_ini(tmp_path / "bare.ini", "main", ini_vars, settings)
+    errors = []
+    for command in (["depth"], ["drain", "--timeout", "1m"]):
+        status = main([str(ini), "jobs", *command])
+        out, err = capsys.readouterr()
+        assert (status, out) == (1, "")
+        errors.append(err.splitlines()[-1].split(": ", 3)[-1])
+    assert errors[0] == errors[1]
+    assert errors[0].startswith("The job table pyramid_tasks_job does not exist in ")
+
+
 def test_drain_when_its_worker_exits(app, monkeypatch, ini, capsys):
     monkeypatch.setattr(jobs_cli, "_WORKER", "import sys; sys.exit(3)")
     add_jobs(JobService.from_registry(app.pyramid_registry), {})

@@ -23,9 +23,10 @@ __all__ = ["USAGE", "parse", "run"]
 
 USAGE = "tasks-celery CONFIG_URI [--var name=value ...] jobs COMMAND ..."
 
-# What ``drain`` waits for: a job in one of these states is not done yet (a
-# ``scheduled`` one waits for its eta, which may be days away).
-_LEFT = ("pending", "queued", "started", "retrying")
+# What ``drain`` waits for: a job in one of these states is not done yet.  A
+# ``scheduled`` or ``retrying`` one waits for its eta (a countdown), which may
+# be days away: not waited for.
+_LEFT = ("pending", "queued", "started")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -397,9 +398,10 @@ DRAIN_POLL = 0.5
 
 
 def _left(service, queues):
-    """What is left in ``queues``, one text a queue with anything left."""
+    """What is left in ``queues``, one text a queue with anything left (or
+    not known to be empty: the broker did not answer)."""
     store = service.store
-    with store.engine.connect() as connection:
+    with service._connect(), store.engine.connect() as connection:
         counts = dict(
             connection.execute(
                 select(Job.queue, func.count())
@@ -410,11 +412,15 @@ def _left(service, queues):
     sizes = service.broker_sizes(queues)
     left = []
     for queue, size in zip(queues, sizes, strict=True):
-        if counts.get(queue) or size:
-            broker = "?" if size is None else size
+        if counts.get(queue) or size is None or size:
+            broker = (
+                "the broker did not answer"
+                if size is None
+                else f"{size} message(s) at the broker"
+            )
             left.append(
                 f"queue {queue}: {counts.get(queue, 0)} job(s) waiting or running, "
-                f"{broker} message(s) at the broker"
+                f"{broker}"
             )
     return left
 
