@@ -73,6 +73,18 @@ def add_jobs(service, *rows):
     return [row["id"] for row in made]
 
 
+SERVICE_LOGGER = "pyramid_tasks.jobs.service"
+
+
+def service_lines(caplog):
+    """The INFO lines of the service's logger."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == SERVICE_LOGGER and r.levelno == logging.INFO
+    ]
+
+
 def states(service, ids):
     return [service.store.state(job_id) for job_id in ids]
 
@@ -208,7 +220,7 @@ def test_get_an_unknown_id(service):
 
 
 def test_known_queues_are_the_configured_ones_and_those_of_the_table(
-    tmp_path, ini_vars, redis_client
+    tmp_path, ini_vars, redis_client, caplog
 ):
     site = f"site{uuid.uuid4().hex[:8]}"
     app = web_app(
@@ -230,8 +242,10 @@ def test_known_queues_are_the_configured_ones_and_those_of_the_table(
     with service.store.engine.connect() as connection:
         assert service.table_queues(connection) == ["legacy", f"{site}.b"]
     # Given without the prefix, or with it; a queue only the table knows.
+    caplog.set_level(logging.INFO, SERVICE_LOGGER)
     job_id = service.test("reports")
     assert service.get(job_id)["queue"] == f"{site}.reports"
+    assert service_lines(caplog) == [f"Test job {job_id} sent."]
     assert redis_client.llen(f"{site}.reports") == 1
     redis_client.delete(f"{site}.reports")
     by_name = service.list(queue=[f"{site}.b", "b", "legacy"], limit=5)
@@ -667,6 +681,13 @@ def test_a_dead_broker_costs_warnings_never_a_hang(tmp_path, ini_vars, caplog):
     service.clear()
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
         f"Queue {queue} cleared: 0 job(s) cancelled, the broker did not answer."
+    ]
+    # The broker refuses the test job: its row waits for the relay.
+    caplog.clear()
+    test_id = service.test()
+    assert service.get(test_id)["state"] == "pending"
+    assert service_lines(caplog) == [
+        f"Test job {test_id} committed; the relay sends it when the broker is back."
     ]
     app.close()
 

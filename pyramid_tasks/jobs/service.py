@@ -740,7 +740,8 @@ class JobService:
         """Send the package's own test job (``pyramid_tasks.jobs.test``,
         which logs one INFO line on the worker that runs it) to ``queue``
         (the app's default queue when None), with a row like any job: its
-        id."""
+        id.  Its log line says whether the broker took it, or the row is
+        committed ``pending`` for the relay to send."""
         queues = self.check_queues(queue)
         options = {"queue": queues[0]} if queues else {}
         task = self.app.tasks[TEST_TASK]
@@ -748,7 +749,15 @@ class JobService:
         with tm:
             job_id = task.apply_async(tm=tm, **options).id
         self.jobs.flush(BROKER_TIMEOUT)
-        log.info("Test job %s sent.", job_id)
+        with self.store.engine.connect() as connection:
+            state = connection.execute(select(_c.state).where(_c.id == job_id)).scalar()
+        if state == PENDING:
+            log.info(
+                "Test job %s committed; the relay sends it when the broker is back.",
+                job_id,
+            )
+        else:
+            log.info("Test job %s sent.", job_id)
         return job_id
 
     def depth(self, include_scheduled=False):
