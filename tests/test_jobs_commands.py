@@ -501,8 +501,9 @@ def test_drain_stops_a_worker_that_ignores_sigterm(monkeypatch):
         [
             sys.executable,
             "-c",
-            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            "print('ready', flush=True); time.sleep(60)",
+            # Deaf to SIGTERM, waiting for signals until it is killed.
+            "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True)\nwhile True: signal.pause()",
         ],
         stdout=subprocess.PIPE,
     )
