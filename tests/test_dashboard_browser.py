@@ -77,12 +77,12 @@ def served(app):
 
 
 @contextmanager
-def browsing(chromium, board, role="manager", javascript=True):
+def browsing(chromium, board, role="manager", javascript=True, width=1200):
     """A page of a browser whose requests say ``role``, and the base URL."""
     with served(board.app.app) as url:
         context = chromium.new_context(
             extra_http_headers={"X-Role": role},
-            viewport={"width": 1200, "height": 800},
+            viewport={"width": width, "height": 800},
             java_script_enabled=javascript,
         )
         try:
@@ -380,6 +380,33 @@ def test_without_javascript_the_pages_read_and_filter(dashboard, chromium):  # n
         expect(page.locator("tbody tr")).to_have_count(1)
         page.get_by_role("link", name="Broken").click()
         expect(page.locator("h1 .state")).to_have_text("failed")
+
+
+def test_empty_and_on_a_narrow_window(dashboard, chromium):  # noqa: F811
+    """An empty table says so; on a phone's width the page never scrolls
+    sideways (a wide table scrolls inside it)."""
+    board = dashboard()
+    with browsing(chromium, board) as (page, base):
+        for path, name, says in (
+            ("/jobs", "jobs", "No job."),
+            ("/failures", "failures", "No failed job."),
+        ):
+            page.goto(base + path)
+            expect(page.locator("main")).to_contain_text(says)
+            shoot(page, f"empty-{name}")
+    add_jobs(
+        board.d.engine,
+        *[
+            {"id": f"n-{i}", "state": "failed", "created_at": ago(i), "title": "Due"}
+            for i in range(3)
+        ],
+    )
+    with browsing(chromium, board, width=390) as (page, base):
+        for path, name in (("/", "overview"), ("/jobs", "jobs"), ("/jobs/n-1", "job")):
+            page.goto(base + path)
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert (name, width) == (name, 390)
+            shoot(page, f"narrow-{name}")
 
 
 @pytest.mark.parametrize("in_ci, outcome", [(False, "skip"), (True, "fail")])
