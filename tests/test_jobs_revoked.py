@@ -84,7 +84,7 @@ def test_the_message_of_a_cancelled_job_stays_dropped(jobs_worker, redis_client)
     key, job_id = held_and_cancelled(worker, probe, service)
 
     # Its message again, as a late duplicate would come (the relay's).
-    sends, _unknown = Relay(app)._sends([probe.job(job_id)])
+    sends, _unknown = Relay(app).sends([probe.job(job_id)])
     assert publish(app, sends, durable=True) == sends
     wait_for(
         lambda: (

@@ -103,7 +103,7 @@ class Relay:
         dead_count = 0
         with store.engine.begin() as connection:
             rows = store.claim_pending(connection, self.settings.relay_grace, _BATCH)
-            sends, unknown = self._sends(rows)
+            sends, unknown = self.sends(rows)
             sent = publish(self.app, sends, durable=True) if sends else []
             store.relayed(connection, [(s.task_id, s.row["eta"]) for s in sent])
             sent_ids = {s.task_id for s in sent}
@@ -128,7 +128,11 @@ class Relay:
                     )
         return len(rescued), len(sent), dead_count
 
-    def _sends(self, rows):
+    def sends(self, rows):
+        """The sends of job ``rows`` as the table keeps them (its options, its
+        first queue, its eta), each with its ``row``; and the rows whose task
+        is not registered here.  What the relay publishes, and what the
+        operators' retry and a worker's re-send of a dropped job publish."""
         sends, unknown = [], []
         for row in rows:
             task = self.app.tasks.get(row["name"])

@@ -119,7 +119,7 @@ def send_again(app, task, job_id, eta=None, retries=0, retried=True):
             row = loaded(row._asdict())
             if eta is not None:  # a retry()'s or a countdown's: kept
                 row["eta"] = eta
-            sends, _unknown = Relay(app)._sends([row])
+            sends, _unknown = Relay(app).sends([row])
             for send in sends:
                 send.options["retries"] = retries
                 # Marked as the dropped message was (its row's options are).

@@ -699,7 +699,7 @@ class JobService:
             self._unrevoke(
                 [job_id for job_id, r in rows.items() if r["state"] == CANCELLED]
             )
-        sends, _unknown = Relay(self.app)._sends(retried)
+        sends, _unknown = Relay(self.app).sends(retried)
         sent = publish(self.app, sends, durable=True) if sends else []
         if sent:
             self.store.mark_published([(s.task_id, None) for s in sent])
