@@ -89,8 +89,11 @@ UNFINISHED = (
 )
 INDEXES = {
     "ix_pyramid_tasks_job_state_created": (["state", "created_at"], False),
-    "ix_pyramid_tasks_job_queue_state": (["queue", "state"], False),
-    "ix_pyramid_tasks_job_name_state": (["name", "state"], False),
+    "ix_pyramid_tasks_job_queue_state_created": (
+        ["queue", "state", "created_at"],
+        False,
+    ),
+    "ix_pyramid_tasks_job_name_state_created": (["name", "state", "created_at"], False),
     "ix_pyramid_tasks_job_unique_key": (["unique_key"], True),
 }
 

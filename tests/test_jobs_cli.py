@@ -23,8 +23,11 @@ from .conftest import ROOT, free_port, tasks_celery
 
 INDEXES = {
     "ix_pyramid_tasks_job_state_created": (["state", "created_at"], False),
-    "ix_pyramid_tasks_job_queue_state": (["queue", "state"], False),
-    "ix_pyramid_tasks_job_name_state": (["name", "state"], False),
+    "ix_pyramid_tasks_job_queue_state_created": (
+        ["queue", "state", "created_at"],
+        False,
+    ),
+    "ix_pyramid_tasks_job_name_state_created": (["name", "state", "created_at"], False),
     "ix_pyramid_tasks_job_unique_key": (["unique_key"], True),
 }
 # The demo app takes these over its INI settings; Celery takes the brokers.
@@ -137,6 +140,33 @@ def test_init_db_on_postgresql_creates_the_table_once(
         check_indexes(indexes(engine, pg_schema), "postgresql_where")
         engine = engine.execution_options(schema_translate_map={None: pg_schema})
         check_unique_key_is_partial(engine)
+    finally:
+        engine.dispose()
+
+
+def test_init_db_adds_the_indexes_an_older_table_lacks(tmp_path):
+    path = tmp_path / "var" / "app.sqlite"
+    ini = write_ini(tmp_path / "lite.ini", "sqlite:///%(here)s/var/app.sqlite")
+    assert run_jobs(ini, "init-db", cwd=tmp_path)[0] == 0
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+    with engine.begin() as connection:  # a table of an earlier release
+        for name in ("queue_state_created", "name_state_created"):
+            connection.execute(
+                sqlalchemy.text(f"DROP INDEX ix_pyramid_tasks_job_{name}")
+            )
+
+    again = run_jobs(ini, "init-db", cwd=tmp_path)
+
+    print(f"again: {again}")
+    assert again == (
+        0,
+        f"Table pyramid_tasks_job already exists in sqlite:///{path}.\n"
+        "Created its missing indexes: ix_pyramid_tasks_job_name_state_created, "
+        "ix_pyramid_tasks_job_queue_state_created.\n",
+        "",
+    )
+    try:
+        check_indexes(indexes(engine), "sqlite_where")
     finally:
         engine.dispose()
 

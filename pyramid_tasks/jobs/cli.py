@@ -444,8 +444,24 @@ def init_db(jobs, options, out):
         # (the demo's demo.schema) moves it out of the default one.
         schema = connection.schema_for_object(Job.__table__)
         table = f"{schema}.{Job.__tablename__}" if schema else Job.__tablename__
-        if inspect(connection).has_table(Job.__tablename__, schema=schema):
+        inspector = inspect(connection)
+        if inspector.has_table(Job.__tablename__, schema=schema):
+            # An older table gets the indexes added since it was made.
+            present = {
+                index["name"]
+                for index in inspector.get_indexes(Job.__tablename__, schema=schema)
+            }
+            added = sorted(
+                index.name
+                for index in Job.__table__.indexes
+                if index.name not in present
+            )
+            for index in sorted(Job.__table__.indexes, key=lambda i: i.name):
+                if index.name in added:
+                    index.create(connection)
             print(f"Table {table} already exists in {url}.", file=out)
+            if added:
+                print(f"Created its missing indexes: {', '.join(added)}.", file=out)
             return 0
         metadata.create_all(connection)
     print(f"Created table {table} in {url}.", file=out)

@@ -154,9 +154,16 @@ class Job(_Base):
     parent_id: Mapped[str | None] = mapped_column(String(255))
 
     __table_args__ = (
+        # Each index serves the operators' questions (docs/dashboard.rst
+        # shows the plans): the list newest first, per state ...
         Index("ix_pyramid_tasks_job_state_created", "state", "created_at"),
-        Index("ix_pyramid_tasks_job_queue_state", "queue", "state"),
-        Index("ix_pyramid_tasks_job_name_state", "name", "state"),
+        # ... of one queue or one task name (and, by their prefix, the
+        # capped counts per queue and state, and the relay's and depth's
+        # reads of one queue).
+        Index(
+            "ix_pyramid_tasks_job_queue_state_created", "queue", "state", "created_at"
+        ),
+        Index("ix_pyramid_tasks_job_name_state_created", "name", "state", "created_at"),
         Index(
             "ix_pyramid_tasks_job_unique_key",
             "unique_key",
