@@ -94,6 +94,7 @@ INDEXES = {
         False,
     ),
     "ix_pyramid_tasks_job_name_state_created": (["name", "state", "created_at"], False),
+    "ix_pyramid_tasks_job_error_state_created": (["state", "created_at"], False),
     "ix_pyramid_tasks_job_unique_key": (["unique_key"], True),
 }
 

@@ -32,8 +32,21 @@ LIST_FIELDS = (
     "error",
 )
 
-#: The filters of the list, as its query string names them.
-FILTERS = ("state", "queue", "name", "title")
+#: The filters of the list, as its query string names them (the times in
+#: ISO 8601, UTC unless they name an offset).
+FILTERS = (
+    "state",
+    "queue",
+    "name",
+    "title",
+    "error",
+    "created_after",
+    "created_before",
+    "finished_after",
+    "finished_before",
+)
+#: The time filters, ``datetime-local`` inputs of the form.
+TIME_FILTERS = FILTERS[5:]
 
 #: What an action did, for the notice of the page it leads back to.
 DONE = {"retry": "sent again", "cancel": "cancelled", "delete": "deleted"}
@@ -92,17 +105,20 @@ def jobs_page(request, error=None, status=200):
     service = JobService.from_registry(request.registry)
     filters = filters_of(request)
     before = request.GET.get("before") or None
-    jobs = []
+    jobs, searched = [], None
     try:
-        jobs = service.list(
+        found = service.list_page(
             **filters, before=before, limit=PAGE_SIZE + 1, fields=LIST_FIELDS
         )
+        jobs, searched = found["jobs"], found["searched"]
     except JobError as exc:
         error, status = mask_secrets(exc), 400
     following = None
     if len(jobs) > PAGE_SIZE:  # one row more than a page: there is a next one
         jobs = jobs[:PAGE_SIZE]
         following = "?" + urlencode({**filters, "before": jobs[-1]["id"]})
+    elif searched is not None:  # the search stopped short of the oldest jobs
+        following = "?" + urlencode({**filters, "before": searched})
     with service._connect(), service.store.engine.connect() as connection:
         queues = sorted(
             set(service.configured_queues() + service.table_queues(connection))
@@ -121,6 +137,9 @@ def jobs_page(request, error=None, status=200):
         error=error,
         first="?" + urlencode(filters) if before else None,
         following=following,
+        searched=searched is not None,
+        depth=service.search_depth,
+        time_filters=TIME_FILTERS,
         query=urlencode({**filters, **({"before": before} if before else {})}),
         notice=_notice(request),
     )

@@ -3,7 +3,9 @@
 The operations of ``tasks-celery CONFIG jobs`` over HTTP, under
 ``tasks.jobs.api_prefix`` (default ``/_tasks/api``)::
 
-    GET  /jobs          list (?state= &queue= &name= &title= &limit= &before=)
+    GET  /jobs          list (?state= &queue= &name= &title= &error=
+                        &created_after= &created_before= &finished_after=
+                        &finished_before= &limit= &before=)
     GET  /jobs/{id}     show
     POST /cancel        {"ids": [...]}
     POST /retry         {"ids": [...]}
@@ -190,6 +192,11 @@ _LIST = {
     "queue": True,
     "name": True,
     "title": False,
+    "error": False,
+    "created_after": False,
+    "created_before": False,
+    "finished_after": False,
+    "finished_before": False,
     "before": False,
     "limit": False,
 }
@@ -198,14 +205,16 @@ _LIST = {
 @_api()
 def list_jobs(request, service):
     """Newest first; ``before`` in the answer is the next page's (null on
-    the last page)."""
+    the last page).  A page of a search (``title``, ``error``, finished
+    times) may hold fewer jobs than ``limit`` and still have a next page:
+    the older jobs were not searched yet."""
     query = _query(request, _LIST)
-    jobs = service.list(**query)  # checks every parameter, limit too
-    following = None
-    if jobs and len(jobs) == int(query.get("limit", 50)):
+    found = service.list_page(**query)  # checks every parameter, limit too
+    jobs, following = found["jobs"], found["searched"]
+    if following is None and jobs and len(jobs) == int(query.get("limit", 50)):
         # A full page: one more row after it, or this is the last page.
-        more = service.list(**{**query, "before": jobs[-1]["id"], "limit": 1})
-        following = jobs[-1]["id"] if more else None
+        more = service.list_page(**{**query, "before": jobs[-1]["id"], "limit": 1})
+        following = jobs[-1]["id"] if more["jobs"] or more["searched"] else None
     return {"jobs": jobs, "before": following}
 
 

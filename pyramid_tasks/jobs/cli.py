@@ -70,6 +70,14 @@ def parser():
         "--name", action="append", metavar="N", help="only this task (repeatable)"
     )
     sub.add_argument("--title", metavar="TEXT", help="titles containing TEXT")
+    sub.add_argument("--error", metavar="TEXT", help="errors containing TEXT")
+    for when in ("created", "finished"):
+        sub.add_argument(
+            f"--{when}-after",
+            metavar="TIME",
+            help=f"{when} at or after TIME (ISO 8601, UTC unless it names an offset)",
+        )
+        sub.add_argument(f"--{when}-before", metavar="TIME", help=f"{when} before TIME")
     sub.add_argument(
         "--before",
         metavar="ID",
@@ -211,19 +219,30 @@ def _when(iso):
 
 
 def list_jobs(service, options, out):
-    found = service.list(
+    page = service.list_page(
         state=options.state,
         queue=options.queue,
         name=options.name,
         title=options.title,
+        error=options.error,
+        created_after=options.created_after,
+        created_before=options.created_before,
+        finished_after=options.finished_after,
+        finished_before=options.finished_before,
         before=options.before,
         limit=options.limit,
     )
+    found = page["jobs"]
     if options.json:
         _json(found, out)
         return 0
+    searched = page["searched"]
+    more = (
+        f"Searched the newest {service.search_depth} jobs the other filters "
+        f"select; the older ones: --before {searched}"
+    )
     if not found:
-        print("There are no jobs.", file=out)
+        print(more if searched else "There are no jobs.", file=out)
         return 0
     queue_width = max(len(job["queue"] or "-") for job in found)
     for job in found:
@@ -233,6 +252,8 @@ def list_jobs(service, options, out):
             f"{job['title'] or job['name']}",
             file=out,
         )
+    if searched:
+        print(more, file=out)
     return 0
 
 

@@ -160,6 +160,9 @@ class JobService:
     batch_size = 1000
     #: Largest ``limit`` of :meth:`list`.
     max_limit = 1000
+    #: The jobs :meth:`list_page` searches at most for its text and
+    #: finished-time filters (the newest that its other filters select).
+    search_depth = 10000
 
     def __init__(self, jobs, app):
         self.jobs = jobs
@@ -322,30 +325,159 @@ class JobService:
 
     # -- reading -------------------------------------------------------------
 
-    def list(
+    def list(self, **filters):
+        """Jobs newest first (``created_at``, then ``id``, descending), as
+        :func:`job_json` dicts: the ``"jobs"`` of :meth:`list_page`, which
+        takes the same arguments."""
+        return self.list_page(**filters)["jobs"]
+
+    def list_page(
         self,
         state=None,
         queue=None,
         name=None,
         title=None,
+        error=None,
+        created_after=None,
+        created_before=None,
+        finished_after=None,
+        finished_before=None,
         before=None,
         limit=50,
         fields=None,
     ):
-        """Jobs newest first (``created_at``, then ``id``, descending), as
+        """A page of jobs newest first (``created_at``, then ``id``,
+        descending): ``{"jobs": [...], "searched": id or None}``, the jobs as
         :func:`job_json` dicts.
 
         ``state``, ``queue``, ``name``: a string or a list of strings;
-        ``title``: a case-insensitive substring; ``before``: a job id, the
-        last of the previous page (the rows strictly older than it);
-        ``limit``: 1 to :attr:`max_limit`; ``fields``: the columns to read
-        and give (``id`` and ``created_at`` always), every one when None (the
-        dashboard's list reads neither arguments nor tracebacks).
+        ``title``, ``error``: a case-insensitive substring of the job's
+        title, of its error; ``created_after``, ``created_before``,
+        ``finished_after``, ``finished_before``: an aware ``datetime`` or
+        an ISO 8601 string (UTC when it names no offset), the jobs created
+        (finished) at or after it, strictly before it; ``before``: a job
+        id, the last of the previous page (the rows strictly older than
+        it); ``limit``: 1 to :attr:`max_limit`; ``fields``: the columns to
+        read and give (``id`` and ``created_at`` always), every one when
+        None (the dashboard's list reads neither arguments nor tracebacks).
 
-        One branch per state, each an ordered range of the ``(state,
-        created_at)`` index read ``limit`` rows deep, merged: cheap whatever
-        the size of the table.
+        ``title``, ``error``, ``finished_*`` and a ``queue`` given with a
+        ``name`` are *searched*: checked on the newest
+        :attr:`search_depth` jobs that the other filters select, no
+        further.  When those hold fewer than ``limit`` matches,
+        ``searched`` is the id of the oldest of them: give it as
+        ``before`` to search the older ones.  Otherwise it is None (the
+        last of ``jobs`` is the next page's ``before``).
+
+        Each read is an ordered range of an index, ``limit`` (or
+        :attr:`search_depth`) entries deep at most: one branch per state,
+        and per queue or task name (``(queue, state, created_at)``,
+        ``(name, state, created_at)``), merged.  Cheap whatever the size of
+        the table.
         """
+        limit = self._limit(limit)
+        states = self._states(state) or list(STATES)
+        names = self._strings("name", name)
+        texts = {
+            key: self._text(key, value)
+            for key, value in (("title", title), ("error", error))
+        }
+        times = {
+            key: self._time(key, value)
+            for key, value in (
+                ("created_after", created_after),
+                ("created_before", created_before),
+                ("finished_after", finished_after),
+                ("finished_before", finished_before),
+            )
+        }
+        keys = JOB_KEYS
+        if fields is not None:
+            keys = tuple(dict.fromkeys(("id", "created_at", *fields)))
+        if times["finished_after"] or times["finished_before"]:
+            # Only a finished job has a finished_at (started and retried
+            # jobs have it cleared).
+            states = [one for one in states if one in FINISHED]
+        with self._connect(), self.store.engine.connect() as connection:
+            queues = self._queues(connection, queue)
+            where = []  # along every branch's index
+            searched = []  # checked on the window
+            if times["created_after"]:
+                where.append(_c.created_at >= times["created_after"])
+            if times["created_before"]:
+                where.append(_c.created_at < times["created_before"])
+            if times["finished_before"]:
+                # A job is created before it finishes: the window starts
+                # at the bound instead of at the newest job.
+                where.append(_c.created_at < times["finished_before"])
+                searched.append(lambda c: c.finished_at < times["finished_before"])
+            if times["finished_after"]:
+                searched.append(lambda c: c.finished_at >= times["finished_after"])
+            if texts["error"]:
+                # The partial (state, created_at) index of the jobs that
+                # have an error: the window holds only those.
+                where.append(_c.error.is_not(None))
+                searched.append(lambda c: _contains(c.error, texts["error"]))
+            if texts["title"]:
+                searched.append(lambda c: _contains(c.title, texts["title"]))
+            if before is not None:
+                where.append(self._before(connection, before))
+            if names is not None:
+                pairs = [(s, _c.name == n) for s in states for n in names]
+                if queues is not None:
+                    searched.append(lambda c: c.queue.in_(queues))
+            elif queues is not None:
+                pairs = [(s, _c.queue == q) for s in states for q in queues]
+            else:
+                pairs = [(s, None) for s in states]
+            if not pairs:
+                return {"jobs": [], "searched": None}
+            depth = self.search_depth if searched else limit
+            columns = [_c[key] for key in keys]
+            if searched:
+                columns += [
+                    _c[key]
+                    for key in ("title", "error", "finished_at", "queue")
+                    if key not in keys
+                ]
+            order = (_c.created_at.desc(), _c.id.desc())
+            branches = [
+                select(*columns)
+                .where(_c.state == one, *([] if pair is None else [pair]), *where)
+                .order_by(*order)
+                .limit(depth)
+                .subquery()
+                for one, pair in pairs
+            ]
+            if len(branches) == 1:
+                merged = branches[0]
+            else:
+                merged = union_all(*(select(branch) for branch in branches)).subquery()
+            newest = (merged.c.created_at.desc(), merged.c.id.desc())
+            if searched:
+                window = select(merged).order_by(*newest).limit(depth).subquery()
+                checks = (check(window.c) for check in searched)
+                query = select(*(window.c[key] for key in keys)).where(*checks)
+                query = query.order_by(
+                    window.c.created_at.desc(), window.c.id.desc()
+                ).limit(limit)
+            else:
+                query = select(*(merged.c[key] for key in keys))
+                query = query.order_by(*newest).limit(limit)
+            rows = connection.execute(query).all()
+            end = None
+            if searched and len(rows) < limit:
+                # The window's oldest job, when the window is full.
+                end = connection.execute(
+                    select(merged.c.id).order_by(*newest).offset(depth - 1).limit(1)
+                ).scalar()
+        jobs = [job_json(row._asdict()) for row in rows]
+        return {
+            "jobs": [{key: job[key] for key in keys} for job in jobs],
+            "searched": end,
+        }
+
+    def _limit(self, limit):
         if isinstance(limit, bool) or not isinstance(limit, int):
             try:
                 limit = int(str(limit).strip())
@@ -357,59 +489,53 @@ class JobService:
             raise BadParameter(
                 "limit", limit, f"bad limit {limit}: expected 1 to {self.max_limit}"
             )
-        states = self._states(state) or list(STATES)
-        names = self._strings("name", name)
-        if title is not None and not isinstance(title, str):
-            raise BadParameter("title", title, f"bad title {title!r}: not a string")
-        with self._connect(), self.store.engine.connect() as connection:
-            queues = self._queues(connection, queue)
-            where = []
-            if queues is not None:
-                where.append(_c.queue.in_(queues))
-            if names is not None:
-                where.append(_c.name.in_(names))
-            if title:
-                where.append(
-                    func.lower(_c.title).contains(title.lower(), autoescape=True)
-                )
-            if before is not None:
-                if not isinstance(before, str):
-                    raise BadParameter("before", before, f"bad before {before!r}")
-                mark = connection.execute(
-                    select(_c.created_at, _c.id).where(_c.id == before)
-                ).first()
-                if mark is None:
-                    raise BadParameter(
-                        "before", before, f"bad before {before!r}: no job has that id"
-                    )
-                created, job_id = mark
-                where.append(
-                    (_c.created_at <= created)
-                    & ((_c.created_at < created) | (_c.id < job_id))
-                )
-            order = (_c.created_at.desc(), _c.id.desc())
-            keys = JOB_KEYS
-            if fields is not None:
-                keys = tuple(dict.fromkeys(("id", "created_at", *fields)))
-            branches = [
-                select(*(_c[key] for key in keys))
-                .where(_c.state == one, *where)
-                .order_by(*order)
-                .limit(limit)
-                .subquery()
-                for one in states
-            ]
-            if len(branches) == 1:
-                merged = branches[0]
-            else:
-                merged = union_all(*(select(branch) for branch in branches)).subquery()
-            rows = connection.execute(
-                select(merged)
-                .order_by(merged.c.created_at.desc(), merged.c.id.desc())
-                .limit(limit)
-            ).all()
-        jobs = [job_json(row._asdict()) for row in rows]
-        return [{key: job[key] for key in keys} for job in jobs]
+        return limit
+
+    @staticmethod
+    def _text(name, value):
+        if value is not None and not isinstance(value, str):
+            raise BadParameter(name, value, f"bad {name} {value!r}: not a string")
+        return value or None
+
+    @staticmethod
+    def _time(name, value):
+        """An aware datetime from ``value`` (one, or ISO 8601 text, UTC when
+        it names no offset), None for None or ''; BadParameter ``name``."""
+        if value is None or value == "":
+            return None
+        if isinstance(value, str):
+            try:
+                parsed = datetime.fromisoformat(value.strip())
+            except ValueError:
+                parsed = None
+            if parsed is not None and parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            value = parsed if parsed is not None else value
+        if not isinstance(value, datetime) or value.tzinfo is None:
+            raise BadParameter(
+                name,
+                value,
+                f"bad {name} {value!r}: expected an ISO 8601 time such as "
+                "2026-12-01T09:30 (UTC) or 2026-12-01T09:30+01:00, or an aware "
+                "datetime",
+            )
+        return value
+
+    def _before(self, connection, before):
+        """The rows strictly older than the job ``before``."""
+        if not isinstance(before, str):
+            raise BadParameter("before", before, f"bad before {before!r}")
+        mark = connection.execute(
+            select(_c.created_at, _c.id).where(_c.id == before)
+        ).first()
+        if mark is None:
+            raise BadParameter(
+                "before", before, f"bad before {before!r}: no job has that id"
+            )
+        created, job_id = mark
+        return (_c.created_at <= created) & (
+            (_c.created_at < created) | (_c.id < job_id)
+        )
 
     def get(self, job_id):
         """The job ``job_id`` as :func:`job_json` gives it; UnknownJob."""
@@ -860,6 +986,12 @@ class JobService:
             ", ".join(f"{n} {s}" for s, n in deleted.items()),
         )
         return deleted
+
+
+def _contains(column, text):
+    """``column`` contains ``text``, whatever the case (``%`` and ``_``
+    taken literally)."""
+    return func.lower(column).contains(text.lower(), autoescape=True)
 
 
 def _purge_text(purged, scheduled):
