@@ -519,7 +519,8 @@ class JobService:
                 "2026-12-01T09:30 (UTC) or 2026-12-01T09:30+01:00, or an aware "
                 "datetime",
             )
-        return value
+        # In UTC: SQLite compares the stored text, which is UTC's.
+        return value.astimezone(UTC)
 
     def _before(self, connection, before):
         """The rows strictly older than the job ``before``."""
