@@ -5,7 +5,7 @@ Needs the Redis (and, for the worker scenarios, PostgreSQL) the test suite uses.
 
 import argparse
 
-from . import dispatch, jobs, worker
+from . import dashboard, dispatch, jobs, worker
 from .harness import header, save
 
 GROUPS = {
@@ -14,6 +14,8 @@ GROUPS = {
     "peer": worker.run_peer,  # 8
     "jobs": jobs.run,  # P5, P9: durable mode against not
 }
+#: Not an A/B: the dashboard's pages at 10,000,000 jobs (bench/dashboard.py).
+SOLO = {"dashboard": dashboard.main}
 
 
 def main(argv=None):
@@ -22,10 +24,15 @@ def main(argv=None):
     parser.add_argument(
         "--only",
         action="append",
-        choices=sorted(GROUPS),
+        choices=sorted({*GROUPS, *SOLO}),
         help="run only this group of scenarios (repeatable)",
     )
     args = parser.parse_args(argv)
+    for name, run in SOLO.items():
+        if args.only and name in args.only:
+            run(["--rounds", "5"] if args.quick else [])
+    if args.only and not set(args.only) & set(GROUPS):
+        return
     scenarios = []
     print(header())
     for name, run in GROUPS.items():

@@ -207,7 +207,7 @@ class Board:
         return None
 
     def _table(self, sql):
-        return text(sql.replace("TABLE", f'"{self.schema}".pyramid_tasks_job'))
+        return text(sql.replace("{t}", f'"{self.schema}".pyramid_tasks_job'))
 
     def ensure_filled(self):
         with self.base.connect() as connection:
@@ -217,10 +217,10 @@ class Board:
             self.indexes()
             return
         with self.engine.begin() as connection:
-            connection.execute(self._table("DROP TABLE IF EXISTS TABLE"))
+            connection.execute(self._table("DROP TABLE IF EXISTS {t}"))
             connection.execute(CreateTable(Job.__table__))  # no index yet
             connection.execute(
-                self._table("ALTER TABLE TABLE SET (autovacuum_enabled = false)")
+                self._table("ALTER TABLE {t} SET (autovacuum_enabled = false)")
             )
         self.now = datetime.now(UTC).replace(microsecond=0)
         say(f"loading {self.rows:,} rows into {self.schema}")
@@ -230,10 +230,10 @@ class Board:
         self.indexes()
         with self.base.connect() as connection:
             connection.execute(
-                self._table("ALTER TABLE TABLE RESET (autovacuum_enabled)")
+                self._table("ALTER TABLE {t} RESET (autovacuum_enabled)")
             )
             comment = f"bench.dashboard rows={self.rows} now={self.now.isoformat()}"
-            connection.execute(self._table(f"COMMENT ON TABLE TABLE IS '{comment}'"))
+            connection.execute(self._table(f"COMMENT ON TABLE {{t}} IS '{comment}'"))
             connection.commit()
         say("ready")
 
@@ -258,7 +258,7 @@ class Board:
             say("VACUUM ANALYZE")
             with self.base.connect() as connection:
                 connection.execution_options(isolation_level="AUTOCOMMIT").execute(
-                    self._table("VACUUM (ANALYZE) TABLE")
+                    self._table("VACUUM (ANALYZE) {t}")
                 )
 
     def build_app(self):
@@ -396,27 +396,30 @@ def measure(board, rounds, explain=None):
     return results
 
 
-def run(rows=ROWS, rounds=ROUNDS, schema=SCHEMA, keep=False, explain=False):
-    """Fill (or reuse, with ``keep``), time, save; the results."""
+def run(
+    rows=ROWS, rounds=ROUNDS, schema=SCHEMA, keep=False, explain=False, results=RESULTS
+):
+    """Fill (or reuse, with ``keep``), time, write under ``results``; the
+    figures of each page."""
     board = Board(rows, schema, keep)
     try:
-        RESULTS.mkdir(exist_ok=True)
+        results.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         plans = None
         if explain:
-            plans = (RESULTS / f"dashboard-{stamp}-plans.txt").open("w")
+            plans = (results / f"dashboard-{stamp}-plans.txt").open("w")
         try:
-            results = measure(board, rounds, plans)
+            figures = measure(board, rounds, plans)
         finally:
             if plans is not None:
                 plans.close()
                 say(f"plans: {plans.name}")
-        path = RESULTS / f"dashboard-{stamp}.json"
+        path = results / f"dashboard-{stamp}.json"
         path.write_text(
-            json.dumps({"rows": rows, "rounds": rounds, "pages": results}, indent=2)
+            json.dumps({"rows": rows, "rounds": rounds, "pages": figures}, indent=2)
         )
         say(f"results: {path}")
-        return results
+        return figures
     finally:
         board.close()
 

@@ -2,9 +2,11 @@
 counts: its scenarios measure what they say, on real workers, PostgreSQL and
 Redis.  The figures themselves are the benchmark's business, not the suite's."""
 
+import uuid
+
 import sqlalchemy
 
-from bench import jobs
+from bench import dashboard, jobs
 from bench.worker import Bench
 from pyramid_tasks.jobs import Job
 
@@ -32,3 +34,24 @@ def test_the_durable_scenarios_run_with_tiny_counts(redis_url, database_url):
     # The durable worker ran and marked every job it drained: a warm-up of 5,
     # then two rounds of 5 (P9 checks its own rows: all queued).
     assert drained == 5 + 2 * 5
+
+
+def test_the_dashboard_bench_runs_with_tiny_counts(database_url, tmp_path):
+    schema = f"bench_dashboard_{uuid.uuid4().hex[:8]}"  # its own, dropped after
+    figures = dashboard.run(
+        rows=800, rounds=2, schema=schema, explain=True, results=tmp_path
+    )
+    pages = [figure["page"] for figure in figures]
+    print(f"pages {pages}")
+    assert pages[:3] == ["overview count badges", "overview", "list, unfiltered"]
+    assert len(pages) == 1 + len(dashboard.pages(dashboard.datetime.now()))
+    assert all(0 < figure["p50_ms"] <= figure["max_ms"] for figure in figures)
+    [plans] = tmp_path.glob("dashboard-*-plans.txt")
+    assert plans.read_text().count("Index") > len(pages)
+    engine = sqlalchemy.create_engine(database_url)
+    with engine.connect() as connection:
+        left = connection.execute(
+            sqlalchemy.text("SELECT to_regnamespace(:s)"), {"s": schema}
+        ).scalar()
+    engine.dispose()
+    assert left is None
