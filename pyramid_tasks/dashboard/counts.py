@@ -1,13 +1,15 @@
 """The overview's figures: capped counts along the table's indexes.
 
 No query counts more than :data:`CAP` rows or reads the whole table: each
-count is of one queue in some states (the ``(queue, state)`` index), read
-``CAP + 1`` entries deep at most; above the cap PostgreSQL's planner gives
-its estimate (``EXPLAIN``, no row read).  The queues are found by a loose
-index scan (:meth:`.JobService.table_queues`), never ``DISTINCT``.
+count is of one queue in some states (the ``(queue, state, created_at)``
+index), read ``CAP + 1`` entries deep at most; above the cap PostgreSQL's
+planner gives its estimate (``EXPLAIN``, no row read).  The queues are
+found by a loose index scan (:meth:`.JobService.table_queues`), never
+``DISTINCT``.  The counts of every queue are one statement: at ten
+million jobs a round trip costs more than the index reads.
 """
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, union_all
 
 from ..jobs.model import DEAD, FAILED, STARTED, Job, loaded, utcnow
 from ..jobs.service import DELAYED, WAITING
@@ -43,12 +45,39 @@ def capped_count(connection, queue, states, cap=CAP):
     return connection.execute(select(func.count()).select_from(capped)).scalar()
 
 
-def _estimate(connection, queue, states):
-    """The planner's estimate of the rows of ``queue`` in ``states``
-    (PostgreSQL), or None (another database)."""
+def _capped(queue, states, cap):
+    """:func:`capped_count` as a scalar subquery."""
+    capped = (
+        select(_c.state)
+        .where(_c.queue == queue, _c.state.in_(states))
+        .limit(cap + 1)
+        .subquery()
+    )
+    return select(func.count()).select_from(capped).scalar_subquery()
+
+
+def _first(queue, state):
+    """When the oldest job of ``queue`` in ``state`` was created: the first
+    entry of its ``(queue, state, created_at)`` range."""
+    return (
+        select(func.min(_c.created_at))
+        .where(_c.queue == queue, _c.state == state)
+        .scalar_subquery()
+    )
+
+
+def _estimates(connection, cells):
+    """The planner's estimates of the rows of each ``(queue, states)`` of
+    ``cells`` (PostgreSQL): one EXPLAIN of their UNION ALL, a branch each;
+    None on another database."""
     if connection.dialect.name != "postgresql":
-        return None
-    query = select(_c.id).where(_c.queue == queue, _c.state.in_(states))
+        return [None] * len(cells)
+    query = union_all(
+        *(
+            select(_c.id).where(_c.queue == queue, _c.state.in_(states))
+            for queue, states in cells
+        )
+    )
     # Text, so the table's name as the connection maps it (an app's
     # schema_translate_map) and the values inline (EXPLAIN takes no
     # parameters): names of queues and states, quoted by the dialect.
@@ -61,52 +90,55 @@ def _estimate(connection, queue, states):
         compile_kwargs={"literal_binds": True},
     )
     plan = connection.execute(text(f"EXPLAIN (FORMAT JSON) {sql}")).scalar()
-    return int(plan[0]["Plan"]["Plan Rows"])
-
-
-def _oldest(connection, queue):
-    """When the oldest waiting job of ``queue`` was created, or None: per
-    waiting state that the queue has jobs in (one probe of ``(queue,
-    state)``: a walk of ``(state, created_at)`` finding none of the queue
-    would read every job in that state), the first entry of ``(state,
-    created_at)`` of the queue."""
-    found = []
-    for state in WAITING:
-        if not capped_count(connection, queue, (state,), cap=0):
-            continue
-        found.append(
-            connection.execute(
-                select(_c.created_at)
-                .where(_c.state == state, _c.queue == queue)
-                .order_by(_c.created_at)
-                .limit(1)
-            ).scalar()  # None if its jobs moved on meanwhile
-        )
-    found = [loaded({"created_at": c})["created_at"] for c in filter(None, found)]
-    return min(found, default=None)
+    plan = plan[0]["Plan"]
+    branches = plan["Plans"] if len(cells) > 1 else [plan]
+    return [int(branch["Plan Rows"]) for branch in branches]
 
 
 def overview(service, cap=CAP):
     """Per known queue (configured or in the table), ascending: ``{"queue",
     "oldest_waiting_age"}`` (seconds, or None) and, per :data:`COLUMNS`
-    key, a count up to ``cap + 1`` (more than ``cap`` is "above the cap")."""
+    key, a count up to ``cap + 1`` (more than ``cap`` is "above the cap").
+
+    Three statements whatever the number of queues (each a round trip):
+    the queues (:meth:`.JobService.table_queues`, one probe a queue), one
+    SELECT of every capped count and every queue's first waiting entries,
+    and on PostgreSQL one EXPLAIN for the estimates above the cap.
+    """
     now = utcnow()
     rows = []
     with service._connect(), service.store.engine.connect() as connection:
         queues = sorted(
             set(service.configured_queues() + service.table_queues(connection))
         )
-        for queue in queues:
-            row = {"queue": queue, "about": {}}
-            for key, states in COLUMNS:
-                row[key] = capped_count(connection, queue, states, cap)
-                if row[key] > cap:
-                    estimate = _estimate(connection, queue, states)
-                    if estimate is not None:
-                        row["about"][key] = estimate
-            oldest = _oldest(connection, queue) if row["waiting"] else None
-            row["oldest_waiting_age"] = (
-                None if oldest is None else (now - oldest).total_seconds()
+        cells = [(q, key, states) for q in queues for key, states in COLUMNS]
+        firsts = [(q, state) for q in queues for state in WAITING]
+        found = connection.execute(
+            select(
+                *(_capped(q, states, cap) for q, _, states in cells),
+                *(_first(q, state) for q, state in firsts),
             )
-            rows.append(row)
+        ).one()
+        counts = dict(zip(((q, k) for q, k, _ in cells), found, strict=False))
+        oldest = {}
+        for (queue, _), created in zip(firsts, found[len(cells) :], strict=True):
+            if created is not None:
+                created = loaded({"created_at": created})["created_at"]
+                oldest[queue] = min(oldest.get(queue, created), created)
+        above = [(q, k, states) for q, k, states in cells if counts[q, k] > cap]
+        estimates = {}
+        if above:
+            guesses = _estimates(connection, [(q, states) for q, _, states in above])
+            estimates = {(q, k): e for (q, k, _), e in zip(above, guesses, strict=True)}
+    for queue in queues:
+        row = {"queue": queue, "about": {}}
+        for key, _ in COLUMNS:
+            row[key] = counts[queue, key]
+            if estimates.get((queue, key)) is not None:
+                row["about"][key] = estimates[queue, key]
+        first = oldest.get(queue) if row["waiting"] else None
+        row["oldest_waiting_age"] = (
+            None if first is None else (now - first).total_seconds()
+        )
+        rows.append(row)
     return rows
