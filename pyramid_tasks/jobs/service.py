@@ -218,16 +218,16 @@ class JobService:
 
     def table_queues(self, connection):
         """The queues present in the table, ascending: one index probe a
-        queue (a loose scan of ``(queue, state)``), never ``DISTINCT``."""
-        queues = []
-        query = select(func.min(_c.queue))
-        while True:
-            after = queues[-1] if queues else None
-            where = _c.queue > after if after is not None else _c.queue.is_not(None)
-            queue = connection.execute(query.where(where)).scalar()
-            if queue is None:
-                return queues
-            queues.append(queue)
+        queue (a loose scan of ``(queue, state, created_at)``, in one
+        recursive statement), never ``DISTINCT``."""
+        found = select(func.min(_c.queue).label("queue")).cte("queues", recursive=True)
+        previous = found.alias("previous")
+        following = (
+            select(func.min(_c.queue)).where(_c.queue > previous.c.queue)
+        ).scalar_subquery()
+        found = found.union_all(select(following).where(previous.c.queue.is_not(None)))
+        query = select(found.c.queue).where(found.c.queue.is_not(None))
+        return sorted(connection.execute(query).scalars())
 
     def _queues(self, connection, value):
         """``value`` (a name or names) checked: a queue is known when the
