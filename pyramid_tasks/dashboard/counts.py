@@ -68,15 +68,22 @@ def _first(queue, state):
 
 def _estimates(connection, cells):
     """The planner's estimates of the rows of each ``(queue, states)`` of
-    ``cells`` (PostgreSQL): one EXPLAIN of their UNION ALL, a branch each;
-    None on another database."""
+    ``cells`` (PostgreSQL), None each on another database.
+
+    One EXPLAIN of a UNION ALL, a branch for the table, one a queue and one
+    a set of states: the planner multiplies the two selectivities (the
+    columns are independent to it), so ``queue rows * states rows /
+    table rows`` is its estimate of the pair, for a fraction of the
+    planning of a branch a pair.
+    """
     if connection.dialect.name != "postgresql":
         return [None] * len(cells)
+    queues = list(dict.fromkeys(queue for queue, _ in cells))
+    sets = list(dict.fromkeys(tuple(states) for _, states in cells))
     query = union_all(
-        *(
-            select(_c.id).where(_c.queue == queue, _c.state.in_(states))
-            for queue, states in cells
-        )
+        select(_c.id),
+        *(select(_c.id).where(_c.queue == queue) for queue in queues),
+        *(select(_c.id).where(_c.state.in_(states)) for states in sets),
     )
     # Text, so the table's name as the connection maps it (an app's
     # schema_translate_map) and the values inline (EXPLAIN takes no
@@ -90,9 +97,14 @@ def _estimates(connection, cells):
         compile_kwargs={"literal_binds": True},
     )
     plan = connection.execute(text(f"EXPLAIN (FORMAT JSON) {sql}")).scalar()
-    plan = plan[0]["Plan"]
-    branches = plan["Plans"] if len(cells) > 1 else [plan]
-    return [int(branch["Plan Rows"]) for branch in branches]
+    rows = [branch["Plan Rows"] for branch in plan[0]["Plan"]["Plans"]]
+    total = max(rows[0], 1)
+    of_queue = dict(zip(queues, rows[1:], strict=False))
+    of_states = dict(zip(sets, rows[1 + len(queues) :], strict=True))
+    return [
+        round(of_queue[queue] * of_states[tuple(states)] / total)
+        for queue, states in cells
+    ]
 
 
 def overview(service, cap=CAP):
