@@ -14,9 +14,11 @@ names no job :class:`UnknownJob` (both :class:`JobError`, a ``ValueError``
 whose message is one line naming the bad thing).
 
 The queries keep to the table's indexes, ``(state, created_at)``,
-``(queue, state)`` and ``(name, state)``: lists are keyset-paged (never
-OFFSET), counts are only ever of waiting jobs of one queue, and nothing
-counts or scans the whole table, which stays cheap at millions of rows.
+``(queue, state, created_at)``, ``(name, state, created_at)`` and
+``(state, created_at)`` of the jobs with an error: lists are keyset-paged
+(never OFFSET), counts are only ever of waiting jobs of one queue, text
+searches stop after :attr:`JobService.search_depth` jobs, and nothing counts
+or scans the whole table, which stays cheap at millions of rows.
 """
 
 import logging
