@@ -211,6 +211,8 @@ def test_the_dashboard_form_and_url_carry_every_filter(dashboard, monkeypatch):
     older = board.get("/jobs", title="match", before="f")
     assert [a.get_text() for a in older.html.select("code")] == ["e", "c"]
     # A bad time: 400, naming it, the form kept.
+    empty = board.get("/jobs", title="nowhere")
+    assert "No job matches these filters among those searched." in text(empty)
     bad = board.get("/jobs", status=400, finished_after="soon")
     assert "bad finished_after 'soon': expected an ISO 8601 time" in text(bad)
     assert bad.forms[0]["finished_after"].value == "soon"
@@ -243,6 +245,8 @@ def test_the_api_takes_the_same_filters(api, monkeypatch):
     assert answer["error"].startswith("bad created_after 'now': expected an ISO")
 
 
+# The command sets up the INI's logging in this process: undone after it.
+@pytest.mark.usefixtures("restore_logging")
 def test_the_command_takes_the_same_filters(jobs, service, monkeypatch):
     engine = service.store.engine
     add_jobs(engine, *searched_rows(service.app.conf.task_default_queue))
