@@ -13,13 +13,15 @@ filter.  Prints p50 and p95 of each and writes them as JSON under
 
 ``--keep`` keeps the schema (``--schema``, default ``bench_dashboard``)
 after the run and reuses it when it already holds ``N`` rows: a rerun
-skips the load.  Without it the schema is dropped at the end.
+skips the load.  Without it the run fills a schema of its own and drops
+it at the end.
 """
 
 import argparse
 import json
 import statistics
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode
 
@@ -397,10 +399,14 @@ def measure(board, rounds, explain=None):
 
 
 def run(
-    rows=ROWS, rounds=ROUNDS, schema=SCHEMA, keep=False, explain=False, results=RESULTS
+    rows=ROWS, rounds=ROUNDS, schema=None, keep=False, explain=False, results=RESULTS
 ):
     """Fill (or reuse, with ``keep``), time, write under ``results``; the
-    figures of each page."""
+    figures of each page.  ``schema``: :data:`SCHEMA` with ``keep``, else
+    one of the run's own (a kept schema is never dropped by a run without
+    ``keep``)."""
+    if schema is None:
+        schema = SCHEMA if keep else f"{SCHEMA}_{uuid.uuid4().hex[:8]}"
     board = Board(rows, schema, keep)
     try:
         results.mkdir(exist_ok=True)
@@ -432,7 +438,10 @@ def main(argv=None):
     parser.add_argument(
         "--rounds", type=int, default=ROUNDS, help="times per page (20)"
     )
-    parser.add_argument("--schema", default=SCHEMA, help=f"the schema ({SCHEMA})")
+    parser.add_argument(
+        "--schema",
+        help=f"the schema ({SCHEMA} with --keep, else one of the run's own)",
+    )
     parser.add_argument(
         "--keep", action="store_true", help="keep the schema; reuse a filled one"
     )
@@ -446,7 +455,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     if args.load_only:
-        Board(args.rows, args.schema, keep=True).close()
+        Board(args.rows, args.schema or SCHEMA, keep=True).close()
         return
     run(args.rows, args.rounds, args.schema, args.keep, args.explain)
 
