@@ -14,7 +14,8 @@ import pytest
 import sqlalchemy
 from sqlalchemy import event
 
-from pyramid_tasks.jobs.model import STATES
+from pyramid_tasks.dashboard.counts import overview
+from pyramid_tasks.jobs.model import STATES, utcnow
 from pyramid_tasks.jobs.service import BadParameter, JobService
 
 from .test_dashboard import (  # noqa: F401 (fixtures)
@@ -343,3 +344,37 @@ def test_each_branch_reads_the_index_of_its_filter(
         backward = plan.count("Index Scan Backward")
         assert backward + plan.count("Index Only Scan Backward") == branches
     assert "Seq Scan" not in plan and "args" not in plan
+
+
+# -- the overview ----------------------------------------------------------------------
+
+
+def test_the_overview_takes_any_queue_name_in_its_one_select(dashboard, pg_schema):
+    """Its statements carry the names inline (compiled once per set of
+    queues): quotes, ``%`` and ``:`` stay names."""
+    board = dashboard()
+    odd = "it's 100%:done"
+    add_jobs(
+        board.d.engine,
+        *(
+            {"id": f"w{n}", "state": "queued", "created_at": at(n), "queue": odd}
+            for n in range(3)
+        ),
+        {"id": "f", "state": "failed", "created_at": at(9), "queue": odd},
+    )
+    with board.d.engine.begin() as connection:
+        connection.execute(sqlalchemy.text(f'ANALYZE "{pg_schema}".pyramid_tasks_job'))
+    statements = []
+    event.listen(
+        board.d.engine,
+        "before_cursor_execute",
+        lambda *args: statements.append(args[2]),
+    )
+    for _ in range(2):  # the second from the cache
+        del statements[:]
+        [row] = [r for r in overview(board.service, cap=1) if r["queue"] == odd]
+        assert (row["waiting"], row["failed"], row["dead"]) == (2, 1, 0)
+        assert set(row["about"]) == {"waiting"} and row["about"]["waiting"] >= 1
+        age = (utcnow() - at(0)).total_seconds()
+        assert age - 5 < row["oldest_waiting_age"] <= age
+        assert len(statements) == 3, statements  # queues, counts, estimates

@@ -9,7 +9,9 @@ found by a loose index scan (:meth:`.JobService.table_queues`), never
 million jobs a round trip costs more than the index reads.
 """
 
-from sqlalchemy import func, select, text, union_all
+import functools
+
+from sqlalchemy import func, select, union_all
 
 from ..jobs.model import DEAD, FAILED, STARTED, Job, loaded, utcnow
 from ..jobs.service import DELAYED, WAITING
@@ -66,6 +68,53 @@ def _first(queue, state):
     )
 
 
+@functools.lru_cache(maxsize=32)
+def _counts_query(queues, cap):
+    """The overview's one SELECT for ``queues`` (a tuple): the capped
+    counts of each queue's :data:`COLUMNS`, then its first waiting entries.
+    Built once per set of queues."""
+    return select(
+        *(_capped(q, states, cap) for q in queues for _, states in COLUMNS),
+        *(_first(q, state) for q in queues for state in WAITING),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _estimates_query(queues, sets):
+    """A branch for the table, one a queue, one a set of states."""
+    return union_all(
+        select(_c.id),
+        *(select(_c.id).where(_c.queue == queue) for queue in queues),
+        *(select(_c.id).where(_c.state.in_(states)) for states in sets),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _literal(query, dialect, schemas):
+    """The text of ``query`` with its values inline (names of queues and
+    states, quoted by ``dialect``) and the table's name as the schema map
+    ``schemas`` (its items) has it, for the driver as it is: compiled once,
+    and no bound parameters to process (an overview's SELECT has a hundred)."""
+    return str(
+        query.compile(
+            dialect=dialect,
+            schema_translate_map=dict(schemas) or None,
+            render_schema_translate=True,
+            compile_kwargs={"literal_binds": True},
+        )
+    )
+
+
+def _run(connection, query):
+    """``query``'s result: on PostgreSQL its cached text (:func:`_literal`)."""
+    if connection.dialect.name != "postgresql":
+        return connection.execute(query)
+    schemas = connection.get_execution_options().get("schema_translate_map") or {}
+    return connection.exec_driver_sql(
+        _literal(query, connection.dialect, tuple(schemas.items()))
+    )
+
+
 def _estimates(connection, cells):
     """The planner's estimates of the rows of each ``(queue, states)`` of
     ``cells`` (PostgreSQL), None each on another database.
@@ -78,25 +127,14 @@ def _estimates(connection, cells):
     """
     if connection.dialect.name != "postgresql":
         return [None] * len(cells)
-    queues = list(dict.fromkeys(queue for queue, _ in cells))
-    sets = list(dict.fromkeys(tuple(states) for _, states in cells))
-    query = union_all(
-        select(_c.id),
-        *(select(_c.id).where(_c.queue == queue) for queue in queues),
-        *(select(_c.id).where(_c.state.in_(states)) for states in sets),
+    queues = tuple(dict.fromkeys(queue for queue, _ in cells))
+    sets = tuple(dict.fromkeys(tuple(states) for _, states in cells))
+    schemas = connection.get_execution_options().get("schema_translate_map") or {}
+    # EXPLAIN takes no parameters: the values inline.
+    sql = _literal(
+        _estimates_query(queues, sets), connection.dialect, tuple(schemas.items())
     )
-    # Text, so the table's name as the connection maps it (an app's
-    # schema_translate_map) and the values inline (EXPLAIN takes no
-    # parameters): names of queues and states, quoted by the dialect.
-    sql = query.compile(
-        dialect=connection.dialect,
-        schema_translate_map=connection.get_execution_options().get(
-            "schema_translate_map"
-        ),
-        render_schema_translate=True,
-        compile_kwargs={"literal_binds": True},
-    )
-    plan = connection.execute(text(f"EXPLAIN (FORMAT JSON) {sql}")).scalar()
+    plan = connection.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {sql}").scalar()
     rows = [branch["Plan Rows"] for branch in plan[0]["Plan"]["Plans"]]
     total = max(rows[0], 1)
     of_queue = dict(zip(queues, rows[1:], strict=False))
@@ -125,12 +163,7 @@ def overview(service, cap=CAP):
         )
         cells = [(q, key, states) for q in queues for key, states in COLUMNS]
         firsts = [(q, state) for q in queues for state in WAITING]
-        found = connection.execute(
-            select(
-                *(_capped(q, states, cap) for q, _, states in cells),
-                *(_first(q, state) for q, state in firsts),
-            )
-        ).one()
+        found = _run(connection, _counts_query(tuple(queues), cap)).one()
         counts = dict(zip(((q, k) for q, k, _ in cells), found, strict=False))
         oldest = {}
         for (queue, _), created in zip(firsts, found[len(cells) :], strict=True):
