@@ -327,11 +327,24 @@ class JobService:
 
     # -- reading -------------------------------------------------------------
 
-    def list(self, **filters):
+    def list(
+        self,
+        state=None,
+        queue=None,
+        name=None,
+        title=None,
+        before=None,
+        limit=50,
+        fields=None,
+        **filters,
+    ):
         """Jobs newest first (``created_at``, then ``id``, descending), as
         :func:`job_json` dicts: the ``"jobs"`` of :meth:`list_page`, which
-        takes the same arguments."""
-        return self.list_page(**filters)["jobs"]
+        takes the same arguments (``filters``: its ``error``,
+        ``created_after``... )."""
+        return self.list_page(
+            state, queue, name, title, before, limit, fields, **filters
+        )["jobs"]
 
     def list_page(
         self,
@@ -339,14 +352,15 @@ class JobService:
         queue=None,
         name=None,
         title=None,
+        before=None,
+        limit=50,
+        fields=None,
+        *,
         error=None,
         created_after=None,
         created_before=None,
         finished_after=None,
         finished_before=None,
-        before=None,
-        limit=50,
-        fields=None,
     ):
         """A page of jobs newest first (``created_at``, then ``id``,
         descending): ``{"jobs": [...], "searched": id or None}``, the jobs as
