@@ -94,6 +94,7 @@ INDEXES = {
         False,
     ),
     "ix_pyramid_tasks_job_name_state_created": (["name", "state", "created_at"], False),
+    "ix_pyramid_tasks_job_finished": (["finished_at", "state", "name"], False),
     "ix_pyramid_tasks_job_unique_key": (["unique_key"], True),
 }
 
@@ -189,6 +190,8 @@ def test_autogenerate_creates_the_job_table_and_upgrade_applies_it(
     assert {n: (ix["column_names"], ix["unique"]) for n, ix in found.items()} == (
         INDEXES
     )
+    finished = found["ix_pyramid_tasks_job_finished"]["dialect_options"]
+    assert finished["postgresql_where"] == "(finished_at IS NOT NULL)"
     where = found["ix_pyramid_tasks_job_unique_key"]["dialect_options"]
     assert "'retrying'" in where["postgresql_where"]
     assert "'succeeded'" not in where["postgresql_where"]

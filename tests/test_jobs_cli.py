@@ -28,6 +28,7 @@ INDEXES = {
         False,
     ),
     "ix_pyramid_tasks_job_name_state_created": (["name", "state", "created_at"], False),
+    "ix_pyramid_tasks_job_finished": (["finished_at", "state", "name"], False),
     "ix_pyramid_tasks_job_unique_key": (["unique_key"], True),
 }
 # The demo app takes these over its INI settings; Celery takes the brokers.
@@ -88,8 +89,11 @@ def check_indexes(found, where_key):
     assert all(f"'{state}'" in where for state in UNFINISHED), where
     assert "succeeded" not in where
     assert "unique_key IS NOT NULL" in where, where
+    finished = found["ix_pyramid_tasks_job_finished"]["dialect_options"][where_key]
+    assert str(finished).strip("()") == "finished_at IS NOT NULL", finished
+    partial = ("ix_pyramid_tasks_job_unique_key", "ix_pyramid_tasks_job_finished")
     for name, ix in found.items():
-        if name != "ix_pyramid_tasks_job_unique_key":
+        if name not in partial:
             assert not ix["dialect_options"].get(where_key), name
 
 

@@ -7,7 +7,8 @@ from pyramid.httpexceptions import HTTPSeeOther
 from ..jobs.model import STATES, UNFINISHED
 from ..jobs.service import RETRYABLE, JobError, JobService, UnknownJob
 from ..masking import mask_secrets
-from . import ROUTE, failures
+from . import ROUTE, failures, stats
+from .charts import charts, rate_text, seconds_text
 from .counts import CAP, COLUMNS, overview
 from .periodic import periodic_entries
 from .render import dashboard_settings, pretty, render, when
@@ -57,9 +58,25 @@ _PURGE = {
 }
 
 
+#: The overview's windows, as its links name them.
+WINDOW_LINKS = {"hour": "hour", "day": "day", "month": "30 days"}
+
+
 def overview_page(request):
     service = JobService.from_registry(request.registry)
     queues = overview(service, cap=CAP)
+    window = request.GET.get("window", "hour")
+    figures = drawn = error = None
+    try:
+        figures = stats.throughput(service, window)
+    except JobError as exc:
+        error = str(exc)
+    else:
+        drawn = charts(figures)
+        for task in figures["tasks"]:
+            task["rate"] = rate_text(task["failed"], task["count"])
+            task["p50_text"] = seconds_text(task["p50"])
+            task["p95_text"] = seconds_text(task["p95"])
     notice = None
     done, count = request.GET.get("done"), request.GET.get("count", "")
     if done == "clear" and count.isdigit():
@@ -71,10 +88,17 @@ def overview_page(request):
     return render(
         request,
         "overview.jinja2",
+        status=400 if error else 200,
         queues=queues,
         columns=COLUMNS,
         cap=CAP,
         notice=notice,
+        error=error,
+        window=window,
+        windows=WINDOW_LINKS,
+        figures=figures,
+        charts=drawn,
+        rate=rate_text,
     )
 
 
