@@ -386,7 +386,7 @@ def test_the_labels_of_an_axis_stay_inside_it():
     ]
     # An axis to 5: no line at 2.5 jobs.
     assert drawn["throughput"]["ticks"] == [
-        {"y": 144.0, "label": ""},
+        {"y": 144.0, "label": "0"},
         {"y": 8.0, "label": "5"},
     ]
     assert drawn["rate"]["top"] == 0.5  # 25 %: an axis to 50 %

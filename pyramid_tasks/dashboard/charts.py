@@ -9,10 +9,11 @@ for screen readers, and the rows of the table that says the same.
 
 import math
 
-__all__ = ["charts", "nice_max", "seconds_text"]
+__all__ = ["charts", "count_text", "nice_max", "rate_text", "seconds_text"]
 
-#: Pixels: the chart's height, the plot's top and height (labels below).
-HEIGHT, TOP, PLOT = 170, 8, 136
+#: Pixels: the chart's height, the plot's top and height (labels below),
+#: the gutter left of it for the labels of the lines (the CSS's too).
+HEIGHT, TOP, PLOT, GUTTER = 170, 8, 136, 40
 
 # Per unit of the buckets: which get a label on the axis, the label, and
 # the longer label of the table and of a bar's tooltip.
@@ -50,6 +51,14 @@ def seconds_text(seconds):
     return f"{seconds / 3600:.1f} h"
 
 
+def count_text(number):
+    """A count on an axis: ``500``, ``2.5k``, ``1M``."""
+    for size, suffix in ((1_000_000, "M"), (1000, "k")):
+        if number >= size:
+            return f"{number / size:g}{suffix}"
+    return f"{number:g}"
+
+
 def rate_text(failed, finished):
     return f"{100 * failed / finished:.1f} %" if finished else _NONE
 
@@ -60,8 +69,7 @@ def _ticks(top, text, whole=False):
     half = top / 2
     values = (0, top) if whole and half != int(half) else (0, half, top)
     return [
-        {"y": round(TOP + PLOT * (1 - v / top), 1), "label": text(v) if v else ""}
-        for v in values
+        {"y": round(TOP + PLOT * (1 - v / top), 1), "label": text(v)} for v in values
     ]
 
 
@@ -115,7 +123,7 @@ def charts(figures):
             f"or dead; at most {most:,} in a {_PER[unit]}."
         ),
         "top": top,
-        "ticks": _ticks(top, lambda v: f"{v:,g}", whole=True),
+        "ticks": _ticks(top, count_text, whole=True),
         "bars": [
             {
                 "x": row["index"] + 0.1,
@@ -156,4 +164,5 @@ def charts(figures):
     }
     for chart in (throughput, rate):
         chart.update(count=len(rows), labels=labels, height=HEIGHT, y=TOP, plot=PLOT)
+        chart["gutter"] = GUTTER
     return {"throughput": throughput, "rate": rate, "rows": rows}
