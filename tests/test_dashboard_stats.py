@@ -20,8 +20,9 @@ from .test_dashboard import Dashboard, dashboard, dashboard_setup, text  # noqa:
 from .test_jobs_api import add_jobs, ago
 from .test_jobs_web import durable, queue  # noqa: F401 (fixtures)
 
-# Half a minute into 12:34 UTC: the hour window is 11:35 up to 12:35.
-NOW = datetime(2026, 3, 10, 12, 34, 30, tzinfo=UTC)
+# 10 s into 12:34 UTC: the hour window is 11:35 up to 12:35, and 12:33
+# is still settling (closed SETTLE, 15 s, after its end).
+NOW = datetime(2026, 3, 10, 12, 34, 10, tzinfo=UTC)
 
 
 def at(hh, mm, ss=0.0, day=10):
@@ -82,7 +83,7 @@ def test_each_bucket_counts_the_jobs_finished_in_it(board):
     add_jobs(
         board.d.engine,
         job("a1", "succeeded", at(12, 34, 10)),  # the open minute
-        job("a2", "succeeded", at(12, 34, 29.9)),
+        job("a2", "succeeded", at(12, 34, 9.9)),
         job("a3", "failed", at(12, 34, 0)),  # a bucket's start is in it
         job("b1", "dead", at(12, 0, 0)),
         job("b2", "succeeded", at(11, 59, 59.999)),
@@ -202,11 +203,11 @@ def test_closed_buckets_are_read_once_and_the_open_ones_at_each_view(board):
     }
     seen = statements(engine)
     # Late rows: one in a closed minute (12:20), one in the open one and one
-    # in the minute before it, still settling (12:33:45, SETTLE after 12:34).
+    # in the minute before it, still settling.
     add_jobs(
         engine,
         job("late", "succeeded", at(12, 20)),
-        job("now", "succeeded", at(12, 34, 20)),
+        job("now", "succeeded", at(12, 34, 5)),
         job("settling", "failed", at(12, 33, 45)),
     )
     seen.clear()
@@ -234,7 +235,7 @@ def test_closed_buckets_are_read_once_and_the_open_ones_at_each_view(board):
         assert counts(throughput(board.service, window, now=later))[
             at(12, 0) if window == "day" else at(0, 0)
         ] == (2, 2)
-    add_jobs(engine, job("newer", "failed", at(12, 36, 10)))
+    add_jobs(engine, job("newer", "failed", at(12, 36, 5)))
     seen.clear()
     for window in ("day", "month"):
         assert counts(throughput(board.service, window, now=later))[

@@ -42,9 +42,9 @@ _KEEP = {"minute": 120, "hour": 48, "day": 31}
 
 #: Seconds after its end a bucket is closed: a job's end commits a moment
 #: after its ``finished_at``, written by the clock of its worker's host.
-SETTLE = 60.0
+SETTLE = 15.0
 #: The newest jobs of the window whose run times give the percentiles.
-SAMPLE = 10_000
+SAMPLE = 5000
 
 #: The outcomes counted; failed or dead is a failure.
 COUNTED = (SUCCEEDED, FAILED, DEAD)
