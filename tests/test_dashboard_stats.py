@@ -360,6 +360,15 @@ def test_an_axis_ends_at_1_2_or_5_times_a_power_of_ten():
     ]
 
 
+def test_counts_on_an_axis_read_short():
+    assert [charts.count_text(n) for n in (0, 500, 2500, 1_000_000)] == [
+        "0",
+        "500",
+        "2.5k",
+        "1M",
+    ]
+
+
 def test_run_times_read_short():
     assert [
         charts.seconds_text(s) for s in (None, 0.0123, 2.345, 42.12, 210, 4320)

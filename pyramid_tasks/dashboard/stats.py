@@ -145,12 +145,13 @@ def _buckets(connection, cache, unit, start, end, now):
         for start in missing:
             closed[start] = found.get(start, Counter())
     buckets = {s: closed[s] for s in starts if s < cut}
+    # Never empty: ``end`` is at most the end of the bucket holding ``now``.
     open_ = [s for s in starts if s >= cut]
-    if open_ and unit in _FINER:
+    if unit in _FINER:
         for start in open_:
             finer = _buckets(connection, cache, _FINER[unit], start, start + size, now)
             buckets[start] = sum(finer.values(), Counter())
-    elif open_:  # the last minutes: counted at each view
+    else:  # the last minutes: counted at each view
         found = _count(connection, unit, open_[0], end)
         buckets.update({s: found.get(s, Counter()) for s in open_})
     return buckets
