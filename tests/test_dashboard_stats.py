@@ -29,13 +29,16 @@ def at(hh, mm, ss=0.0, day=10):
     return datetime(2026, 3, day, hh, mm, tzinfo=UTC) + timedelta(seconds=ss)
 
 
+def on_sqlite(tmp_path):
+    return {"sqlalchemy.url": f"sqlite:///{tmp_path}/jobs.sqlite", "demo.schema": ""}
+
+
 @pytest.fixture(params=["postgresql", "sqlite"])
 def board(request, durable, database_url, tmp_path):  # noqa: F811
     """A :class:`Dashboard` on PostgreSQL (a session time zone of +05:30)
     or on a SQLite file."""
     if request.param == "sqlite":
-        settings = {"sqlalchemy.url": f"sqlite:///{tmp_path}/jobs.sqlite"}
-        settings["demo.schema"] = ""
+        settings = on_sqlite(tmp_path)
     else:
         url = sqlalchemy.make_url(database_url)
         url = url.update_query_dict({"options": "-ctimezone=Asia/Kolkata"})
@@ -65,12 +68,13 @@ def counts(figures):
     }
 
 
-def statements(engine):
-    """The SQL statements run on ``engine`` from now on (a list, growing)."""
+def statements(engine, parameters=False):
+    """The SQL statements run on ``engine`` from now on (a list, growing);
+    with ``parameters``, ``(statement, parameters)`` each."""
     seen = []
 
-    def before(conn, cursor, statement, parameters, context, executemany):
-        seen.append(statement)
+    def before(conn, cursor, statement, values, context, executemany):
+        seen.append((statement, values) if parameters else statement)
 
     event.listen(engine, "before_cursor_execute", before)
     return seen
@@ -182,6 +186,30 @@ def test_per_task_counts_failures_and_percentiles_of_known_durations(board):
     assert small["app.a"]["timed"] == 3
     assert small["app.a"]["p50"] == pytest.approx(9.0, abs=1e-3)
     assert small["app.b"]["timed"] == 0
+
+
+def test_on_sqlite_every_query_reads_a_range_of_the_finished_index(
+    durable,  # noqa: F811
+    tmp_path,
+):
+    board = Dashboard(durable(setup=dashboard_setup(), **on_sqlite(tmp_path)))
+    add_jobs(board.d.engine, job("a", "succeeded", at(12, 10), seconds=1))
+    seen = statements(board.d.engine, parameters=True)
+    for window in stats.WINDOWS:
+        throughput(board.service, window, now=NOW)
+    # Per window (cold): its closed buckets, the open minutes, the durations.
+    assert len(seen) == 3 * 3
+    ranges = ("(finished_at>? AND finished_at<?)", "(finished_at>?)")
+    with board.d.engine.connect() as connection:
+        for statement, values in list(seen):  # the EXPLAINs are seen too
+            plan = connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", values)
+            [search] = [row[-1] for row in plan if "pyramid_tasks_job" in row[-1]]
+            # Not ``USING INDEX ix_pyramid_tasks_job_state_created (state=?)``
+            # (every succeeded job), as without ``+state``.
+            assert search.startswith("SEARCH pyramid_tasks_job USING "), search
+            assert search.endswith(
+                tuple(f"INDEX ix_pyramid_tasks_job_finished {r}" for r in ranges)
+            ), search
 
 
 def test_percentile_interpolates_as_percentile_cont():
