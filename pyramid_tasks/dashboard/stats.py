@@ -116,9 +116,11 @@ def _bucket(dialect, unit):
     if dialect == "sqlite":
         return func.substr(_c.finished_at, 1, literal_column(str(_PREFIX[unit])))
     # ``finished_at AT TIME ZONE 'UTC'``: buckets of UTC whatever the
-    # session's time zone.  The unit inline: GROUP BY repeats the expression.
+    # session's time zone.  Constants inline: GROUP BY repeats the
+    # expression, which must be the SELECT's to the letter.
     return func.date_trunc(
-        literal_column(f"'{unit}'"), func.timezone("UTC", _c.finished_at)
+        literal_column(f"'{unit}'"),
+        func.timezone(literal_column("'UTC'"), _c.finished_at),
     )
 
 
