@@ -13,9 +13,9 @@ that ended more than :data:`SETTLE` seconds ago is closed: it is counted
 once, kept in the process, and never read again.  Only the open buckets
 are counted at each view, and a coarse open bucket (today, this hour) is
 the sum of its closed finer buckets (cached too) and of the last minutes,
-so every view reads at most two minutes of jobs, plus the sample.  A closed
-bucket keeps what finished in it: jobs pruned, deleted or retried since are
-still counted there until the process restarts.
+so a view reads at most a minute and :data:`SETTLE` seconds of jobs, plus
+the sample.  A closed bucket keeps what finished in it: jobs pruned, deleted
+or retried since are still counted there until the process restarts.
 """
 
 import threading
