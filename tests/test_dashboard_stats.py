@@ -188,6 +188,27 @@ def test_per_task_counts_failures_and_percentiles_of_known_durations(board):
     assert small["app.b"]["timed"] == 0
 
 
+def test_on_postgresql_every_query_reads_a_range_of_the_finished_index(
+    dashboard,  # noqa: F811
+):
+    """As PostgreSQL plans them (sequential scans turned off, as a large
+    table makes the planner choose)."""
+    board = dashboard()
+    add_jobs(board.d.engine, job("a", "succeeded", at(12, 10), seconds=1))
+    seen = statements(board.d.engine, parameters=True)
+    for window in stats.WINDOWS:
+        throughput(board.service, window, now=NOW)
+    assert len(seen) == 3 * 3
+    queries = list(seen)  # the EXPLAINs are seen too
+    with board.d.engine.connect() as connection:
+        connection.exec_driver_sql("SET enable_seqscan = off")
+        for statement, values in queries:
+            plan = connection.exec_driver_sql(f"EXPLAIN {statement}", values)
+            plan = "\n".join(plan.scalars())
+            assert "Index Cond: ((finished_at >= " in plan, plan
+            assert "using ix_pyramid_tasks_job_finished" in plan, plan
+
+
 def test_on_sqlite_every_query_reads_a_range_of_the_finished_index(
     durable,  # noqa: F811
     tmp_path,
