@@ -28,6 +28,10 @@ INDEXES = {
         False,
     ),
     "ix_pyramid_tasks_job_name_state_created": (["name", "state", "created_at"], False),
+    "ix_pyramid_tasks_job_parent_state_created": (
+        ["parent_id", "state", "created_at"],
+        False,
+    ),
     "ix_pyramid_tasks_job_unique_key": (["unique_key"], True),
 }
 # The demo app takes these over its INI settings; Celery takes the brokers.
@@ -88,8 +92,15 @@ def check_indexes(found, where_key):
     assert all(f"'{state}'" in where for state in UNFINISHED), where
     assert "succeeded" not in where
     assert "unique_key IS NOT NULL" in where, where
+    parent = str(
+        found["ix_pyramid_tasks_job_parent_state_created"]["dialect_options"][where_key]
+    )
+    assert "parent_id IS NOT NULL" in parent, parent
     for name, ix in found.items():
-        if name != "ix_pyramid_tasks_job_unique_key":
+        if name not in (
+            "ix_pyramid_tasks_job_unique_key",
+            "ix_pyramid_tasks_job_parent_state_created",
+        ):
             assert not ix["dialect_options"].get(where_key), name
 
 

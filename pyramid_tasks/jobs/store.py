@@ -31,6 +31,7 @@ from .model import (
     Job,
     _unfinished,
     loaded,
+    retry_mark,
     stored,
     utcnow,
 )
@@ -406,7 +407,15 @@ class JobStore:
         )
 
     def retrying(self, job_id, attempt, exc=None, start=None):
-        values = {"state": RETRYING}
+        """Celery's ``retry()`` ended the run: ``retrying``, its time in the
+        options (:func:`~.model.retry_mark`).  Read then written: only a run
+        of this attempt writes them while it is ``started`` (the UPDATE
+        names both), and an operator's retry needs it finished."""
+        with self.engine.connect() as connection:
+            options = connection.execute(
+                select(_c.options).where(_c.id == job_id)
+            ).scalar()
+        values = {"state": RETRYING, "options": retry_mark(options, "task")}
         if exc is not None:
             values["error"] = mask_secrets(f"{type(exc).__name__}: {exc}")[:10000]
         return self._finish(job_id, attempt, start, finished=False, **values)
