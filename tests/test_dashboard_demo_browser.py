@@ -265,3 +265,45 @@ def test_live_refresh_waits_while_the_tab_is_hidden(
         page.clock.run_for(5_000)
         refreshes(4, before)
         assert set(fetched) == {f"{url}{PREFIX}/jobs"}
+
+
+def test_the_demo_with_its_broker_stopped_then_back(
+    start_worker,
+    own_redis,  # noqa: F811
+    chromium,  # noqa: F811
+    ini_vars,
+):
+    """With Redis stopped the order still commits, its job ``pending``, and
+    every page answers; Redis back, the relay sends the job and the worker
+    confirms the order."""
+    settings = {**DEMO, "celery.broker_url": own_redis.url}
+    demo = Demo(start_worker("-c", "1", section="main", settings=settings).ini_path)
+    own_redis.stop()
+    with served(demo.app) as url, browse(chromium) as context:
+        page = context.new_page()
+        page.goto(url + "/")
+        page.get_by_role("button", name="Place order").first.click()
+        order = page.locator("table").first.locator("tr").nth(1)  # the newest
+        expect(order.locator("td").nth(3)).to_have_text("pending")
+        page.get_by_role("link", name="Jobs dashboard").click()
+        row = page.locator("tbody tr", has_text=ini_vars["queue"])
+        expect(row.locator("td").nth(1)).to_have_text("1")
+        shoot(page, "demo-broker-stopped-overview")
+        page.get_by_role("navigation").get_by_role("link", name="Workers").click()
+        expect(page.get_by_role("alert")).to_contain_text(
+            "The broker did not answer: Error 111 connecting to 127.0.0.1:"
+        )
+        page.goto(f"{url}{PREFIX}/jobs?state=pending")
+        page.get_by_role("link", name=CONFIRM).click()
+        expect(page.locator("h1 .state")).to_have_text("pending")
+        shoot(page, "demo-broker-stopped-job")
+
+        own_redis.start()
+
+        def succeeded():
+            page.reload()
+            return page.locator("h1 .state").inner_text() == "succeeded"
+
+        wait_for(succeeded, timeout=60, message="the job sent once Redis is back")
+        page.goto(url + "/")
+        expect(order.locator("td").nth(2)).to_have_text("confirmed")
