@@ -427,6 +427,7 @@ def test_empty_and_on_a_narrow_window(dashboard, chromium):  # noqa: F811
         page.get_by_role("link", name="All its children in the list").click()
         expect(page.locator(".filters .parent")).to_have_text("children of n-1")
         expect(page.locator("tbody tr")).to_have_count(2)
+        shoot(page, "jobs-children")
     with browsing(chromium, board, width=390) as (page, base):
         for path, name in (("/", "overview"), ("/jobs", "jobs"), ("/jobs/n-1", "job")):
             page.goto(base + path)

@@ -138,3 +138,31 @@ def test_many_children_are_listed_newest_first_and_counted_up_to_the_cap(
     # The list of one parent's children, filtered by state.
     failed = board.get("/jobs", parent="few", state="failed")
     assert len(failed.html.find("tbody").find_all("tr")) == 12
+
+
+def test_a_job_started_before_its_publish_was_marked_shows_it(
+    dashboard,  # noqa: F811
+):
+    """The worker often starts a job before the web side marks it queued:
+    that mark leaves its state alone and records when it was published."""
+    board = dashboard()
+    add_jobs(
+        board.d.engine,
+        {"id": "fast", "state": "started", "created_at": ago(3), "started_at": ago(1)},
+        {"id": "slow", "state": "pending", "created_at": ago(3)},
+        {"id": "again", "state": "pending", "created_at": ago(3)}
+        | {"published_at": ago(2)},
+    )
+    store = board.service.store
+    assert store.mark_published([("fast", None), ("slow", None)]) == 1
+    assert store.mark_published([("again", ago(-60))]) == 1
+    rows = {job_id: store.get(job_id) for job_id in ("fast", "slow", "again")}
+    assert {k: row["state"] for k, row in rows.items()} == {
+        "fast": "started",
+        "slow": "queued",
+        "again": "scheduled",
+    }
+    # Published before it started: when it started, at the latest.
+    assert rows["fast"]["published_at"] == rows["fast"]["started_at"]
+    assert rows["slow"]["published_at"] > rows["fast"]["started_at"]
+    assert labels(board.get("/jobs/fast")) == ["created", "published", "started"]
