@@ -95,6 +95,10 @@ INDEXES = {
     ),
     "ix_pyramid_tasks_job_name_state_created": (["name", "state", "created_at"], False),
     "ix_pyramid_tasks_job_finished": (["finished_at", "state", "name"], False),
+    "ix_pyramid_tasks_job_parent_state_created": (
+        ["parent_id", "state", "created_at"],
+        False,
+    ),
     "ix_pyramid_tasks_job_unique_key": (["unique_key"], True),
 }
 
@@ -195,6 +199,8 @@ def test_autogenerate_creates_the_job_table_and_upgrade_applies_it(
     where = found["ix_pyramid_tasks_job_unique_key"]["dialect_options"]
     assert "'retrying'" in where["postgresql_where"]
     assert "'succeeded'" not in where["postgresql_where"]
+    parent = found["ix_pyramid_tasks_job_parent_state_created"]["dialect_options"]
+    assert "parent_id IS NOT NULL" in parent["postgresql_where"]
     assert all(
         isinstance(columns[name], sqlalchemy.JSON)
         for name in ("args", "kwargs", "options")

@@ -29,6 +29,10 @@ INDEXES = {
     ),
     "ix_pyramid_tasks_job_name_state_created": (["name", "state", "created_at"], False),
     "ix_pyramid_tasks_job_finished": (["finished_at", "state", "name"], False),
+    "ix_pyramid_tasks_job_parent_state_created": (
+        ["parent_id", "state", "created_at"],
+        False,
+    ),
     "ix_pyramid_tasks_job_unique_key": (["unique_key"], True),
 }
 # The demo app takes these over its INI settings; Celery takes the brokers.
@@ -91,7 +95,15 @@ def check_indexes(found, where_key):
     assert "unique_key IS NOT NULL" in where, where
     finished = found["ix_pyramid_tasks_job_finished"]["dialect_options"][where_key]
     assert str(finished).strip("()") == "finished_at IS NOT NULL", finished
-    partial = ("ix_pyramid_tasks_job_unique_key", "ix_pyramid_tasks_job_finished")
+    parent = str(
+        found["ix_pyramid_tasks_job_parent_state_created"]["dialect_options"][where_key]
+    )
+    assert "parent_id IS NOT NULL" in parent, parent
+    partial = (
+        "ix_pyramid_tasks_job_unique_key",
+        "ix_pyramid_tasks_job_finished",
+        "ix_pyramid_tasks_job_parent_state_created",
+    )
     for name, ix in found.items():
         if name not in partial:
             assert not ix["dialect_options"].get(where_key), name

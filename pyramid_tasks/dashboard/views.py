@@ -4,12 +4,12 @@ from urllib.parse import urlencode
 
 from pyramid.httpexceptions import HTTPSeeOther
 
-from ..jobs.model import STATES, UNFINISHED
+from ..jobs.model import RETRY_HEADER, STATES, UNFINISHED
 from ..jobs.service import RETRYABLE, JobError, JobService, UnknownJob
 from ..masking import mask_secrets
 from . import ROUTE, failures, stats
 from .charts import charts, rate_text, seconds_text
-from .counts import CAP, COLUMNS, overview
+from .counts import CAP, COLUMNS, children_count, overview
 from .periodic import periodic_entries
 from .render import dashboard_settings, pretty, render, when
 from .workers import TIMEOUT, inspect_workers
@@ -34,7 +34,15 @@ LIST_FIELDS = (
 )
 
 #: The filters of the list, as its query string names them.
-FILTERS = ("state", "queue", "name", "title")
+FILTERS = ("state", "queue", "name", "title", "parent")
+
+#: Children (chain steps, sub-jobs) a job's page lists, newest first.
+CHILDREN = 20
+#: The columns that list reads.
+CHILD_FIELDS = ("name", "title", "state", "created_at", "finished_at")
+
+#: Who retried a job (the ``by`` of its options' retry header).
+RETRIED_BY = {"operator": "retried by an operator", "task": "retried by the task"}
 
 #: What an action did, for the notice of the page it leads back to.
 DONE = {"retry": "sent again", "cancel": "cancelled", "delete": "deleted"}
@@ -167,18 +175,30 @@ def job_page(request, error=None, status=200):
     except UnknownJob as exc:
         return render(request, "missing.jinja2", status=404, message=str(exc))
     pattern = dashboard_settings(request).redact
-    timeline = [
-        (label, when(job[key]))
+    moments = [
+        (label, job[key])
         for label, key in (
             ("created", "created_at"),
-            ("due", "eta"),
             ("published", "published_at"),
             ("started", "started_at"),
             ("last heartbeat", "heartbeat_at"),
             ("finished", "finished_at"),
         )
         if job[key] is not None
-    ]
+    ] + _retried(job)
+    # In the order they happened (ISO times in UTC, to the microsecond: a
+    # retry comes between two runs); the time it was due for, a plan that
+    # may lie ahead, next to its creation.
+    moments.sort(key=lambda moment: moment[1])
+    if job["eta"] is not None:
+        moments.insert(1, ("due", job["eta"]))
+    timeline = [(label, when(at)) for label, at in moments]
+    children = service.list(parent=job_id, limit=CHILDREN + 1, fields=CHILD_FIELDS)
+    total = len(children)
+    if total > CHILDREN:  # more than the page lists: counted, up to the cap
+        children, total = children[:CHILDREN], children_count(service, job_id)
+    for child in children:
+        child["created"] = when(child["created_at"])
     done = request.GET.get("done")
     return render(
         request,
@@ -195,7 +215,19 @@ def job_page(request, error=None, status=200):
         can_retry=job["state"] in RETRYABLE,
         can_cancel=job["state"] in UNFINISHED,
         can_delete=job["state"] not in UNFINISHED,
+        children=children,
+        children_total=total,
+        cap=CAP,
     )
+
+
+def _retried(job):
+    """The timeline's entry of the job's last retry, when its options
+    recorded one (an operator's retry, Celery's ``retry()``)."""
+    mark = ((job["options"] or {}).get("headers") or {}).get(RETRY_HEADER)
+    if not mark:
+        return []
+    return [(RETRIED_BY.get(mark["by"], "retried"), mark["at"])]
 
 
 def failures_page(request, error=None, status=200):

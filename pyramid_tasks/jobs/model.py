@@ -57,6 +57,25 @@ RUNNABLE = (*UNFINISHED, FAILED, DEAD)
 
 metadata = MetaData()
 
+# The header of a job's options recording its last retry, ``{"at": ISO
+# time, "by": "operator" or "task"}``: an operator's retry (the service's)
+# or Celery's ``retry()`` in its run.  No column keeps it; the dashboard's
+# timeline shows it.  Sent with the job's later messages, where nothing
+# reads it.
+RETRY_HEADER = "pyramid_tasks_last_retry"
+
+
+def retry_mark(options, by, now=None):
+    """``options`` (a row's, or None) with :data:`RETRY_HEADER` saying a
+    retry by ``by`` happened ``now``."""
+    options = dict(options or {})
+    at = (now or utcnow()).isoformat(timespec="microseconds")
+    options["headers"] = {
+        **(options.get("headers") or {}),
+        RETRY_HEADER: {"at": at, "by": by},
+    }
+    return options
+
 
 def utcnow():
     return datetime.now(UTC)
@@ -114,6 +133,7 @@ _unfinished = text(
 )
 
 _finished = text("finished_at IS NOT NULL")
+_has_parent = text("parent_id IS NOT NULL")
 
 
 class Job(_Base):
@@ -178,6 +198,18 @@ class Job(_Base):
             "name",
             postgresql_where=_finished,
             sqlite_where=_finished,
+        ),
+        # The children of a job (chain steps, jobs sent from its run), newest
+        # first: the job page's list and its capped count, and the list's
+        # ``parent`` filter, a branch per state as the others.  Only rows
+        # with a parent take an entry (most jobs have none).
+        Index(
+            "ix_pyramid_tasks_job_parent_state_created",
+            "parent_id",
+            "state",
+            "created_at",
+            postgresql_where=_has_parent,
+            sqlite_where=_has_parent,
         ),
         Index(
             "ix_pyramid_tasks_job_unique_key",

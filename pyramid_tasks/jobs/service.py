@@ -45,6 +45,7 @@ from .model import (
     UNFINISHED,
     Job,
     loaded,
+    retry_mark,
     stored,
     utcnow,
 )
@@ -331,6 +332,7 @@ class JobService:
         before=None,
         limit=50,
         fields=None,
+        parent=None,
     ):
         """Jobs newest first (``created_at``, then ``id``, descending), as
         :func:`job_json` dicts.
@@ -340,7 +342,9 @@ class JobService:
         last of the previous page (the rows strictly older than it);
         ``limit``: 1 to :attr:`max_limit`; ``fields``: the columns to read
         and give (``id`` and ``created_at`` always), every one when None (the
-        dashboard's list reads neither arguments nor tracebacks).
+        dashboard's list reads neither arguments nor tracebacks); ``parent``:
+        a job id or ids, their children only (chain steps, jobs sent from
+        their runs).
 
         One branch per state, each an ordered range of the ``(state,
         created_at)`` index read ``limit`` rows deep, merged: cheap whatever
@@ -368,6 +372,8 @@ class JobService:
                 where.append(_c.queue.in_(queues))
             if names is not None:
                 where.append(_c.name.in_(names))
+            if parent is not None:
+                where.append(_c.parent_id.in_(self._strings("parent", parent)))
             if title:
                 where.append(
                     func.lower(_c.title).contains(title.lower(), autoescape=True)
@@ -628,7 +634,9 @@ class JobService:
         another state BadParameter naming it and its state; nothing changed.
         Each job goes back to ``pending`` (one UPDATE naming the state it
         was found in; its options' ``headers`` gain
-        :data:`~pyramid_tasks.jobs.revoked.RETRIED_HEADER`), is published as
+        :data:`~pyramid_tasks.jobs.revoked.RETRIED_HEADER` and the time of
+        this retry, :data:`~pyramid_tasks.jobs.model.RETRY_HEADER`), is
+        published as
         the relay publishes, and is marked
         ``queued`` when the broker took it; what the broker did not take
         stays ``pending`` for the relay.  Per id ``{"id", "state_before",
@@ -667,10 +675,8 @@ class JobService:
                 # Every later send carries the mark too (the relay's, a
                 # worker's): one that drops it under the cancel's revoke
                 # sends it again (pyramid_tasks.jobs.revoked).
-                options["headers"] = {
-                    **(options.get("headers") or {}),
-                    RETRIED_HEADER: True,
-                }
+                options = retry_mark(options, "operator")
+                options["headers"][RETRIED_HEADER] = True
                 changed = connection.execute(
                     update(_table)
                     .where(_c.id == job_id, _c.state == row["state"])
