@@ -4,7 +4,7 @@ from urllib.parse import urlencode
 
 from pyramid.httpexceptions import HTTPSeeOther
 
-from ..jobs.model import STATES, UNFINISHED
+from ..jobs.model import SCHEDULED, STATES, UNFINISHED
 from ..jobs.service import RETRYABLE, JobError, JobService, UnknownJob
 from ..masking import mask_secrets
 from . import ROUTE, failures
@@ -36,12 +36,19 @@ LIST_FIELDS = (
 FILTERS = ("state", "queue", "name", "title")
 
 #: What an action did, for the notice of the page it leads back to.
-DONE = {"retry": "sent again", "cancel": "cancelled", "delete": "deleted"}
+DONE = {
+    "retry": "sent again",
+    "cancel": "cancelled",
+    "delete": "deleted",
+    "run": "sent to run now",
+}
 #: The same on the job's own page.
 DONE_JOB = {
     "retry": "Sent again: the job runs anew.",
     "cancel": "Cancelled.",
     "run": "Sent: the periodic task runs now.",
+    "now": "Sent: the job runs now, not at its due time.",
+    "bulk": "Scheduled: this job does it, in batches; its progress shows here.",
 }
 
 
@@ -171,6 +178,7 @@ def job_page(request, error=None, status=200):
         can_retry=job["state"] in RETRYABLE,
         can_cancel=job["state"] in UNFINISHED,
         can_delete=job["state"] not in UNFINISHED,
+        can_run=job["state"] == SCHEDULED,
     )
 
 

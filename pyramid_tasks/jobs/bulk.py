@@ -1,0 +1,122 @@
+"""Acting on every job matching a filter, as a job of its own.
+
+The dashboard's "everything matching this filter" never does the work in the
+web request: it sends :data:`BULK_TASK`, which pages through the matching
+jobs by keyset (newest first, as :meth:`.JobService.list` pages), acts on
+each batch with :meth:`.JobService.retry`, ``cancel`` or ``delete``, logs a
+line per batch and reports its progress on its own job row.
+"""
+
+import logging
+
+from .model import FINISHED, UNFINISHED
+from .service import RETRYABLE, JobError, JobService
+
+__all__ = ["ACTIONS", "BULK_TASK", "applicable", "bulk_job", "matching"]
+
+log = logging.getLogger(__name__)
+
+#: The name of the package's own bulk task.
+BULK_TASK = "pyramid_tasks.jobs.bulk"
+
+#: Per action, the states of the jobs it takes.
+ACTIONS = {"retry": RETRYABLE, "cancel": UNFINISHED, "delete": FINISHED}
+
+#: Jobs one batch takes (one list query, one action).
+BATCH = 500
+
+_DONE = {"retry": "retried", "cancel": "cancelled", "delete": "deleted"}
+
+
+def applicable(action, filters):
+    """``filters`` (keyword arguments of :meth:`.JobService.list`) with its
+    ``state`` narrowed to the states ``action`` takes; None when none is
+    left (the filter names only other states)."""
+    states = list(ACTIONS[action])
+    asked = filters.get("state")
+    if asked:
+        asked = [asked] if isinstance(asked, str) else list(asked)
+        states = [state for state in states if state in asked]
+    if not states:
+        return None
+    return {**filters, "state": states}
+
+
+def matching(service, action, filters, cap=None):
+    """The jobs ``action`` would take, counted by keyset pages of ids
+    (``cap + 1`` at most when ``cap`` is given)."""
+    query = applicable(action, filters)
+    if query is None:
+        return 0
+    count, before = 0, None
+    while True:
+        limit = service.max_limit if cap is None else min(service.max_limit, cap + 1)
+        page = service.list(**query, before=before, limit=limit, fields=())
+        count += len(page)
+        if len(page) < limit or (cap is not None and count > cap):
+            return count
+        before = page[-1]["id"]
+
+
+def _act(service, action, ids):
+    """``action`` on ``ids``: the jobs it changed.  A batch refused because
+    one of its jobs changed meanwhile is done one job at a time, the
+    refused ones left as they are."""
+    perform = getattr(service, action)
+    try:
+        results = perform(ids)
+    except JobError:
+        results = []
+        for job_id in ids:
+            try:
+                results += perform([job_id])
+            except JobError as exc:
+                log.info("Bulk %s: job %s left as it is: %s", action, job_id, exc)
+    return sum(r["state"] != r["state_before"] for r in results)
+
+
+def bulk_job(self, action, filters):
+    """The package's bulk task: ``action`` (``retry``, ``cancel`` or
+    ``delete``) on every job matching ``filters`` (keyword arguments of
+    :meth:`.JobService.list`) in the states the action takes, in batches of
+    :data:`BATCH`, newest first.  A job created after this one started may
+    be left out; this job itself is.  ``{"action", "matching", "changed"}``.
+    """
+    if action not in ACTIONS:
+        raise ValueError(f"bad action {action!r}: expected one of {', '.join(ACTIONS)}")
+    service = JobService.from_registry(self.app.pyramid_registry)
+    total = matching(service, action, filters)
+    query = applicable(action, filters)
+    done = changed = 0
+    self.set_progress(0, total, f"0 of {total} jobs")
+    carry = []  # the page's last job: the next page starts after it
+    before = None
+    while query is not None:
+        page = service.list(**query, before=before, limit=BATCH, fields=())
+        batch = [row["id"] for row in carry + page[:-1]]
+        if len(page) < BATCH:  # the last page: all of it
+            batch, carry = [row["id"] for row in carry + page], []
+        else:
+            # Acted on with the next batch: a deleted job cannot mark a page.
+            carry, before = page[-1:], page[-1]["id"]
+        batch = [job_id for job_id in batch if job_id != self.request.id]
+        if batch:
+            count = _act(service, action, batch)
+            changed += count
+            done += len(batch)
+            log.info(
+                "Bulk %s %s: %d of a batch of %d %s; %d of %d done.",
+                action,
+                self.request.id,
+                count,
+                len(batch),
+                _DONE[action],
+                done,
+                total,
+            )
+            said = f"{done} of {total} jobs, {changed} {_DONE[action]}"
+            self.set_progress(min(done, total), total, said)
+        if not carry:
+            break
+    self.set_progress(100, None, f"{done} of {total} jobs, {changed} {_DONE[action]}")
+    return {"action": action, "matching": done, "changed": changed}
