@@ -44,8 +44,7 @@ def consumers(service, timeout=TIMEOUT):
     found = {}
     for worker, queues in sorted((answers or {}).items()):
         for queue in queues or ():
-            if isinstance(queue, dict) and queue.get("name"):
-                found.setdefault(queue["name"], []).append(worker)
+            found.setdefault(queue["name"], []).append(worker)
     return found, sorted(answers or {}), None
 
 

@@ -226,6 +226,7 @@ def retry_jobs(request, service):
     return {"jobs": service.retry(_strings(_body(request, ("ids",)), "ids", True))}
 
 
+@_api(id="ids")
 def run_now_jobs(request, service):
     return {"jobs": service.run_now(_strings(_body(request, ("ids",)), "ids", True))}
 

@@ -22,8 +22,9 @@ BULK_TASK = "pyramid_tasks.jobs.bulk"
 #: Per action, the states of the jobs it takes.
 ACTIONS = {"retry": RETRYABLE, "cancel": UNFINISHED, "delete": FINISHED}
 
-#: Jobs one batch takes (one list query, one action).
-BATCH = 500
+#: Jobs one batch takes (one list query, one action).  Small enough that a
+#: batch's retry publishes well within ``tasks.jobs.relay_grace``.
+BATCH = 200
 
 _DONE = {"retry": "retried", "cancel": "cancelled", "delete": "deleted"}
 
@@ -50,7 +51,9 @@ def matching(service, action, filters, cap=None):
         return 0
     count, before = 0, None
     while True:
-        limit = service.max_limit if cap is None else min(service.max_limit, cap + 1)
+        limit = service.max_limit
+        if cap is not None:
+            limit = min(limit, cap + 1 - count)
         page = service.list(**query, before=before, limit=limit, fields=())
         count += len(page)
         if len(page) < limit or (cap is not None and count > cap):
@@ -88,35 +91,33 @@ def bulk_job(self, action, filters):
     total = matching(service, action, filters)
     query = applicable(action, filters)
     done = changed = 0
-    self.set_progress(0, total, f"0 of {total} jobs")
-    carry = []  # the page's last job: the next page starts after it
-    before = None
+    # Pages of BATCH jobs and the first of the next page, which marks where
+    # that page starts (a deleted job could not) and is acted on with it.
+    head, before = [], None
     while query is not None:
-        page = service.list(**query, before=before, limit=BATCH, fields=())
-        batch = [row["id"] for row in carry + page[:-1]]
-        if len(page) < BATCH:  # the last page: all of it
-            batch, carry = [row["id"] for row in carry + page], []
-        else:
-            # Acted on with the next batch: a deleted job cannot mark a page.
-            carry, before = page[-1:], page[-1]["id"]
-        batch = [job_id for job_id in batch if job_id != self.request.id]
-        if batch:
-            count = _act(service, action, batch)
+        rows = head + service.list(
+            **query, before=before, limit=BATCH + 1 - len(head), fields=()
+        )
+        batch, head = rows[:BATCH], rows[BATCH:]
+        ids = [row["id"] for row in batch if row["id"] != self.request.id]
+        if ids:
+            count = _act(service, action, ids)
             changed += count
-            done += len(batch)
+            done += len(ids)
             log.info(
                 "Bulk %s %s: %d of a batch of %d %s; %d of %d done.",
                 action,
                 self.request.id,
                 count,
-                len(batch),
+                len(ids),
                 _DONE[action],
                 done,
                 total,
             )
             said = f"{done} of {total} jobs, {changed} {_DONE[action]}"
             self.set_progress(min(done, total), total, said)
-        if not carry:
+        if not head:
             break
+        before = head[0]["id"]
     self.set_progress(100, None, f"{done} of {total} jobs, {changed} {_DONE[action]}")
     return {"action": action, "matching": done, "changed": changed}
