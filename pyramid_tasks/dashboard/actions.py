@@ -249,8 +249,11 @@ def add_actions(config, settings):
         permission=settings.manage_permission,
     )
     actions = (
-        ("act", "/jobs/{id}/{action:retry|cancel|delete|run}", act),
-        ("checked", "/actions/{action:retry|cancel|delete|run}", act_on_checked),
+        ("act", "/jobs/{id}/{action:retry|cancel|delete}", act),
+        ("checked", "/actions/{action:retry|cancel|delete}", act_on_checked),
+        # Run now (a scheduled job), one or checked.
+        ("act_run", "/jobs/{id}/{action:run}", act),
+        ("checked_run", "/actions/{action:run}", act_on_checked),
         ("clear", None, clear_queue),
         ("run", "/periodic/{name}/run", run_periodic),
         ("group", "/failures/{key}/{action:retry|delete}", act_on_group),
