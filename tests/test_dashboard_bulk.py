@@ -456,13 +456,32 @@ def test_the_bulk_task_pages_by_keyset(durable, monkeypatch):  # noqa: F811
     class Run:  # the task's self: its request and progress
         app = d.app
 
-        def __init__(self, job_id="the-bulk-job"):
+        def __init__(self, job_id="the-bulk-job", cancelled_after=None):
             self.request = type("request", (), {"id": job_id})
             self.progress = []
+            self.cancelled_after = cancelled_after
 
         def set_progress(self, *args):
             self.progress.append(args)
 
+        def cancel_requested(self):
+            return len(self.progress) == self.cancelled_after
+
+    # Cancelled during its second batch: it stops after it.
+    run = Run(cancelled_after=2)
+    result = jobs_bulk.bulk_job(run, "delete", {"queue": d.queue})
+    assert result == {"action": "delete", "matching": 4, "changed": 4}
+    assert seen == [["d-4", "d-3"], ["d-2", "d-1"]]
+    assert d.states() == {"d-0": "succeeded"}
+    add_jobs(
+        d.engine,
+        *[
+            {"id": f"d-{i}", "name": "echo", "state": "succeeded"}
+            | {"created_at": ago(100 - i), "queue": d.queue}
+            for i in range(1, 5)
+        ],
+    )
+    seen.clear()
     run = Run()
     result = jobs_bulk.bulk_job(run, "delete", {"queue": d.queue})
     assert result == {"action": "delete", "matching": 5, "changed": 5}

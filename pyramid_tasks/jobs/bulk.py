@@ -83,7 +83,8 @@ def bulk_job(self, action, filters):
     ``delete``) on every job matching ``filters`` (keyword arguments of
     :meth:`.JobService.list`) in the states the action takes, in batches of
     :data:`BATCH`, newest first.  A job created after this one started may
-    be left out; this job itself is.  ``{"action", "matching", "changed"}``.
+    be left out; this job itself is.  Cancelled (its page's **Cancel**), it
+    stops after the batch it is in.  ``{"action", "matching", "changed"}``.
     """
     if action not in ACTIONS:
         raise ValueError(f"bad action {action!r}: expected one of {', '.join(ACTIONS)}")
@@ -117,6 +118,15 @@ def bulk_job(self, action, filters):
             said = f"{done} of {total} jobs, {changed} {_DONE[action]}"
             self.set_progress(min(done, total), total, said)
         if not head:
+            break
+        if self.cancel_requested():  # an operator cancelled this job
+            log.info(
+                "Bulk %s %s cancelled: %d of %d done.",
+                action,
+                self.request.id,
+                done,
+                total,
+            )
             break
         before = head[0]["id"]
     self.set_progress(100, None, f"{done} of {total} jobs, {changed} {_DONE[action]}")
