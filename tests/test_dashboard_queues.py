@@ -152,3 +152,32 @@ def test_the_queues_page_and_its_actions_with_the_broker_stopped(
         f"manager: resume of queue {q}",
     ]
     assert board.states() == {"w": "queued"}
+
+
+def test_the_queue_is_named_as_the_workers_know_it(dashboard, caplog):  # noqa: F811
+    """With ``tasks.queue_prefix`` the command names the prefixed queue, as
+    the job service names it."""
+    events = []
+    board = dashboard(events=events, **{"tasks.queue_prefix": "shop"})
+    q = board.d.queue
+    prefixed = f"shop.{q}"
+    add_jobs(
+        board.d.engine,
+        {"id": "w", "state": "queued", "created_at": ago(5), "queue": prefixed},
+    )
+    caplog.set_level(logging.INFO, AUDIT)
+    # Resumed on a worker nobody runs: sent, and no answer.
+    done = board.post(f"/queues/{q}/resume", worker="nobody@nowhere")
+    assert done.location.endswith(
+        f"{PREFIX}/queues?done=resume&queue={prefixed}&count=0"
+    )
+    assert [(e.action, e.queues, e.results) for e in events] == [
+        ("resume", [prefixed], {"queue": prefixed, "workers": []})
+    ]
+    assert audit_lines(caplog) == [
+        f"manager: resume of queue {prefixed}: 0 worker(s) answered"
+    ]
+
+
+def audit_lines(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == AUDIT]
