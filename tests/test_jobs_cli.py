@@ -244,7 +244,8 @@ def test_init_db_database_down_is_one_line_without_the_password(tmp_path, capsys
         (
             ["nope"],
             "argument COMMAND: invalid choice: 'nope' (choose from 'list', 'show', "
-            "'cancel', 'clear', 'retry', 'test', 'depth', 'prune', 'drain', 'init-db')",
+            "'cancel', 'clear', 'retry', 'run-now', 'test', 'depth', 'prune', 'drain', "
+            "'init-db')",
         ),
         (["init-db", "--nope"], "unrecognized arguments: --nope"),
     ],

@@ -4,7 +4,7 @@ from urllib.parse import urlencode
 
 from pyramid.httpexceptions import HTTPSeeOther
 
-from ..jobs.model import RETRY_HEADER, STATES, UNFINISHED
+from ..jobs.model import RETRY_HEADER, SCHEDULED, STATES, UNFINISHED
 from ..jobs.service import RETRYABLE, JobError, JobService, UnknownJob
 from ..masking import mask_secrets
 from . import ROUTE, failures, stats
@@ -45,12 +45,19 @@ CHILD_FIELDS = ("name", "title", "state", "created_at", "finished_at")
 RETRIED_BY = {"operator": "retried by an operator", "task": "retried by the task"}
 
 #: What an action did, for the notice of the page it leads back to.
-DONE = {"retry": "sent again", "cancel": "cancelled", "delete": "deleted"}
+DONE = {
+    "retry": "sent again",
+    "cancel": "cancelled",
+    "delete": "deleted",
+    "run": "sent to run now",
+}
 #: The same on the job's own page.
 DONE_JOB = {
     "retry": "Sent again: the job runs anew.",
     "cancel": "Cancelled.",
     "run": "Sent: the periodic task runs now.",
+    "now": "Sent: the job runs now, not at its due time.",
+    "bulk": "Scheduled: this job does it, in batches; its progress shows here.",
 }
 
 
@@ -218,6 +225,7 @@ def job_page(request, error=None, status=200):
         children=children,
         children_total=total,
         cap=CAP,
+        can_run=job["state"] == SCHEDULED,
     )
 
 

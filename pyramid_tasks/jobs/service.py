@@ -742,6 +742,83 @@ class JobService:
         except Exception as exc:
             log.warning("The workers could not be told of the retry: %s", one_line(exc))
 
+    def run_now(self, ids):
+        """Run the scheduled jobs ``ids`` now instead of at their eta: each is
+        published again under its id, without eta or countdown.
+
+        Every id is checked first: an unknown one is UnknownJob, a job not
+        ``scheduled`` BadParameter naming it and its state; nothing changed.
+        Each job goes back to ``pending`` with no eta (one UPDATE naming
+        ``scheduled``), is published as :meth:`retry` publishes, and is
+        marked ``queued`` when the broker took it.  Per id ``{"id",
+        "state_before", "state"}``.
+
+        The first message, with its eta, stays at the broker (a revoke of the
+        id would drop the new one too).  When it is delivered, the worker
+        skips a job that succeeded or was cancelled meanwhile; a
+        transactional task (:class:`~pyramid_tasks.TransactionalTask` and
+        its retryable subclass) locks its row before its body, so of two
+        deliveries at once one runs and the other finds it done: its effects
+        happen once.  A run that failed is no such fence: the old message is
+        then one more attempt, as any redelivery of a failed job's message
+        is.  Other task classes mark the job ``started`` outside the body's
+        transaction: the old message of a job still running is a second run
+        (at least once).
+        """
+        with self._connect(), self.store.engine.connect() as connection:
+            rows = self._rows(connection, ids)
+        for job_id, row in rows.items():
+            if row["state"] != SCHEDULED:
+                raise BadParameter(
+                    "id",
+                    job_id,
+                    f"job {job_id} is {row['state']}: only a scheduled job is run now",
+                )
+        due = []
+        with self.store.engine.begin() as connection:
+            for job_id, row in rows.items():
+                options = {
+                    k: v
+                    for k, v in (row["options"] or {}).items()
+                    if k not in ("eta", "countdown")
+                }
+                changed = connection.execute(
+                    update(_table)
+                    .where(_c.id == job_id, _c.state == SCHEDULED)
+                    .values(
+                        state=PENDING,
+                        options=stored({"options": options})["options"],
+                        eta=None,
+                        # This call publishes it; the relay after the grace.
+                        publish_after=utcnow()
+                        + timedelta(seconds=self.jobs.settings.relay_grace),
+                        publish_attempts=0,
+                        published_at=None,
+                    )
+                ).rowcount
+                if changed != 1:
+                    raise BadParameter(
+                        "id", job_id, f"job {job_id} changed meanwhile: try again"
+                    )
+                due.append({**row, "state": PENDING, "eta": None, "options": options})
+        sends, _unknown = Relay(self.app).sends(due)
+        sent = publish(self.app, sends, durable=True) if sends else []
+        if sent:
+            self.store.mark_published([(s.task_id, None) for s in sent])
+        sent_ids = {s.task_id for s in sent}
+        results = []
+        for job_id, row in rows.items():
+            state = QUEUED if job_id in sent_ids else PENDING
+            log.info(
+                "Job %s[%s] run now by an operator (it was due %s): %s.",
+                row["name"],
+                job_id,
+                _iso(row["eta"]) if row["eta"] is not None else "at no time",
+                state,
+            )
+            results.append({"id": job_id, "state_before": SCHEDULED, "state": state})
+        return results
+
     def test(self, queue=None):
         """Send the package's own test job (``pyramid_tasks.jobs.test``,
         which logs one INFO line on the worker that runs it) to ``queue``
