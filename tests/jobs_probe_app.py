@@ -174,3 +174,10 @@ def event_recorded(event):
     request = event.request
     with request.tm:
         request.dbsession.add(Order(email=f"event:{event.job_id}:{name}"))
+
+
+@task(bind=True, base=ScheduleOnCommitTask)
+def fan_out(self, key, count):
+    """Send ``count`` ``record`` jobs at once from the run (no tm): their
+    rows are made by the workers that start them, naming this job."""
+    return [record.delay(f"{key}:{i}").id for i in range(count)]

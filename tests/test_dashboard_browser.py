@@ -19,6 +19,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from pyramid_tasks.jobs import Job
+from pyramid_tasks.jobs.model import retry_mark
 from pyramid_tasks.jobs.service import TEST_TASK
 
 from . import conftest
@@ -400,7 +401,33 @@ def test_empty_and_on_a_narrow_window(dashboard, chromium):  # noqa: F811
             {"id": f"n-{i}", "state": "failed", "created_at": ago(i), "title": "Due"}
             for i in range(3)
         ],
+        # n-1 was retried, and sent two jobs of its own.
+        *[
+            {"id": f"n-1-{i}", "parent_id": "n-1", "state": state}
+            | {"name": "app.tasks.send_receipt", "created_at": ago(60 - i)}
+            | {"title": f"Receipt #{i}" if i else None}
+            for i, state in enumerate(("succeeded", "queued"))
+        ],
     )
+    retried = retry_mark({}, "operator", ago(30))
+    with board.d.engine.begin() as connection:
+        connection.execute(
+            Job.__table__.update()
+            .where(Job.id == "n-1")
+            .values(options=retried, created_at=ago(90), started_at=ago(80))
+        )
+    with browsing(chromium, board) as (page, base):
+        page.goto(base + "/jobs/n-1")
+        expect(page.locator(".timeline .label")).to_have_text(
+            ["created", "started", "retried by an operator"]
+        )
+        children = page.locator("table.children tbody tr")
+        expect(children).to_have_text([re.compile("Receipt #1"), re.compile("n-1-0")])
+        shoot(page, "job-children")
+        page.get_by_role("link", name="All its children in the list").click()
+        expect(page.locator(".filters .parent")).to_have_text("children of n-1")
+        expect(page.locator("tbody tr")).to_have_count(2)
+        shoot(page, "jobs-children")
     with browsing(chromium, board, width=390) as (page, base):
         for path, name in (("/", "overview"), ("/jobs", "jobs"), ("/jobs/n-1", "job")):
             page.goto(base + path)

@@ -95,6 +95,11 @@ INDEXES = {
     ),
     "ix_pyramid_tasks_job_name_state_created": (["name", "state", "created_at"], False),
     "ix_pyramid_tasks_job_error_state_created": (["state", "created_at"], False),
+    "ix_pyramid_tasks_job_finished": (["finished_at", "state", "name"], False),
+    "ix_pyramid_tasks_job_parent_state_created": (
+        ["parent_id", "state", "created_at"],
+        False,
+    ),
     "ix_pyramid_tasks_job_unique_key": (["unique_key"], True),
 }
 
@@ -190,9 +195,13 @@ def test_autogenerate_creates_the_job_table_and_upgrade_applies_it(
     assert {n: (ix["column_names"], ix["unique"]) for n, ix in found.items()} == (
         INDEXES
     )
+    finished = found["ix_pyramid_tasks_job_finished"]["dialect_options"]
+    assert finished["postgresql_where"] == "(finished_at IS NOT NULL)"
     where = found["ix_pyramid_tasks_job_unique_key"]["dialect_options"]
     assert "'retrying'" in where["postgresql_where"]
     assert "'succeeded'" not in where["postgresql_where"]
+    parent = found["ix_pyramid_tasks_job_parent_state_created"]["dialect_options"]
+    assert "parent_id IS NOT NULL" in parent["postgresql_where"]
     assert all(
         isinstance(columns[name], sqlalchemy.JSON)
         for name in ("args", "kwargs", "options")

@@ -725,7 +725,7 @@ def test_a_csrf_token_in_the_session_needs_a_session_factory():
     )
     # The default, the token kept in the session, once there is a session.
     routes = configure(csrf=False, session=True).get_routes_mapper().get_routes()
-    paths = ["/jobs", "/jobs/{id}", "/cancel", "/retry", "/clear", "/test"]
+    paths = ["/jobs", "/jobs/{id}", "/cancel", "/retry", "/run-now", "/clear", "/test"]
     paths += ["/depth", "/metrics"]
     assert {route.pattern for route in routes} == {PREFIX + path for path in paths}
 

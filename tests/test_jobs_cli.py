@@ -29,6 +29,11 @@ INDEXES = {
     ),
     "ix_pyramid_tasks_job_name_state_created": (["name", "state", "created_at"], False),
     "ix_pyramid_tasks_job_error_state_created": (["state", "created_at"], False),
+    "ix_pyramid_tasks_job_finished": (["finished_at", "state", "name"], False),
+    "ix_pyramid_tasks_job_parent_state_created": (
+        ["parent_id", "state", "created_at"],
+        False,
+    ),
     "ix_pyramid_tasks_job_unique_key": (["unique_key"], True),
 }
 # The demo app takes these over its INI settings; Celery takes the brokers.
@@ -93,11 +98,20 @@ def check_indexes(found, where_key):
         found["ix_pyramid_tasks_job_error_state_created"]["dialect_options"][where_key]
     )
     assert where.lower().replace("(", "").replace(")", "") == "error is not null", where
+    finished = found["ix_pyramid_tasks_job_finished"]["dialect_options"][where_key]
+    assert str(finished).strip("()") == "finished_at IS NOT NULL", finished
+    parent = str(
+        found["ix_pyramid_tasks_job_parent_state_created"]["dialect_options"][where_key]
+    )
+    assert "parent_id IS NOT NULL" in parent, parent
+    partial = (
+        "ix_pyramid_tasks_job_unique_key",
+        "ix_pyramid_tasks_job_error_state_created",
+        "ix_pyramid_tasks_job_finished",
+        "ix_pyramid_tasks_job_parent_state_created",
+    )
     for name, ix in found.items():
-        if name not in (
-            "ix_pyramid_tasks_job_unique_key",
-            "ix_pyramid_tasks_job_error_state_created",
-        ):
+        if name not in partial:
             assert not ix["dialect_options"].get(where_key), name
 
 
@@ -236,7 +250,8 @@ def test_init_db_database_down_is_one_line_without_the_password(tmp_path, capsys
         (
             ["nope"],
             "argument COMMAND: invalid choice: 'nope' (choose from 'list', 'show', "
-            "'cancel', 'clear', 'retry', 'test', 'depth', 'prune', 'drain', 'init-db')",
+            "'cancel', 'clear', 'retry', 'run-now', 'test', 'depth', 'prune', 'drain', "
+            "'init-db')",
         ),
         (["init-db", "--nope"], "unrecognized arguments: --nope"),
     ],

@@ -19,7 +19,7 @@ from celery.worker import state as worker_state
 from sqlalchemy import update
 
 from pyramid_tasks.jobs import revoked as revoked_module
-from pyramid_tasks.jobs.model import Job, utcnow
+from pyramid_tasks.jobs.model import RETRY_HEADER, Job, utcnow
 from pyramid_tasks.jobs.relay import Relay
 from pyramid_tasks.jobs.revoked import RETRIED_HEADER, send_again
 from pyramid_tasks.jobs.service import JobService
@@ -259,5 +259,6 @@ def test_the_relay_sends_a_retried_job_again_with_its_mark(
         job_id,
         True,
     )
-    assert store.get(job_id)["options"]["headers"] == {RETRIED_HEADER: True}
+    headers = store.get(job_id)["options"]["headers"]
+    assert (headers[RETRIED_HEADER], headers[RETRY_HEADER]["by"]) == (True, "operator")
     app.close()

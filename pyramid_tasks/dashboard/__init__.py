@@ -9,6 +9,7 @@ HTML pages over the job table, rendered inside the host app under
     GET  /failures             the failed jobs grouped by signature
     GET  /periodic             the beat entries, their last and next runs
     GET  /workers              the workers that answer, and what they run
+    GET  /queues               per queue its counts and consumers
     POST /jobs/{id}/retry      run a failed, cancelled or dead job again
     POST /jobs/{id}/cancel     cancel an unfinished job
     POST /jobs/{id}/delete     delete a finished job
@@ -19,6 +20,10 @@ HTML pages over the job table, rendered inside the host app under
                                queue and purge it at the broker
     POST /periodic/{name}/run  send a beat entry's task now
     POST /failures/{key}/retry retry (or /delete) every job of a failure group
+    POST /jobs/{id}/run        run a scheduled job now (/actions/run: checked)
+    POST /queues/{queue}/pause stop the workers consuming a queue (/resume)
+    GET  /bulk/{action}        ask, then POST: retry, cancel or delete every
+                               job matching the list's filters, as a job
 
 Reading needs ``tasks.jobs.view_permission`` (``tasks.view``), acting
 ``tasks.jobs.manage_permission`` (``tasks.manage``) and the CSRF token the
@@ -95,12 +100,16 @@ def includeme(config):
     """Serve the dashboard under ``tasks.dashboard.prefix`` (needs
     ``pyramid_tasks.jobs``, a security policy and a CSRF token store)."""
     from .actions import add_actions
+    from .bulk import add_bulk
+    from .queues import add_queues
     from .views import add_pages
 
     settings = parse_dashboard_settings(config.get_settings())
     config.registry.pyramid_tasks_dashboard = settings
     add_pages(config, settings)
     add_actions(config, settings)
+    add_queues(config, settings)
+    add_bulk(config, settings)
     config.action(
         "pyramid_tasks:dashboard",
         _action(check_operator_include, config.registry, _INCLUDE),

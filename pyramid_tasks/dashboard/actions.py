@@ -34,7 +34,11 @@ def _delete(service, ids):
     return service.delete(ids)
 
 
-_ACTIONS = {"retry": _retry, "cancel": _cancel, "delete": _delete}
+def _run(service, ids):
+    return service.run_now(ids)
+
+
+_ACTIONS = {"retry": _retry, "cancel": _cancel, "delete": _delete, "run": _run}
 
 #: The most jobs one action on checked rows takes (a page has 50).
 MAX_CHECKED = 200
@@ -76,8 +80,8 @@ def _perform(request, action, ids):
 
 
 def act(request):
-    """Retry, cancel or delete one job; then back to its page (303), or to
-    the list once it is deleted."""
+    """Retry, cancel, delete or run now one job; then back to its page
+    (303), or to the list once it is deleted."""
     action = request.matchdict["action"]
     job_id = request.matchdict["id"]
     refused = _read_only(request, f"{action} of job(s) {job_id}")
@@ -92,13 +96,15 @@ def act(request):
     if action == "delete":
         query = {"done": "delete", "count": 1}
         return HTTPSeeOther(request.route_path(ROUTE + "jobs", _query=query))
+    # "run" is a periodic task's notice: "now", a scheduled job's.
+    done = "now" if action == "run" else action
     return HTTPSeeOther(
-        request.route_path(ROUTE + "job", id=job_id, _query={"done": action})
+        request.route_path(ROUTE + "job", id=job_id, _query={"done": done})
     )
 
 
 def act_on_checked(request):
-    """Retry, cancel or delete the jobs checked on a page of the list (at most
+    """Retry, cancel, delete or run now the jobs checked on a page of the list (at most
     :data:`MAX_CHECKED`); then back to that page (303), its filters kept in
     the query string."""
     action = request.matchdict["action"]
@@ -245,6 +251,9 @@ def add_actions(config, settings):
     actions = (
         ("act", "/jobs/{id}/{action:retry|cancel|delete}", act),
         ("checked", "/actions/{action:retry|cancel|delete}", act_on_checked),
+        # Run now (a scheduled job), one or checked.
+        ("act_run", "/jobs/{id}/{action:run}", act),
+        ("checked_run", "/actions/{action:run}", act_on_checked),
         ("clear", None, clear_queue),
         ("run", "/periodic/{name}/run", run_periodic),
         ("group", "/failures/{key}/{action:retry|delete}", act_on_group),

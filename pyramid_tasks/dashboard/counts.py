@@ -16,7 +16,7 @@ from sqlalchemy import func, select, union_all
 from ..jobs.model import DEAD, FAILED, STARTED, Job, loaded, utcnow
 from ..jobs.service import DELAYED, WAITING
 
-__all__ = ["CAP", "COLUMNS", "WAITING", "capped_count", "overview"]
+__all__ = ["CAP", "COLUMNS", "WAITING", "capped_count", "children_count", "overview"]
 
 #: Counts stop here: the page shows "1000+" (an exact count of millions of
 #: rows would cost seconds).
@@ -187,3 +187,11 @@ def overview(service, cap=CAP):
         )
         rows.append(row)
     return rows
+
+
+def children_count(service, parent, cap=CAP):
+    """The children of the job ``parent`` (``parent_id``), counted up to
+    ``cap + 1`` along the ``(parent_id, state, created_at)`` index."""
+    capped = select(_c.state).where(_c.parent_id == parent).limit(cap + 1).subquery()
+    with service._connect(), service.store.engine.connect() as connection:
+        return connection.execute(select(func.count()).select_from(capped)).scalar()

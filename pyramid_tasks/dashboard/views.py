@@ -4,11 +4,12 @@ from urllib.parse import urlencode
 
 from pyramid.httpexceptions import HTTPSeeOther
 
-from ..jobs.model import STATES, UNFINISHED
+from ..jobs.model import RETRY_HEADER, SCHEDULED, STATES, UNFINISHED
 from ..jobs.service import RETRYABLE, JobError, JobService, UnknownJob
 from ..masking import mask_secrets
-from . import ROUTE, failures
-from .counts import CAP, COLUMNS, overview
+from . import ROUTE, failures, stats
+from .charts import charts, rate_text, seconds_text
+from .counts import CAP, COLUMNS, children_count, overview
 from .periodic import periodic_entries
 from .render import dashboard_settings, pretty, render, when
 from .workers import TIMEOUT, inspect_workers
@@ -44,17 +45,33 @@ FILTERS = (
     "created_before",
     "finished_after",
     "finished_before",
+    "parent",
 )
 #: The time filters, ``datetime-local`` inputs of the form.
-TIME_FILTERS = FILTERS[5:]
+TIME_FILTERS = FILTERS[5:9]
+
+#: Children (chain steps, sub-jobs) a job's page lists, newest first.
+CHILDREN = 20
+#: The columns that list reads.
+CHILD_FIELDS = ("name", "title", "state", "created_at", "finished_at")
+
+#: Who retried a job (the ``by`` of its options' retry header).
+RETRIED_BY = {"operator": "retried by an operator", "task": "retried by the task"}
 
 #: What an action did, for the notice of the page it leads back to.
-DONE = {"retry": "sent again", "cancel": "cancelled", "delete": "deleted"}
+DONE = {
+    "retry": "sent again",
+    "cancel": "cancelled",
+    "delete": "deleted",
+    "run": "sent to run now",
+}
 #: The same on the job's own page.
 DONE_JOB = {
     "retry": "Sent again: the job runs anew.",
     "cancel": "Cancelled.",
     "run": "Sent: the periodic task runs now.",
+    "now": "Sent: the job runs now, not at its due time.",
+    "bulk": "Scheduled: this job does it, in batches; its progress shows here.",
 }
 
 
@@ -70,9 +87,25 @@ _PURGE = {
 }
 
 
+#: The overview's windows, as its links name them.
+WINDOW_LINKS = {"hour": "hour", "day": "day", "month": "30 days"}
+
+
 def overview_page(request):
     service = JobService.from_registry(request.registry)
     queues = overview(service, cap=CAP)
+    window = request.GET.get("window", "hour")
+    figures = drawn = error = None
+    try:
+        figures = stats.throughput(service, window)
+    except JobError as exc:
+        error = str(exc)
+    else:
+        drawn = charts(figures)
+        for task in figures["tasks"]:
+            task["rate"] = rate_text(task["failed"], task["count"])
+            task["p50_text"] = seconds_text(task["p50"])
+            task["p95_text"] = seconds_text(task["p95"])
     notice = None
     done, count = request.GET.get("done"), request.GET.get("count", "")
     if done == "clear" and count.isdigit():
@@ -84,10 +117,17 @@ def overview_page(request):
     return render(
         request,
         "overview.jinja2",
+        status=400 if error else 200,
         queues=queues,
         columns=COLUMNS,
         cap=CAP,
         notice=notice,
+        error=error,
+        window=window,
+        windows=WINDOW_LINKS,
+        figures=figures,
+        charts=drawn,
+        rate=rate_text,
     )
 
 
@@ -162,18 +202,30 @@ def job_page(request, error=None, status=200):
     except UnknownJob as exc:
         return render(request, "missing.jinja2", status=404, message=str(exc))
     pattern = dashboard_settings(request).redact
-    timeline = [
-        (label, when(job[key]))
+    moments = [
+        (label, job[key])
         for label, key in (
             ("created", "created_at"),
-            ("due", "eta"),
             ("published", "published_at"),
             ("started", "started_at"),
             ("last heartbeat", "heartbeat_at"),
             ("finished", "finished_at"),
         )
         if job[key] is not None
-    ]
+    ] + _retried(job)
+    # In the order they happened (ISO times in UTC, to the microsecond: a
+    # retry comes between two runs); the time it was due for, a plan that
+    # may lie ahead, next to its creation.
+    moments.sort(key=lambda moment: moment[1])
+    if job["eta"] is not None:
+        moments.insert(1, ("due", job["eta"]))
+    timeline = [(label, when(at)) for label, at in moments]
+    children = service.list(parent=job_id, limit=CHILDREN + 1, fields=CHILD_FIELDS)
+    total = len(children)
+    if total > CHILDREN:  # more than the page lists: counted, up to the cap
+        children, total = children[:CHILDREN], children_count(service, job_id)
+    for child in children:
+        child["created"] = when(child["created_at"])
     done = request.GET.get("done")
     return render(
         request,
@@ -190,7 +242,20 @@ def job_page(request, error=None, status=200):
         can_retry=job["state"] in RETRYABLE,
         can_cancel=job["state"] in UNFINISHED,
         can_delete=job["state"] not in UNFINISHED,
+        children=children,
+        children_total=total,
+        cap=CAP,
+        can_run=job["state"] == SCHEDULED,
     )
+
+
+def _retried(job):
+    """The timeline's entry of the job's last retry, when its options
+    recorded one (an operator's retry, Celery's ``retry()``)."""
+    mark = ((job["options"] or {}).get("headers") or {}).get(RETRY_HEADER)
+    if not mark:
+        return []
+    return [(RETRIED_BY.get(mark["by"], "retried"), mark["at"])]
 
 
 def failures_page(request, error=None, status=200):

@@ -49,6 +49,13 @@ def includeme(config):
         bind=True,
         base="pyramid_tasks.task_classes.ScheduleOnCommitTask",
     )
+    # The dashboard's "everything matching this filter" (jobs.bulk).
+    config.add_task(
+        "pyramid_tasks.jobs.bulk.bulk_job",
+        name="pyramid_tasks.jobs.bulk",
+        bind=True,
+        base="pyramid_tasks.task_classes.ScheduleOnCommitTask",
+    )
 
 
 def setup(registry):

@@ -9,6 +9,7 @@ The operations of ``tasks-celery CONFIG jobs`` over HTTP, under
     GET  /jobs/{id}     show
     POST /cancel        {"ids": [...]}
     POST /retry         {"ids": [...]}
+    POST /run-now       {"ids": [...]}       (scheduled jobs, run now)
     POST /clear         {"queues": [...]}    (every queue when absent)
     POST /test          {"queue": "..."}     (optional)
     GET  /depth         (?include_scheduled=true)
@@ -234,6 +235,11 @@ def retry_jobs(request, service):
     return {"jobs": service.retry(_strings(_body(request, ("ids",)), "ids", True))}
 
 
+@_api(id="ids")
+def run_now_jobs(request, service):
+    return {"jobs": service.run_now(_strings(_body(request, ("ids",)), "ids", True))}
+
+
 @_api(queue="queues")
 def clear_queues(request, service):
     return service.clear(_strings(_body(request, ("queues",)), "queues"))
@@ -301,6 +307,7 @@ _ENDPOINTS = (
     ("show", "/jobs/{id}", "GET", show_job, False),
     ("cancel", "/cancel", "POST", cancel_jobs, True),
     ("retry", "/retry", "POST", retry_jobs, True),
+    ("run-now", "/run-now", "POST", run_now_jobs, True),
     ("clear", "/clear", "POST", clear_queues, True),
     ("test", "/test", "POST", test_job, True),
     ("depth", "/depth", "GET", depth, False),

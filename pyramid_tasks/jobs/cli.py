@@ -115,6 +115,14 @@ def parser():
     sub.add_argument("ids", nargs="+", metavar="ID")
 
     sub = command(
+        "run-now",
+        "run scheduled jobs now",
+        "Run the scheduled jobs ID... now instead of at their eta: each sent "
+        "again under its id, without eta; the old message finds it done.",
+    )
+    sub.add_argument("ids", nargs="+", metavar="ID")
+
+    sub = command(
         "test",
         "send the package's test job",
         "Send the test job pyramid_tasks.jobs.test and print its id; the "
@@ -322,6 +330,17 @@ def retry(service, options, out):
     return 0
 
 
+def run_now(service, options, out):
+    for result in service.run_now(options.ids):
+        then = (
+            "queued to run now"
+            if result["state"] == "queued"
+            else "pending: the relay sends it when the broker takes it"
+        )
+        print(f"Job {result['id']} (it was scheduled) is {then}.", file=out)
+    return 0
+
+
 def test(service, options, out):
     print(service.test(options.queue), file=out)
     return 0
@@ -495,6 +514,7 @@ _COMMANDS = {
     "cancel": cancel,
     "clear": clear,
     "retry": retry,
+    "run-now": run_now,
     "test": test,
     "depth": depth,
     "prune": prune,

@@ -57,6 +57,25 @@ RUNNABLE = (*UNFINISHED, FAILED, DEAD)
 
 metadata = MetaData()
 
+# The header of a job's options recording its last retry, ``{"at": ISO
+# time, "by": "operator" or "task"}``: an operator's retry (the service's)
+# or Celery's ``retry()`` in its run.  No column keeps it; the dashboard's
+# timeline shows it.  Sent with the job's later messages, where nothing
+# reads it.
+RETRY_HEADER = "pyramid_tasks_last_retry"
+
+
+def retry_mark(options, by, now=None):
+    """``options`` (a row's, or None) with :data:`RETRY_HEADER` saying a
+    retry by ``by`` happened ``now``."""
+    options = dict(options or {})
+    at = (now or utcnow()).isoformat(timespec="microseconds")
+    options["headers"] = {
+        **(options.get("headers") or {}),
+        RETRY_HEADER: {"at": at, "by": by},
+    }
+    return options
+
 
 def utcnow():
     return datetime.now(UTC)
@@ -112,6 +131,9 @@ _unfinished = text(
     "unique_key IS NOT NULL AND "
     "state IN ('pending', 'queued', 'scheduled', 'started', 'retrying')"
 )
+
+_finished = text("finished_at IS NOT NULL")
+_has_parent = text("parent_id IS NOT NULL")
 
 
 _has_error = text("error IS NOT NULL")
@@ -176,6 +198,31 @@ class Job(_Base):
             "created_at",
             postgresql_where=_has_error,
             sqlite_where=_has_error,
+        ),
+        # The overview's throughput, failure rate and durations
+        # (dashboard/stats.py): the jobs finished in a range of time, per
+        # bucket, name and state, read from the index alone; and the newest
+        # jobs of the window (read backwards).  Partial: an unfinished job
+        # takes no entry, so it costs a write only when a job finishes.
+        Index(
+            "ix_pyramid_tasks_job_finished",
+            "finished_at",
+            "state",
+            "name",
+            postgresql_where=_finished,
+            sqlite_where=_finished,
+        ),
+        # The children of a job (chain steps, jobs sent from its run), newest
+        # first: the job page's list and its capped count, and the list's
+        # ``parent`` filter, a branch per state as the others.  Only rows
+        # with a parent take an entry (most jobs have none).
+        Index(
+            "ix_pyramid_tasks_job_parent_state_created",
+            "parent_id",
+            "state",
+            "created_at",
+            postgresql_where=_has_parent,
+            sqlite_where=_has_parent,
         ),
         Index(
             "ix_pyramid_tasks_job_unique_key",

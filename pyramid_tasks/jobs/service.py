@@ -47,6 +47,7 @@ from .model import (
     UNFINISHED,
     Job,
     loaded,
+    retry_mark,
     stored,
     utcnow,
 )
@@ -361,6 +362,7 @@ class JobService:
         created_before=None,
         finished_after=None,
         finished_before=None,
+        parent=None,
     ):
         """A page of jobs newest first (``created_at``, then ``id``,
         descending): ``{"jobs": [...], "searched": id or None}``, the jobs as
@@ -375,20 +377,23 @@ class JobService:
         id, the last of the previous page (the rows strictly older than
         it); ``limit``: 1 to :attr:`max_limit`; ``fields``: the columns to
         read and give (``id`` and ``created_at`` always), every one when
-        None (the dashboard's list reads neither arguments nor tracebacks).
+        None (the dashboard's list reads neither arguments nor tracebacks);
+        ``parent``: a job id or ids, their children only (chain steps, jobs
+        sent from their runs).
 
-        ``title``, ``error``, ``finished_*`` and a ``queue`` given with a
-        ``name`` are *searched*: checked on the newest
-        :attr:`search_depth` jobs that the other filters select, no
-        further.  When those hold fewer than ``limit`` matches,
+        ``title``, ``error``, ``finished_*``, and a ``queue`` or ``name``
+        given with a narrower one (``parent``, then ``name``) are
+        *searched*: checked on the newest :attr:`search_depth` jobs that the
+        other filters select, no further.  When those hold fewer than ``limit`` matches,
         ``searched`` is the id of the oldest of them: give it as
         ``before`` to search the older ones.  Otherwise it is None (the
         last of ``jobs`` is the next page's ``before``).
 
         Each read is an ordered range of an index, ``limit`` (or
         :attr:`search_depth`) entries deep at most: one branch per state,
-        and per queue or task name (``(queue, state, created_at)``,
-        ``(name, state, created_at)``), merged.  Cheap whatever the size of
+        and per parent, task name or queue (``(parent_id, state,
+        created_at)``, ``(name, state, created_at)``, ``(queue, state,
+        created_at)``), merged.  Cheap whatever the size of
         the table.
         """
         limit = self._limit(limit)
@@ -438,7 +443,14 @@ class JobService:
                 searched.append(lambda c: _contains(c.title, texts["title"]))
             if before is not None:
                 where.append(self._before(connection, before))
-            if names is not None:
+            parents = self._strings("parent", parent)
+            if parents is not None:
+                pairs = [(s, _c.parent_id == p) for s in states for p in parents]
+                if names is not None:
+                    searched.append(lambda c: c.name.in_(names))
+                if queues is not None:
+                    searched.append(lambda c: c.queue.in_(queues))
+            elif names is not None:
                 pairs = [(s, _c.name == n) for s in states for n in names]
                 if queues is not None:
                     searched.append(lambda c: c.queue.in_(queues))
@@ -453,7 +465,7 @@ class JobService:
             if searched:
                 columns += [
                     _c[key]
-                    for key in ("title", "error", "finished_at", "queue")
+                    for key in ("title", "error", "finished_at", "queue", "name")
                     if key not in keys
                 ]
             order = (_c.created_at.desc(), _c.id.desc())
@@ -771,7 +783,9 @@ class JobService:
         another state BadParameter naming it and its state; nothing changed.
         Each job goes back to ``pending`` (one UPDATE naming the state it
         was found in; its options' ``headers`` gain
-        :data:`~pyramid_tasks.jobs.revoked.RETRIED_HEADER`), is published as
+        :data:`~pyramid_tasks.jobs.revoked.RETRIED_HEADER` and the time of
+        this retry, :data:`~pyramid_tasks.jobs.model.RETRY_HEADER`), is
+        published as
         the relay publishes, and is marked
         ``queued`` when the broker took it; what the broker did not take
         stays ``pending`` for the relay.  Per id ``{"id", "state_before",
@@ -810,10 +824,8 @@ class JobService:
                 # Every later send carries the mark too (the relay's, a
                 # worker's): one that drops it under the cancel's revoke
                 # sends it again (pyramid_tasks.jobs.revoked).
-                options["headers"] = {
-                    **(options.get("headers") or {}),
-                    RETRIED_HEADER: True,
-                }
+                options = retry_mark(options, "operator")
+                options["headers"][RETRIED_HEADER] = True
                 changed = connection.execute(
                     update(_table)
                     .where(_c.id == job_id, _c.state == row["state"])
@@ -878,6 +890,83 @@ class JobService:
                 )
         except Exception as exc:
             log.warning("The workers could not be told of the retry: %s", one_line(exc))
+
+    def run_now(self, ids):
+        """Run the scheduled jobs ``ids`` now instead of at their eta: each is
+        published again under its id, without eta or countdown.
+
+        Every id is checked first: an unknown one is UnknownJob, a job not
+        ``scheduled`` BadParameter naming it and its state; nothing changed.
+        Each job goes back to ``pending`` with no eta (one UPDATE naming
+        ``scheduled``), is published as :meth:`retry` publishes, and is
+        marked ``queued`` when the broker took it.  Per id ``{"id",
+        "state_before", "state"}``.
+
+        The first message, with its eta, stays at the broker (a revoke of the
+        id would drop the new one too).  When it is delivered, the worker
+        skips a job that succeeded or was cancelled meanwhile; a
+        transactional task (:class:`~pyramid_tasks.TransactionalTask` and
+        its retryable subclass) locks its row before its body, so of two
+        deliveries at once one runs and the other finds it done: its effects
+        happen once.  A run that failed is no such fence: the old message is
+        then one more attempt, as any redelivery of a failed job's message
+        is.  Other task classes mark the job ``started`` outside the body's
+        transaction: the old message of a job still running is a second run
+        (at least once).
+        """
+        with self._connect(), self.store.engine.connect() as connection:
+            rows = self._rows(connection, ids)
+        for job_id, row in rows.items():
+            if row["state"] != SCHEDULED:
+                raise BadParameter(
+                    "id",
+                    job_id,
+                    f"job {job_id} is {row['state']}: only a scheduled job is run now",
+                )
+        due = []
+        with self.store.engine.begin() as connection:
+            for job_id, row in rows.items():
+                options = {
+                    k: v
+                    for k, v in (row["options"] or {}).items()
+                    if k not in ("eta", "countdown")
+                }
+                changed = connection.execute(
+                    update(_table)
+                    .where(_c.id == job_id, _c.state == SCHEDULED)
+                    .values(
+                        state=PENDING,
+                        options=stored({"options": options})["options"],
+                        eta=None,
+                        # This call publishes it; the relay after the grace.
+                        publish_after=utcnow()
+                        + timedelta(seconds=self.jobs.settings.relay_grace),
+                        publish_attempts=0,
+                        published_at=None,
+                    )
+                ).rowcount
+                if changed != 1:
+                    raise BadParameter(
+                        "id", job_id, f"job {job_id} changed meanwhile: try again"
+                    )
+                due.append({**row, "state": PENDING, "eta": None, "options": options})
+        sends, _unknown = Relay(self.app).sends(due)
+        sent = publish(self.app, sends, durable=True) if sends else []
+        if sent:
+            self.store.mark_published([(s.task_id, None) for s in sent])
+        sent_ids = {s.task_id for s in sent}
+        results = []
+        for job_id, row in rows.items():
+            state = QUEUED if job_id in sent_ids else PENDING
+            log.info(
+                "Job %s[%s] run now by an operator (it was due %s): %s.",
+                row["name"],
+                job_id,
+                _iso(row["eta"]) if row["eta"] is not None else "at no time",
+                state,
+            )
+            results.append({"id": job_id, "state_before": SCHEDULED, "state": state})
+        return results
 
     def test(self, queue=None):
         """Send the package's own test job (``pyramid_tasks.jobs.test``,

@@ -11,7 +11,7 @@ import traceback as traceback_module
 from contextlib import contextmanager
 from datetime import timedelta
 
-from sqlalchemy import bindparam, func, insert, select, tuple_, update
+from sqlalchemy import bindparam, case, func, insert, select, tuple_, update
 from sqlalchemy.exc import DBAPIError, StatementError
 
 from ..masking import mask_secrets
@@ -31,6 +31,7 @@ from .model import (
     Job,
     _unfinished,
     loaded,
+    retry_mark,
     stored,
     utcnow,
 )
@@ -206,7 +207,9 @@ class JobStore:
 
     def mark_published(self, sent):
         """``sent``: ``[(id, eta)]`` confirmed by the broker: ``queued`` (or
-        ``scheduled``, its eta ahead), in one UPDATE, if still ``pending``."""
+        ``scheduled``, its eta ahead), in one UPDATE, if still ``pending``;
+        those no longer ``pending`` only get their ``published_at``.  The
+        jobs marked."""
         now = utcnow()
         scheduled = [job_id for job_id, eta in sent if eta is not None and eta > now]
         queued = [job_id for job_id, eta in sent if eta is None or eta <= now]
@@ -214,14 +217,27 @@ class JobStore:
         with self.marking() as connection:
             for state, ids in ((QUEUED, queued), (SCHEDULED, scheduled)):
                 if ids:
-                    count += len(
+                    marked = self._mark(
+                        connection,
+                        update(_table)
+                        .where(_c.id.in_(ids), _c.state == PENDING)
+                        .values(state=state, published_at=now),
+                    )
+                    count += len(marked)
+                    late = set(ids) - {row[0] for row in marked}
+                    if late:
+                        # A worker started them first (it often beats this
+                        # mark): published all the same, before they started.
                         self._mark(
                             connection,
                             update(_table)
-                            .where(_c.id.in_(ids), _c.state == PENDING)
-                            .values(state=state, published_at=now),
+                            .where(_c.id.in_(late), _c.published_at.is_(None))
+                            .values(
+                                published_at=case(
+                                    (_c.started_at < now, _c.started_at), else_=now
+                                )
+                            ),
                         )
-                    )
         return count
 
     # -- reading -----------------------------------------------------------
@@ -406,7 +422,15 @@ class JobStore:
         )
 
     def retrying(self, job_id, attempt, exc=None, start=None):
-        values = {"state": RETRYING}
+        """Celery's ``retry()`` ended the run: ``retrying``, its time in the
+        options (:func:`~.model.retry_mark`).  Read then written: only a run
+        of this attempt writes them while it is ``started`` (the UPDATE
+        names both), and an operator's retry needs it finished."""
+        with self.engine.connect() as connection:
+            options = connection.execute(
+                select(_c.options).where(_c.id == job_id)
+            ).scalar()
+        values = {"state": RETRYING, "options": retry_mark(options, "task")}
         if exc is not None:
             values["error"] = mask_secrets(f"{type(exc).__name__}: {exc}")[:10000]
         return self._finish(job_id, attempt, start, finished=False, **values)

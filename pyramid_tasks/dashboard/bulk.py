@@ -1,0 +1,110 @@
+"""Everything matching the list's filters: retried, cancelled or deleted by a
+job of its own (:data:`.jobs.bulk.BULK_TASK`), never in the web request.
+
+``GET /bulk/{action}?<the list's filters>`` asks first, with a capped count
+of the jobs the action takes; the POST sends the bulk job and leads to its
+page, where its progress bar moves.
+"""
+
+import transaction
+from pyramid.httpexceptions import HTTPSeeOther
+
+from ..jobs.bulk import ACTIONS, BULK_TASK, applicable, matching
+from ..jobs.service import BROKER_TIMEOUT, JobError, JobService
+from ..masking import mask_secrets
+from . import ROUTE
+from .actions import _read_only, _read_only_answer, audit
+from .counts import CAP
+from .events import JobsActedOn
+from .render import dashboard_settings, render
+from .views import filters_of, jobs_page
+
+__all__ = ["add_bulk", "confirm_bulk", "send_bulk"]
+
+_VERB = {"retry": "Retry", "cancel": "Cancel", "delete": "Delete"}
+
+
+def _described(filters):
+    return ", ".join(f"{key} {value!r}" for key, value in filters.items()) or (
+        "none: every job"
+    )
+
+
+def confirm_bulk(request):
+    """Ask before acting on every job matching the filters: the filters, and
+    how many jobs the action takes (up to :data:`.counts.CAP`, then "more
+    than")."""
+    if dashboard_settings(request).read_only:
+        return _read_only_answer()
+    action, filters = request.matchdict["action"], filters_of(request)
+    service = JobService.from_registry(request.registry)
+    try:
+        count = matching(service, action, filters, cap=CAP)
+    except JobError as exc:
+        return jobs_page(request, mask_secrets(exc), 400)
+    query = applicable(action, filters)
+    return render(
+        request,
+        "bulk.jinja2",
+        action=action,
+        verb=_VERB[action],
+        filters=filters,
+        described=_described(filters),
+        states=list(ACTIONS[action]) if query is None else query["state"],
+        count=count,
+        cap=CAP,
+    )
+
+
+def send_bulk(request):
+    """Send the bulk job for the action and the filters of the query string;
+    then to its page (303)."""
+    action, filters = request.matchdict["action"], filters_of(request)
+    what = f"{action} of every job matching {_described(filters)}"
+    refused = _read_only(request, what)
+    if refused is not None:
+        return refused
+    service = JobService.from_registry(request.registry)
+    try:
+        count = matching(service, action, filters, cap=CAP)
+    except JobError as exc:
+        return jobs_page(request, mask_secrets(exc), 400)
+    task = service.app.tasks[BULK_TASK]
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:
+        job_id = task.apply_async(
+            (action, filters), tm=tm, title=f"{_VERB[action]} the jobs matching"
+        ).id
+    service.jobs.flush(BROKER_TIMEOUT)
+    shown = f"more than {CAP}" if count > CAP else str(count)
+    audit.info(
+        "%s: %s (%s job(s)): bulk job %s",
+        request.authenticated_userid,
+        what,
+        shown,
+        job_id,
+    )
+    results = {"action": action, "filters": filters, "matching": count}
+    request.registry.notify(JobsActedOn(request, "bulk", [job_id], results))
+    return HTTPSeeOther(
+        request.route_path(ROUTE + "job", id=job_id, _query={"done": "bulk"})
+    )
+
+
+def add_bulk(config, settings):
+    config.add_route(
+        ROUTE + "bulk", settings.prefix + "/bulk/{action:retry|cancel|delete}"
+    )
+    config.add_view(
+        confirm_bulk,
+        route_name=ROUTE + "bulk",
+        request_method="GET",
+        permission=settings.manage_permission,
+    )
+    config.add_view(
+        send_bulk,
+        route_name=ROUTE + "bulk",
+        request_method="POST",
+        permission=settings.manage_permission,
+        require_csrf=True,
+    )

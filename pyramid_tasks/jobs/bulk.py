@@ -1,0 +1,133 @@
+"""Acting on every job matching a filter, as a job of its own.
+
+The dashboard's "everything matching this filter" never does the work in the
+web request: it sends :data:`BULK_TASK`, which pages through the matching
+jobs by keyset (newest first, as :meth:`.JobService.list` pages), acts on
+each batch with :meth:`.JobService.retry`, ``cancel`` or ``delete``, logs a
+line per batch and reports its progress on its own job row.
+"""
+
+import logging
+
+from .model import FINISHED, UNFINISHED
+from .service import RETRYABLE, JobError, JobService
+
+__all__ = ["ACTIONS", "BULK_TASK", "applicable", "bulk_job", "matching"]
+
+log = logging.getLogger(__name__)
+
+#: The name of the package's own bulk task.
+BULK_TASK = "pyramid_tasks.jobs.bulk"
+
+#: Per action, the states of the jobs it takes.
+ACTIONS = {"retry": RETRYABLE, "cancel": UNFINISHED, "delete": FINISHED}
+
+#: Jobs one batch takes (one list query, one action).  Small enough that a
+#: batch's retry publishes well within ``tasks.jobs.relay_grace``.
+BATCH = 200
+
+_DONE = {"retry": "retried", "cancel": "cancelled", "delete": "deleted"}
+
+
+def applicable(action, filters):
+    """``filters`` (keyword arguments of :meth:`.JobService.list`) with its
+    ``state`` narrowed to the states ``action`` takes; None when none is
+    left (the filter names only other states)."""
+    states = list(ACTIONS[action])
+    asked = filters.get("state")
+    if asked:
+        asked = [asked] if isinstance(asked, str) else list(asked)
+        states = [state for state in states if state in asked]
+    if not states:
+        return None
+    return {**filters, "state": states}
+
+
+def matching(service, action, filters, cap=None):
+    """The jobs ``action`` would take, counted by keyset pages of ids
+    (``cap + 1`` at most when ``cap`` is given)."""
+    query = applicable(action, filters)
+    if query is None:
+        return 0
+    count, before = 0, None
+    while True:
+        limit = service.max_limit
+        if cap is not None:
+            limit = min(limit, cap + 1 - count)
+        page = service.list(**query, before=before, limit=limit, fields=())
+        count += len(page)
+        if len(page) < limit or (cap is not None and count > cap):
+            return count
+        before = page[-1]["id"]
+
+
+def _act(service, action, ids):
+    """``action`` on ``ids``: the jobs it changed.  A batch refused because
+    one of its jobs changed meanwhile is done one job at a time, the
+    refused ones left as they are."""
+    perform = getattr(service, action)
+    try:
+        results = perform(ids)
+    except JobError:
+        results = []
+        for job_id in ids:
+            try:
+                results += perform([job_id])
+            except JobError as exc:
+                log.info("Bulk %s: job %s left as it is: %s", action, job_id, exc)
+    return sum(r["state"] != r["state_before"] for r in results)
+
+
+def bulk_job(self, action, filters):
+    """The package's bulk task: ``action`` (``retry``, ``cancel`` or
+    ``delete``) on every job matching ``filters`` (keyword arguments of
+    :meth:`.JobService.list`) in the states the action takes, in batches of
+    :data:`BATCH`, newest first.  A job created after this one started may
+    be left out; this job itself is.  Cancelled (its page's **Cancel**), it
+    stops after the batch it is in.  ``{"action", "matching", "changed"}``.
+    """
+    if action not in ACTIONS:
+        raise ValueError(f"bad action {action!r}: expected one of {', '.join(ACTIONS)}")
+    service = JobService.from_registry(self.app.pyramid_registry)
+    total = matching(service, action, filters)
+    query = applicable(action, filters)
+    done = changed = 0
+    # Pages of BATCH jobs and the first of the next page, which marks where
+    # that page starts (a deleted job could not) and is acted on with it.
+    head, before = [], None
+    while query is not None:
+        rows = head + service.list(
+            **query, before=before, limit=BATCH + 1 - len(head), fields=()
+        )
+        batch, head = rows[:BATCH], rows[BATCH:]
+        ids = [row["id"] for row in batch if row["id"] != self.request.id]
+        if ids:
+            count = _act(service, action, ids)
+            changed += count
+            done += len(ids)
+            log.info(
+                "Bulk %s %s: %d of a batch of %d %s; %d of %d done.",
+                action,
+                self.request.id,
+                count,
+                len(ids),
+                _DONE[action],
+                done,
+                total,
+            )
+            said = f"{done} of {total} jobs, {changed} {_DONE[action]}"
+            self.set_progress(min(done, total), total, said)
+        if not head:
+            break
+        if self.cancel_requested():  # an operator cancelled this job
+            log.info(
+                "Bulk %s %s cancelled: %d of %d done.",
+                action,
+                self.request.id,
+                done,
+                total,
+            )
+            break
+        before = head[0]["id"]
+    self.set_progress(100, None, f"{done} of {total} jobs, {changed} {_DONE[action]}")
+    return {"action": action, "matching": done, "changed": changed}
