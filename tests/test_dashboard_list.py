@@ -15,6 +15,7 @@ import sqlalchemy
 from sqlalchemy import event
 
 from pyramid_tasks.dashboard.counts import overview
+from pyramid_tasks.jobs import bulk as jobs_bulk
 from pyramid_tasks.jobs.model import STATES, utcnow
 from pyramid_tasks.jobs.service import BadParameter, JobService
 
@@ -378,3 +379,64 @@ def test_the_overview_takes_any_queue_name_in_its_one_select(dashboard, pg_schem
         age = (utcnow() - at(0)).total_seconds()
         assert age - 5 < row["oldest_waiting_age"] <= age
         assert len(statements) == 3, statements  # queues, counts, estimates
+
+
+# -- everything matching a filter ----------------------------------------------------
+
+
+def test_a_bulk_action_follows_a_search_through_every_window(dashboard, monkeypatch):
+    board = dashboard()
+    add_jobs(board.d.engine, *searched_rows(board.d.queue))
+    monkeypatch.setattr(JobService, "search_depth", 3)
+    service = board.service
+    # Windows h g f (g), then e d c (e, c: the search stops at c), then b a.
+    assert jobs_bulk.matching(service, "delete", {"title": "match"}) == 4
+    assert jobs_bulk.matching(service, "delete", {"title": "match"}, cap=1) == 2
+    deleted = []
+    real = service.delete
+    monkeypatch.setattr(
+        JobService, "delete", lambda self, ids: deleted.append(ids) or real(ids)
+    )
+
+    class Run:  # the task's self: its request and progress
+        app = board.d.app
+        request = type("request", (), {"id": "the-bulk-job"})
+        progress = []
+
+        def set_progress(self, *args):
+            self.progress.append(args)
+
+        def cancel_requested(self):
+            return False
+
+    run = Run()
+    result = jobs_bulk.bulk_job(run, "delete", {"title": "match"})
+    assert result == {"action": "delete", "matching": 4, "changed": 4}
+    # c, where the second search stopped, waits for the next batch: it
+    # marks where the third search starts.
+    assert deleted == [["g"], ["e"], ["c", "b"]]
+    assert sorted(board.states()) == ["a", "d", "f", "h"]
+    assert run.progress[-1] == (100, None, "4 of 4 jobs, 4 deleted")
+
+
+def test_a_parent_narrows_first_its_name_and_queue_are_searched(dashboard):
+    board = dashboard()
+    q = board.d.queue
+    add_jobs(
+        board.d.engine,
+        *(
+            {"id": f"k{n}", "state": "succeeded", "created_at": at(n), "queue": q}
+            | {"parent_id": "p", "name": "mail" if n % 2 else "bill"}
+            for n in range(4)
+        ),
+        {"id": "other", "state": "succeeded", "created_at": at(9), "queue": q}
+        | {"name": "mail"},
+    )
+
+    def page(**filters):
+        found = board.service.list_page(**filters, fields=())
+        return [job["id"] for job in found["jobs"]], found["searched"]
+
+    assert page(parent="p") == (["k3", "k2", "k1", "k0"], None)
+    assert page(parent="p", name="mail", queue=q) == (["k3", "k1"], None)
+    assert page(parent=["p"], name="none", limit=1) == ([], None)

@@ -43,9 +43,21 @@ def applicable(action, filters):
     return {**filters, "state": states}
 
 
+def _following(found, limit):
+    """Where the next page starts after ``found`` (a
+    :meth:`.JobService.list_page` of ``limit``), or None after the last: a
+    search stopped short (its text and finished-time filters) goes on from
+    the oldest job it searched."""
+    if len(found["jobs"]) == limit:
+        return found["jobs"][-1]["id"]
+    return found["searched"]
+
+
 def matching(service, action, filters, cap=None):
     """The jobs ``action`` would take, counted by keyset pages of ids
-    (``cap + 1`` at most when ``cap`` is given)."""
+    (``cap + 1`` at most when ``cap`` is given).  Searched filters (title,
+    error, finished times) are followed through the whole table, a window
+    of :attr:`.JobService.search_depth` jobs a query."""
     query = applicable(action, filters)
     if query is None:
         return 0
@@ -54,11 +66,11 @@ def matching(service, action, filters, cap=None):
         limit = service.max_limit
         if cap is not None:
             limit = min(limit, cap + 1 - count)
-        page = service.list(**query, before=before, limit=limit, fields=())
-        count += len(page)
-        if len(page) < limit or (cap is not None and count > cap):
+        found = service.list_page(**query, before=before, limit=limit, fields=())
+        count += len(found["jobs"])
+        before = _following(found, limit)
+        if before is None or (cap is not None and count > cap):
             return count
-        before = page[-1]["id"]
 
 
 def _act(service, action, ids):
@@ -96,10 +108,15 @@ def bulk_job(self, action, filters):
     # that page starts (a deleted job could not) and is acted on with it.
     head, before = [], None
     while query is not None:
-        rows = head + service.list(
-            **query, before=before, limit=BATCH + 1 - len(head), fields=()
-        )
+        limit = BATCH + 1 - len(head)
+        found = service.list_page(**query, before=before, limit=limit, fields=())
+        rows = head + found["jobs"]
         batch, head = rows[:BATCH], rows[BATCH:]
+        if not head and rows and rows[-1]["id"] == found["searched"]:
+            # The search stopped at a job it takes: that job marks where
+            # the next search starts (deleted, it could not), so it waits
+            # for the next batch.
+            batch, head = rows[:-1], rows[-1:]
         ids = [row["id"] for row in batch if row["id"] != self.request.id]
         if ids:
             count = _act(service, action, ids)
@@ -117,7 +134,9 @@ def bulk_job(self, action, filters):
             )
             said = f"{done} of {total} jobs, {changed} {_DONE[action]}"
             self.set_progress(min(done, total), total, said)
-        if not head:
+        # The next page: from its first job, or from where a search stopped.
+        following = head[0]["id"] if head else _following(found, limit)
+        if following is None:
             break
         if self.cancel_requested():  # an operator cancelled this job
             log.info(
@@ -128,6 +147,6 @@ def bulk_job(self, action, filters):
                 total,
             )
             break
-        before = head[0]["id"]
+        before = following
     self.set_progress(100, None, f"{done} of {total} jobs, {changed} {_DONE[action]}")
     return {"action": action, "matching": done, "changed": changed}
