@@ -359,7 +359,7 @@ def test_the_job_page_shows_every_field_with_secrets_redacted(dashboard):
     assert f'<a href="{PREFIX}/jobs/parent-1">' in page.text
     parent = board.get("/jobs/parent-1")
     assert "succeeded" in text(parent)
-    assert "<progress" not in page.text  # only while it runs
+    assert "<progress" not in page.text  # it never reported any
     add_jobs(
         board.d.engine,
         {"id": "run-1", "state": "started", "created_at": ago(5), "progress": 40}
@@ -1110,12 +1110,25 @@ def test_failures_grouped_then_retried_or_deleted_by_group(
     assert f"No failure group {big['key']}: its jobs were retried or deleted." in (
         text(page)
     )
+    # A group larger than the request takes: a bulk job of its own does it.
     monkeypatch.setattr(actions, "MAX_GROUP", 0)
-    page = board.post(f"/failures/{plain_group['key']}/delete", status=400)
-    assert "The group has 1 jobs: at most 0 are deleted at once from here." in (
-        text(page)
-    )
+    sent = board.post(f"/failures/{plain_group['key']}/delete", status=303)
     monkeypatch.undo()
+    bulk_id = sent.location.rsplit("/", 1)[1].split("?")[0]
+    assert sent.location.endswith(f"/jobs/{bulk_id}?done=bulk")
+    bulk = board.service.get(bulk_id)
+    assert (bulk["name"], bulk["args"], bulk["kwargs"], bulk["title"]) == (
+        "pyramid_tasks.jobs.bulk",
+        ["delete", {}],
+        {"ids": plain_group["ids"]},
+        f"Delete failure group {plain_group['key']}",
+    )
+    assert caplog.records[-1].getMessage() == (
+        f"manager: delete of failure group {plain_group['key']} (1 job(s)): "
+        f"bulk job {bulk_id}"
+    )
+    assert (events[-1].action, events[-1].job_ids) == ("bulk", [bulk_id])
+    board.service.cancel([bulk_id])
     engine = board.d.engine
     moved = []
 
@@ -1134,4 +1147,4 @@ def test_failures_grouped_then_retried_or_deleted_by_group(
     assert "job p1 is started: only a failed, cancelled or dead job is retried" in (
         text(page)
     )
-    assert len(events) == 2
+    assert len(events) == 3  # the refused retry made none

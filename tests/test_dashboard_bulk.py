@@ -504,3 +504,20 @@ def test_the_bulk_task_pages_by_keyset(durable, monkeypatch):  # noqa: F811
     assert result == {"action": "cancel", "matching": 0, "changed": 0}
     assert run.progress == [(100, None, "0 of 1 jobs, 0 cancelled")]
     assert d.states() == {"me": "started"}
+    # Given ids (a failure group): those, in their order, itself left out.
+    add_jobs(
+        d.engine,
+        *[
+            {"id": f"g-{i}", "name": "echo", "state": "failed"}
+            | {"created_at": ago(100 - i), "queue": d.queue}
+            for i in range(5)
+        ],
+    )
+    seen.clear()
+    run = Run()
+    ids = ["g-0", "g-1", "the-bulk-job", "g-2", "g-3", "g-4", "g-4"]
+    result = jobs_bulk.bulk_job(run, "delete", {}, ids=ids)
+    assert result == {"action": "delete", "matching": 5, "changed": 5}
+    assert seen == [["g-0", "g-1"], ["g-2", "g-3"], ["g-4"]]
+    assert run.progress[-1] == (100, None, "5 of 5 jobs, 5 deleted")
+    assert d.states() == {"me": "started"}  # the one left above

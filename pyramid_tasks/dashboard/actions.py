@@ -6,6 +6,7 @@ import logging
 from pyramid.httpexceptions import HTTPSeeOther
 from pyramid.response import Response
 
+from ..jobs import bulk
 from ..jobs.service import JobError, JobService, UnknownJob
 from ..masking import mask_secrets
 from . import ROUTE
@@ -181,13 +182,15 @@ def clear_queue(request):
     return HTTPSeeOther(request.route_path(ROUTE + "overview", _query=query))
 
 
-#: The most jobs an action on a failure group takes in the request.
-MAX_GROUP = 1000
+#: The most jobs an action on a failure group takes in the request; a larger
+#: group is a bulk job of its own (:mod:`.jobs.bulk`).
+MAX_GROUP = MAX_CHECKED
 
 
 def act_on_group(request):
     """Retry or delete every job of a failure group (as the page grouped
-    them); then back to the failures (303)."""
+    them); then back to the failures (303), or, for a group larger than
+    :data:`MAX_GROUP`, to the page of the bulk job doing it."""
     action, key = request.matchdict["action"], request.matchdict["key"]
     refused = _read_only(request, f"{action} of failure group {key}")
     if refused is not None:
@@ -199,11 +202,23 @@ def act_on_group(request):
         message = f"No failure group {key}: its jobs were retried or deleted."
         return failures_page(request, message, 404)
     if len(ids) > MAX_GROUP:
-        message = (
-            f"The group has {len(ids)} jobs: at most {MAX_GROUP} are "
-            f"{DONE_WORD[action]} at once from here."
+        verb = action.capitalize()
+        job_id = bulk.send(
+            service, action, ids=ids, title=f"{verb} failure group {key}"
         )
-        return failures_page(request, message, 400)
+        audit.info(
+            "%s: %s of failure group %s (%d job(s)): bulk job %s",
+            request.authenticated_userid,
+            action,
+            key,
+            len(ids),
+            job_id,
+        )
+        results = {"action": action, "group": key, "matching": len(ids)}
+        request.registry.notify(JobsActedOn(request, "bulk", [job_id], results))
+        return HTTPSeeOther(
+            request.route_path(ROUTE + "job", id=job_id, _query={"done": "bulk"})
+        )
     try:
         results = _perform(request, action, ids)
     except JobError as exc:  # one of them changed meanwhile
@@ -211,9 +226,6 @@ def act_on_group(request):
     changed = sum(r["state"] != r["state_before"] for r in results)
     query = {"done": action, "count": changed}
     return HTTPSeeOther(request.route_path(ROUTE + "failures", _query=query))
-
-
-DONE_WORD = {"retry": "retried", "delete": "deleted"}
 
 
 def run_periodic(request):

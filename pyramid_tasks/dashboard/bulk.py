@@ -6,11 +6,10 @@ of the jobs the action takes; the POST sends the bulk job and leads to its
 page, where its progress bar moves.
 """
 
-import transaction
 from pyramid.httpexceptions import HTTPSeeOther
 
-from ..jobs.bulk import ACTIONS, BULK_TASK, applicable, matching
-from ..jobs.service import BROKER_TIMEOUT, JobError, JobService
+from ..jobs.bulk import ACTIONS, applicable, matching, send
+from ..jobs.service import JobError, JobService
 from ..masking import mask_secrets
 from . import ROUTE
 from .actions import _read_only, _read_only_answer, audit
@@ -69,13 +68,7 @@ def send_bulk(request):
         count = matching(service, action, filters, cap=CAP)
     except JobError as exc:
         return jobs_page(request, mask_secrets(exc), 400)
-    task = service.app.tasks[BULK_TASK]
-    tm = transaction.TransactionManager(explicit=True)
-    with tm:
-        job_id = task.apply_async(
-            (action, filters), tm=tm, title=f"{_VERB[action]} the jobs matching"
-        ).id
-    service.jobs.flush(BROKER_TIMEOUT)
+    job_id = send(service, action, filters, title=f"{_VERB[action]} the jobs matching")
     shown = f"more than {CAP}" if count > CAP else str(count)
     audit.info(
         "%s: %s (%s job(s)): bulk job %s",

@@ -9,10 +9,12 @@ line per batch and reports its progress on its own job row.
 
 import logging
 
+import transaction
+
 from .model import FINISHED, UNFINISHED
 from .service import RETRYABLE, JobError, JobService
 
-__all__ = ["ACTIONS", "BULK_TASK", "applicable", "bulk_job", "matching"]
+__all__ = ["ACTIONS", "BULK_TASK", "applicable", "bulk_job", "matching", "send"]
 
 log = logging.getLogger(__name__)
 
@@ -90,20 +92,34 @@ def _act(service, action, ids):
     return sum(r["state"] != r["state_before"] for r in results)
 
 
-def bulk_job(self, action, filters):
-    """The package's bulk task: ``action`` (``retry``, ``cancel`` or
-    ``delete``) on every job matching ``filters`` (keyword arguments of
-    :meth:`.JobService.list`) in the states the action takes, in batches of
-    :data:`BATCH`, newest first.  A job created after this one started may
-    be left out; this job itself is.  Cancelled (its page's **Cancel**), it
-    stops after the batch it is in.  ``{"action", "matching", "changed"}``.
-    """
-    if action not in ACTIONS:
-        raise ValueError(f"bad action {action!r}: expected one of {', '.join(ACTIONS)}")
-    service = JobService.from_registry(self.app.pyramid_registry)
-    total = matching(service, action, filters)
-    query = applicable(action, filters)
-    done = changed = 0
+def send(service, action, filters=None, ids=None, title=None):
+    """Send the bulk job for ``action`` on the jobs matching ``filters`` (or
+    on the jobs ``ids``), with its row like any job's: its id."""
+    from .service import BROKER_TIMEOUT
+
+    task = service.app.tasks[BULK_TASK]
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:
+        job_id = task.apply_async(
+            (action, filters or {}),
+            {"ids": list(ids)} if ids is not None else {},
+            tm=tm,
+            title=title,
+        ).id
+    service.jobs.flush(BROKER_TIMEOUT)
+    return job_id
+
+
+def _batches_of_ids(self, ids):
+    """``ids`` in batches of :data:`BATCH`, this job left out."""
+    ids = [job_id for job_id in dict.fromkeys(ids) if job_id != self.request.id]
+    for start in range(0, len(ids), BATCH):
+        yield ids[start : start + BATCH], start + BATCH >= len(ids)
+
+
+def _batches_matching(self, service, query):
+    """The jobs matching ``query`` in keyset pages of :data:`BATCH`, a
+    search (text and finished-time filters) followed through every window."""
     # Pages of BATCH jobs and the first of the next page, which marks where
     # that page starts (a deleted job could not) and is acted on with it.
     head, before = [], None
@@ -117,26 +133,52 @@ def bulk_job(self, action, filters):
             # the next search starts (deleted, it could not), so it waits
             # for the next batch.
             batch, head = rows[:-1], rows[-1:]
+        # The next page: from its first job, or from where a search stopped.
+        following = head[0]["id"] if head else _following(found, limit)
         ids = [row["id"] for row in batch if row["id"] != self.request.id]
-        if ids:
-            count = _act(service, action, ids)
+        yield ids, following is None
+        if following is None:
+            return
+        before = following
+
+
+def bulk_job(self, action, filters, ids=None):
+    """The package's bulk task: ``action`` (``retry``, ``cancel`` or
+    ``delete``) on every job matching ``filters`` (keyword arguments of
+    :meth:`.JobService.list`) in the states the action takes, in batches of
+    :data:`BATCH`, newest first; or, given ``ids``, on those jobs (a
+    failure group), in batches in their order.  A job created after this one started may
+    be left out; this job itself is.  Cancelled (its page's **Cancel**), it
+    stops after the batch it is in.  ``{"action", "matching", "changed"}``.
+    """
+    if action not in ACTIONS:
+        raise ValueError(f"bad action {action!r}: expected one of {', '.join(ACTIONS)}")
+    service = JobService.from_registry(self.app.pyramid_registry)
+    if ids is not None:
+        total = len(set(ids) - {self.request.id})
+        batches = _batches_of_ids(self, ids)
+    else:
+        total = matching(service, action, filters)
+        batches = _batches_matching(self, service, applicable(action, filters))
+    done = changed = 0
+    for batch, last in batches:
+        if batch:
+            count = _act(service, action, batch)
             changed += count
-            done += len(ids)
+            done += len(batch)
             log.info(
                 "Bulk %s %s: %d of a batch of %d %s; %d of %d done.",
                 action,
                 self.request.id,
                 count,
-                len(ids),
+                len(batch),
                 _DONE[action],
                 done,
                 total,
             )
             said = f"{done} of {total} jobs, {changed} {_DONE[action]}"
             self.set_progress(min(done, total), total, said)
-        # The next page: from its first job, or from where a search stopped.
-        following = head[0]["id"] if head else _following(found, limit)
-        if following is None:
+        if last:
             break
         if self.cancel_requested():  # an operator cancelled this job
             log.info(
@@ -147,6 +189,5 @@ def bulk_job(self, action, filters):
                 total,
             )
             break
-        before = following
     self.set_progress(100, None, f"{done} of {total} jobs, {changed} {_DONE[action]}")
     return {"action": action, "matching": done, "changed": changed}
