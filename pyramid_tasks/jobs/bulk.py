@@ -122,8 +122,8 @@ def _batches_matching(self, service, query):
     search (text and finished-time filters) followed through every window."""
     # Pages of BATCH jobs and the first of the next page, which marks where
     # that page starts (a deleted job could not) and is acted on with it.
-    head, before = [], None
-    while query is not None:
+    head, before, last = [], None, query is None
+    while not last:
         limit = BATCH + 1 - len(head)
         found = service.list_page(**query, before=before, limit=limit, fields=())
         rows = head + found["jobs"]
@@ -134,12 +134,9 @@ def _batches_matching(self, service, query):
             # for the next batch.
             batch, head = rows[:-1], rows[-1:]
         # The next page: from its first job, or from where a search stopped.
-        following = head[0]["id"] if head else _following(found, limit)
-        ids = [row["id"] for row in batch if row["id"] != self.request.id]
-        yield ids, following is None
-        if following is None:
-            return
-        before = following
+        before = head[0]["id"] if head else _following(found, limit)
+        last = before is None
+        yield [row["id"] for row in batch if row["id"] != self.request.id], last
 
 
 def bulk_job(self, action, filters, ids=None):
