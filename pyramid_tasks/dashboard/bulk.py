@@ -8,7 +8,7 @@ page, where its progress bar moves.
 
 from pyramid.httpexceptions import HTTPSeeOther
 
-from ..jobs.bulk import ACTIONS, applicable, matching, send
+from ..jobs.bulk import ACTIONS, applicable, count_matching, send
 from ..jobs.service import JobError, JobService
 from ..masking import mask_secrets
 from . import ROUTE
@@ -19,6 +19,11 @@ from .render import dashboard_settings, render
 from .views import filters_of, jobs_page
 
 __all__ = ["add_bulk", "confirm_bulk", "send_bulk"]
+
+#: The queries a count of the matching jobs makes in the request at most: a
+#: rare text is searched no deeper than this many windows of
+#: :attr:`.JobService.search_depth` jobs (the bulk job counts them all).
+READS = 3
 
 _VERB = {"retry": "Retry", "cancel": "Cancel", "delete": "Delete"}
 
@@ -38,7 +43,7 @@ def confirm_bulk(request):
     action, filters = request.matchdict["action"], filters_of(request)
     service = JobService.from_registry(request.registry)
     try:
-        count = matching(service, action, filters, cap=CAP)
+        count, complete = count_matching(service, action, filters, CAP, READS)
     except JobError as exc:
         return jobs_page(request, mask_secrets(exc), 400)
     query = applicable(action, filters)
@@ -51,7 +56,9 @@ def confirm_bulk(request):
         described=_described(filters),
         states=list(ACTIONS[action]) if query is None else query["state"],
         count=count,
+        complete=complete,
         cap=CAP,
+        searched=READS * service.search_depth,
     )
 
 
@@ -65,11 +72,13 @@ def send_bulk(request):
         return refused
     service = JobService.from_registry(request.registry)
     try:
-        count = matching(service, action, filters, cap=CAP)
+        count, complete = count_matching(service, action, filters, CAP, READS)
     except JobError as exc:
         return jobs_page(request, mask_secrets(exc), 400)
     job_id = send(service, action, filters, title=f"{_VERB[action]} the jobs matching")
     shown = f"more than {CAP}" if count > CAP else str(count)
+    if not complete and count <= CAP:
+        shown = f"at least {count}"
     audit.info(
         "%s: %s (%s job(s)): bulk job %s",
         request.authenticated_userid,

@@ -14,7 +14,15 @@ import transaction
 from .model import FINISHED, UNFINISHED
 from .service import RETRYABLE, JobError, JobService
 
-__all__ = ["ACTIONS", "BULK_TASK", "applicable", "bulk_job", "matching", "send"]
+__all__ = [
+    "ACTIONS",
+    "BULK_TASK",
+    "applicable",
+    "bulk_job",
+    "count_matching",
+    "matching",
+    "send",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +55,27 @@ def applicable(action, filters):
 
 def _following(found, limit):
     """Where the next page starts after ``found`` (a
-    :meth:`.JobService.list_page` of ``limit``), or None after the last: a
+    :meth:`.JobService.list_page` of ``limit``), as ``(created_at, id)`` (it
+    holds when that job is deleted meanwhile), or None after the last: a
     search stopped short (its text and finished-time filters) goes on from
     the oldest job it searched."""
     if len(found["jobs"]) == limit:
-        return found["jobs"][-1]["id"]
-    return found["searched"]
+        last = found["jobs"][-1]
+        return last["created_at"], last["id"]
+    if found["searched"] is None:
+        return None
+    return found["searched_at"], found["searched"]
+
+
+def _taken(found, own_id=None):
+    """The ids of ``found``'s jobs an action takes: never a bulk job (a
+    bulk job run again would act on what matches its filters now), nor
+    the running one."""
+    return [
+        job["id"]
+        for job in found["jobs"]
+        if job["name"] != BULK_TASK and job["id"] != own_id
+    ]
 
 
 def matching(service, action, filters, cap=None):
@@ -60,19 +83,30 @@ def matching(service, action, filters, cap=None):
     (``cap + 1`` at most when ``cap`` is given).  Searched filters (title,
     error, finished times) are followed through the whole table, a window
     of :attr:`.JobService.search_depth` jobs a query."""
+    return count_matching(service, action, filters, cap)[0]
+
+
+def count_matching(service, action, filters, cap=None, reads=None):
+    """``(count, complete)``: :func:`matching`'s count, read in ``reads``
+    queries at most (None: no bound); ``complete`` is false when they
+    stopped before the count was known (the count is then a lower bound:
+    a rare text searched window after window would take the web request
+    through the whole table)."""
     query = applicable(action, filters)
     if query is None:
-        return 0
-    count, before = 0, None
-    while True:
+        return 0, True
+    count, before, done = 0, None, 0
+    while reads is None or done < reads:
         limit = service.max_limit
         if cap is not None:
             limit = min(limit, cap + 1 - count)
-        found = service.list_page(**query, before=before, limit=limit, fields=())
-        count += len(found["jobs"])
+        found = service.list_page(**query, before=before, limit=limit, fields=("name",))
+        done += 1
+        count += len(_taken(found))
         before = _following(found, limit)
         if before is None or (cap is not None and count > cap):
-            return count
+            return count, True
+    return count, False
 
 
 def _act(service, action, ids):
@@ -120,23 +154,13 @@ def _batches_of_ids(self, ids):
 def _batches_matching(self, service, query):
     """The jobs matching ``query`` in keyset pages of :data:`BATCH`, a
     search (text and finished-time filters) followed through every window."""
-    # Pages of BATCH jobs and the first of the next page, which marks where
-    # that page starts (a deleted job could not) and is acted on with it.
-    head, before, last = [], None, query is None
-    while not last:
-        limit = BATCH + 1 - len(head)
-        found = service.list_page(**query, before=before, limit=limit, fields=())
-        rows = head + found["jobs"]
-        batch, head = rows[:BATCH], rows[BATCH:]
-        if not head and rows and rows[-1]["id"] == found["searched"]:
-            # The search stopped at a job it takes: that job marks where
-            # the next search starts (deleted, it could not), so it waits
-            # for the next batch.
-            batch, head = rows[:-1], rows[-1:]
-        # The next page: from its first job, or from where a search stopped.
-        before = head[0]["id"] if head else _following(found, limit)
-        last = before is None
-        yield [row["id"] for row in batch if row["id"] != self.request.id], last
+    before = None
+    while query is not None:
+        found = service.list_page(**query, before=before, limit=BATCH, fields=("name",))
+        before = _following(found, BATCH)
+        yield _taken(found, self.request.id), before is None
+        if before is None:
+            return
 
 
 def bulk_job(self, action, filters, ids=None):

@@ -118,7 +118,10 @@ def parser():
         "run-now",
         "run scheduled jobs now",
         "Run the scheduled jobs ID... now instead of at their eta: each sent "
-        "again under its id, without eta; the old message finds it done.",
+        "again under its id, without eta. When its eta comes, the old message "
+        "does nothing if the job succeeded; it is one more attempt if the job "
+        "failed, and for a task that is not transactional, a second run if "
+        "the job is still running.",
     )
     sub.add_argument("ids", nargs="+", metavar="ID")
 

@@ -29,7 +29,8 @@ import transaction
 from celery.worker import state as worker_state
 from celery.worker.control import control_command
 from pyramid.exceptions import ConfigurationError
-from sqlalchemy import delete, func, select, union_all, update
+from sqlalchemy import delete, func, literal, select, union_all, update
+from sqlalchemy.exc import IntegrityError
 
 from ..publish import publish
 from ..settings import parse_duration
@@ -365,8 +366,9 @@ class JobService:
         parent=None,
     ):
         """A page of jobs newest first (``created_at``, then ``id``,
-        descending): ``{"jobs": [...], "searched": id or None}``, the jobs as
-        :func:`job_json` dicts.
+        descending): ``{"jobs": [...], "searched": id or None,
+        "searched_at": ISO time or None}``, the jobs as :func:`job_json`
+        dicts.
 
         ``state``, ``queue``, ``name``: a string or a list of strings;
         ``title``, ``error``: a case-insensitive substring of the job's
@@ -374,9 +376,10 @@ class JobService:
         ``finished_after``, ``finished_before``: an aware ``datetime`` or
         an ISO 8601 string (UTC when it names no offset), the jobs created
         (finished) at or after it, strictly before it; ``before``: a job
-        id, the last of the previous page (the rows strictly older than
-        it); ``limit``: 1 to :attr:`max_limit`; ``fields``: the columns to
-        read and give (``id`` and ``created_at`` always), every one when
+        id, the last of the previous page, or its ``(created_at, id)``
+        (the rows strictly older than it; the pair holds even when that job
+        was deleted since); ``limit``: 1 to :attr:`max_limit`; ``fields``:
+        the columns to read and give (``id`` and ``created_at`` always), every one when
         None (the dashboard's list reads neither arguments nor tracebacks);
         ``parent``: a job id or ids, their children only (chain steps, jobs
         sent from their runs).
@@ -384,10 +387,12 @@ class JobService:
         ``title``, ``error``, ``finished_*``, and a ``queue`` or ``name``
         given with a narrower one (``parent``, then ``name``) are
         *searched*: checked on the newest :attr:`search_depth` jobs that the
-        other filters select, no further.  When those hold fewer than ``limit`` matches,
-        ``searched`` is the id of the oldest of them: give it as
-        ``before`` to search the older ones.  Otherwise it is None (the
-        last of ``jobs`` is the next page's ``before``).
+        other filters select, no further.  When those hold fewer than
+        ``limit`` matches, ``searched`` is the id of the oldest of them and
+        ``searched_at`` its ``created_at``: give either (the pair, when that
+        job may be deleted meanwhile) as ``before`` to search the older
+        ones; the jobs and that end are read in one statement.  Otherwise
+        it is None (the last of ``jobs`` is the next page's ``before``).
 
         Each read is an ordered range of an index, ``limit`` (or
         :attr:`search_depth`) entries deep at most: one branch per state,
@@ -459,7 +464,7 @@ class JobService:
             else:
                 pairs = [(s, None) for s in states]
             if not pairs:
-                return {"jobs": [], "searched": None}
+                return {"jobs": [], "searched": None, "searched_at": None}
             depth = self.search_depth if searched else limit
             columns = [_c[key] for key in keys]
             if searched:
@@ -482,27 +487,51 @@ class JobService:
             else:
                 merged = union_all(*(select(branch) for branch in branches)).subquery()
             newest = (merged.c.created_at.desc(), merged.c.id.desc())
+            end = None
             if searched:
-                window = select(merged).order_by(*newest).limit(depth).subquery()
+                # The window, and in the same statement (one snapshot: a
+                # second one could see jobs gone from it and stop further
+                # down, skipping those in between) its oldest job when it
+                # is full: where a next search goes on.
+                window = (
+                    select(merged).order_by(*newest).limit(depth).cte("searched_window")
+                )
+                ordered = (window.c.created_at.desc(), window.c.id.desc())
                 checks = (check(window.c) for check in searched)
-                query = select(*(window.c[key] for key in keys)).where(*checks)
-                query = query.order_by(
-                    window.c.created_at.desc(), window.c.id.desc()
-                ).limit(limit)
+                found = (
+                    select(*(window.c[key] for key in keys), literal(0).label("_end"))
+                    .where(*checks)
+                    .order_by(*ordered)
+                    .limit(limit)
+                    .subquery()
+                )
+                last = (
+                    select(*(window.c[key] for key in keys), literal(1).label("_end"))
+                    .order_by(*ordered)
+                    .offset(depth - 1)
+                    .limit(1)
+                    .subquery()
+                )
+                both = union_all(select(found), select(last)).subquery()
+                rows = connection.execute(
+                    select(both).order_by(
+                        both.c._end, both.c.created_at.desc(), both.c.id.desc()
+                    )
+                ).all()
+                if rows and rows[-1]._end:
+                    end, rows = rows[-1], rows[:-1]
+                    if len(rows) == limit:  # the next page starts at the last
+                        end = None
             else:
                 query = select(*(merged.c[key] for key in keys))
-                query = query.order_by(*newest).limit(limit)
-            rows = connection.execute(query).all()
-            end = None
-            if searched and len(rows) < limit:
-                # The window's oldest job, when the window is full.
-                end = connection.execute(
-                    select(merged.c.id).order_by(*newest).offset(depth - 1).limit(1)
-                ).scalar()
-        jobs = [job_json(row._asdict()) for row in rows]
+                rows = connection.execute(query.order_by(*newest).limit(limit)).all()
+        jobs = [job_json(_without_end(row)) for row in rows]
         return {
             "jobs": [{key: job[key] for key in keys} for job in jobs],
-            "searched": end,
+            "searched": None if end is None else end.id,
+            "searched_at": None
+            if end is None
+            else job_json(_without_end(end))["created_at"],
         }
 
     def _limit(self, limit):
@@ -551,17 +580,26 @@ class JobService:
         return value.astimezone(UTC)
 
     def _before(self, connection, before):
-        """The rows strictly older than the job ``before``."""
-        if not isinstance(before, str):
+        """The rows strictly older than ``before``: a job id (its job must
+        exist) or the ``(created_at, id)`` of one (an aware datetime or ISO
+        text, and an id: where a page ended, whether its job is still
+        there or not)."""
+        if isinstance(before, (tuple, list)) and len(before) == 2:
+            created = self._time("before", before[0])
+            job_id = before[1]
+            if created is None or not isinstance(job_id, str):
+                raise BadParameter("before", before, f"bad before {before!r}")
+        elif isinstance(before, str):
+            mark = connection.execute(
+                select(_c.created_at, _c.id).where(_c.id == before)
+            ).first()
+            if mark is None:
+                raise BadParameter(
+                    "before", before, f"bad before {before!r}: no job has that id"
+                )
+            created, job_id = mark
+        else:
             raise BadParameter("before", before, f"bad before {before!r}")
-        mark = connection.execute(
-            select(_c.created_at, _c.id).where(_c.id == before)
-        ).first()
-        if mark is None:
-            raise BadParameter(
-                "before", before, f"bad before {before!r}: no job has that id"
-            )
-        created, job_id = mark
         return (_c.created_at <= created) & (
             (_c.created_at < created) | (_c.id < job_id)
         )
@@ -801,6 +839,42 @@ class JobService:
                     f"job {job_id} is {row['state']}: only a "
                     f"{', '.join(RETRYABLE[:-1])} or {RETRYABLE[-1]} job is retried",
                 )
+        try:
+            retried = self._pend_again(rows)
+        except IntegrityError:  # a key's holder committed after its check
+            raise BadParameter(
+                "id",
+                list(rows),
+                "a unique_key of the jobs "
+                f"{', '.join(rows)} was taken meanwhile by another unfinished "
+                "job: nothing retried",
+            ) from None
+        if any(row["state"] == CANCELLED for row in rows.values()):
+            self._unrevoke(
+                [job_id for job_id, r in rows.items() if r["state"] == CANCELLED]
+            )
+        sends, _unknown = Relay(self.app).sends(retried)
+        sent = publish(self.app, sends, durable=True) if sends else []
+        if sent:
+            self.store.mark_published([(s.task_id, None) for s in sent])
+        sent_ids = {s.task_id for s in sent}
+        results = []
+        for job_id, row in rows.items():
+            state = QUEUED if job_id in sent_ids else PENDING
+            joblog.line(
+                joblog.RETRIED,
+                job_id,
+                row["name"],
+                row["queue"],
+                row["title"],
+                f"by an operator (it was {row['state']}), {state}",
+            )
+            results.append({"id": job_id, "state_before": row["state"], "state": state})
+        return results
+
+    def _pend_again(self, rows):
+        """The retry's UPDATEs, in one transaction: each job of ``rows``
+        back to ``pending``, its key checked free; the rows as sent."""
         retried = []
         claimed = {}  # unique_key: the id of this call that takes it
         with self.store.engine.begin() as connection:
@@ -850,28 +924,7 @@ class JobService:
                 retried.append(
                     {**row, "state": PENDING, "eta": None, "options": options}
                 )
-        if any(row["state"] == CANCELLED for row in rows.values()):
-            self._unrevoke(
-                [job_id for job_id, r in rows.items() if r["state"] == CANCELLED]
-            )
-        sends, _unknown = Relay(self.app).sends(retried)
-        sent = publish(self.app, sends, durable=True) if sends else []
-        if sent:
-            self.store.mark_published([(s.task_id, None) for s in sent])
-        sent_ids = {s.task_id for s in sent}
-        results = []
-        for job_id, row in rows.items():
-            state = QUEUED if job_id in sent_ids else PENDING
-            joblog.line(
-                joblog.RETRIED,
-                job_id,
-                row["name"],
-                row["queue"],
-                row["title"],
-                f"by an operator (it was {row['state']}), {state}",
-            )
-            results.append({"id": job_id, "state_before": row["state"], "state": state})
-        return results
+        return retried
 
     def _unrevoke(self, ids):
         """Make the workers forget the revokes of cancelled jobs about to run
@@ -1098,6 +1151,14 @@ def _contains(column, text):
     """``column`` contains ``text``, whatever the case (``%`` and ``_``
     taken literally)."""
     return func.lower(column).contains(text.lower(), autoescape=True)
+
+
+def _without_end(row):
+    """A row of :meth:`JobService.list_page`'s statement as a dict, without
+    the mark of the window's end."""
+    row = row._asdict()
+    row.pop("_end", None)
+    return row
 
 
 def _purge_text(purged, scheduled):
