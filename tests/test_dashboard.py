@@ -355,7 +355,8 @@ def test_the_job_page_shows_every_field_with_secrets_redacted(dashboard):
     labels = re.findall(r'<span class="label">([^<]+)</span>', page.text)
     assert labels == ["created", "due", "published", "started", "finished"]
     assert "1 min ago" in shown and "2 min" not in shown
-    assert "in 59 min" in shown and "in 9 min" in shown
+    # Its eta; "publish after" (in 10 min) is shown for a pending job only.
+    assert "in 59 min" in shown and "in 9 min" not in shown
     assert f'<a href="{PREFIX}/jobs/parent-1">' in page.text
     parent = board.get("/jobs/parent-1")
     assert "succeeded" in text(parent)
@@ -682,9 +683,14 @@ def test_periodic_tasks_with_their_last_and_next_runs_and_run_now(dashboard, cap
         [td.get_text(" ", strip=True) for td in tr.find_all("td")]
         for tr in page.html.find("tbody").find_all("tr")
     ]
-    assert rows == [
-        ["nightly plain", "cron 0 3 * * *", "never", "at beat's next tick"],
-        ["ping echo", "every 30.00 seconds", "never", "at beat's next tick"],
+    # A cron entry's next time is known; an interval's counts from beat's start.
+    assert rows[0][:3] == ["nightly plain", "cron 0 3 * * *", "never"]
+    assert re.fullmatch(r"in (\d+ (h|min|s))", rows[0][3]), rows[0][3]
+    assert rows[1] == [
+        "ping echo",
+        "every 30.00 seconds",
+        "never",
+        "30.00 seconds after beat starts",
     ]
     assert page.forms == {}  # a viewer runs nothing
     assert "No periodic task" in text(dashboard().get("/periodic"))

@@ -138,7 +138,7 @@ def test_bulk_retry_the_matching_jobs_and_watch_its_progress(
             shoot(page, "bulk-confirm")
             page.get_by_role("button", name="Retry them").click()
             expect(page.get_by_role("status")).to_have_text(
-                "Scheduled: this job does it, in batches; its progress shows here."
+                "Sent: this job does the work in batches; its progress shows here."
             )
             bulk_id = page.url.split("/jobs/")[1].split("?")[0]
             wait_for(

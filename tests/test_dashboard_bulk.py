@@ -297,9 +297,12 @@ def test_bulk_retry_of_1200_failed_jobs_on_a_worker(
     bulk_id = done.location.split("/jobs/")[1].split("?")[0]
     assert done.location.endswith(f"{PREFIX}/jobs/{bulk_id}?done=bulk")
     shown = text(done.follow(headers={"X-Role": "viewer"}))
-    assert "Scheduled: this job does it, in batches; its progress shows here." in shown
+    assert "Sent: this job does the work in batches; its progress shows here." in shown
     bulk = board.service.get(bulk_id)
-    assert (bulk["name"], bulk["title"]) == (BULK_TASK, "Retry the jobs matching")
+    assert (bulk["name"], bulk["title"]) == (
+        BULK_TASK,
+        f"Retry the jobs matching state 'failed', queue '{ours}', name '{TEST_TASK}'",
+    )
     ids = [row["id"] for row in matching]
     wait_for(
         lambda: board.service.get(bulk_id)["state"] == "succeeded",
@@ -400,9 +403,18 @@ def test_bulk_with_nothing_to_take_and_a_bad_filter(dashboard):  # noqa: F811
     # Retry takes failed, cancelled and dead jobs: none is queued.
     ask = board.get("/bulk/retry", role="manager", state="queued")
     shown = text(ask)
-    assert "states taken failed, cancelled, dead" in shown
+    assert (
+        "states taken none: the filters name only states it does not take "
+        "(failed, cancelled, dead)"
+    ) in shown
     assert "No job matching these filters is in a state this takes." in shown
     assert ask.forms == {}
+    # Bad filters are refused as the list refuses them, even then.
+    bad = board.get("/bulk/delete", role="manager", state="nope", status=400)
+    assert "unknown state 'nope': expected one of" in text(bad)
+    # Several states, comma-separated, as the overview's links give them.
+    ask = board.get("/bulk/cancel", role="manager", state="queued,failed")
+    assert "states taken queued" in text(ask) and "jobs now 1" in text(ask)
     page = board.get("/bulk/retry", role="manager", queue="nowhere", status=400)
     assert "unknown queue 'nowhere': not configured and no job has it" in text(page)
     page = board.post("/bulk/retry?queue=nowhere", status=400)

@@ -185,7 +185,7 @@ def test_the_dashboard_form_and_url_carry_every_filter(dashboard, monkeypatch):
     page = board.get("/jobs", error="BOOM", created_after="2026-11-20T12:00")
     form = page.forms[0]
     assert form["error"].value == "BOOM"
-    assert form["created_after"].value == "2026-11-20T12:00"
+    assert form["created_after"].value == "2026-11-20T12:00:00"
     times = [
         i for i in page.html.find_all("input") if i.get("type") == "datetime-local"
     ]
@@ -282,6 +282,39 @@ def test_the_command_takes_the_same_filters(jobs, service, monkeypatch):
     assert refused(jobs, "list", "--finished-before", "tuesday").startswith(
         "jobs list: bad finished_before 'tuesday': expected an ISO 8601 time"
     )
+    monkeypatch.undo()
+    assert jobs("list", "--queue", service.app.conf.task_default_queue)[1] != (
+        "No job matches these filters.\n"
+    )
+    assert jobs("list", "--state", "dead")[1] == "No job matches these filters.\n"
+    assert [
+        line.split()[2]
+        for line in jobs("list", "--state", "failed,succeeded")[1].splitlines()
+    ] == list("hgfedcba")
+
+
+def test_the_form_shows_times_and_combined_states_as_given(dashboard):
+    board = dashboard()
+    add_jobs(board.d.engine, *searched_rows(board.d.queue))
+    # An offset, a Z, a date alone: each shown in UTC in its input.
+    page = board.get(
+        "/jobs",
+        created_after="2026-11-20T13:02+01:00",
+        created_before="2026-11-20T12:06Z",
+        finished_before="2026-11-21",
+        state="succeeded,failed",
+    )
+    form = page.forms[0]
+    assert (
+        form["created_after"].value,
+        form["created_before"].value,
+        form["finished_before"].value,
+        form["finished_after"].value,
+    ) == ("2026-11-20T12:02:00", "2026-11-20T12:06:00", "2026-11-21T00:00:00", "")
+    assert form["state"].value == "succeeded,failed"  # kept, as an option
+    assert [a.get_text() for a in page.html.select("code")] == ["f", "e", "d", "c"]
+    again = form.submit(headers={"X-Role": "viewer"})
+    assert [a.get_text() for a in again.html.select("code")] == ["f", "e", "d", "c"]
 
 
 # -- the plans -----------------------------------------------------------------------

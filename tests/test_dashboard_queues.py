@@ -29,7 +29,7 @@ def test_pause_and_resume_need_a_manager_a_token_and_a_writable_dashboard(
     board.get("/queues", role=None, status=403)
     page = board.get("/queues")
     assert page.forms == {}  # a viewer: no action
-    assert "<button" not in page.text and "purge…" not in page.text
+    assert "<button" not in page.text and "clear…" not in page.text
     caplog.set_level(logging.INFO, AUDIT)
     for action in ("pause", "resume"):
         path = f"/queues/{q}/{action}"
@@ -79,7 +79,7 @@ def test_a_queue_paused_then_resumed_on_a_worker(
     # Other tests' workers may share the broker: ours is the row of our queue.
     [row] = [r for r in rows_of(page) if r[0] == ours]
     assert row[:8] == [ours, "1", "0", "0", "1", "0", "1 min", worker.node]
-    assert page.html.find("a", string="purge…")["href"] == (
+    assert page.html.find("a", string="clear…")["href"] == (
         f"{PREFIX}/queues/{ours}/clear"
     )
     caplog.set_level(logging.INFO, AUDIT)

@@ -385,7 +385,7 @@ def test_the_overview_draws_the_window_it_is_asked_for(board):
     ]
     tasks = page.html.find("h2", id="tasks").find_next("table")
     failed = tasks.find("a", class_="state failed", string="1")
-    assert failed["href"] == "/_tasks/jobs?name=app.sync&state=failed"
+    assert failed["href"] == "/_tasks/jobs?name=app.sync&state=failed,dead"
 
     page = board.get("/", window="month")
     assert len(page.html.find("details").find("table").tbody("tr")) == 30

@@ -5,7 +5,6 @@ limits in the INI."""
 import uuid
 
 import pytest
-import redis
 from pyramid.config import Configurator
 from pyramid.exceptions import ConfigurationError
 
@@ -14,6 +13,7 @@ from pyramid_tasks.settings import TasksSettings, parse_tasks_settings
 from .conftest import ROOT, wait_for
 from .test_config import commit_error, make_config
 from .test_jobs_store import noop
+from .test_jobs_web import own_redis  # noqa: F401 (a fixture)
 from .test_jobs_worker import SECTION, Probe
 
 # -- tasks.default_time_limit ------------------------------------------------
@@ -130,20 +130,18 @@ def test_a_job_past_the_default_time_limit_is_killed_and_failed(
 
 
 @pytest.fixture
-def prefixed_app(redis_url):
-    """An app on Redis with ``tasks.queue_prefix``; its queues are deleted."""
+def prefixed_app(own_redis):  # noqa: F811 (the fixture imported above)
+    """An app with ``tasks.queue_prefix`` on a Redis of its own (the
+    unprefixed queues it checks stay empty whatever else runs)."""
     prefix = f"site{uuid.uuid4().hex[:8]}"
     config = Configurator(
-        settings={"celery.broker_url": redis_url, "tasks.queue_prefix": prefix}
+        settings={"celery.broker_url": own_redis.url, "tasks.queue_prefix": prefix}
     )
     config.include("pyramid_tasks")
     config.add_task(noop, bind=True, name="routed", queue="mail")
     config.add_task(noop, bind=True, name="plain")
     app = config.get_celery_app()
-    client = redis.Redis.from_url(redis_url)
-    yield app, prefix, client
-    client.delete(*client.keys(f"{prefix}.*"), "mail", "reports")
-    client.close()
+    yield app, prefix, own_redis.client
     app.close()
 
 

@@ -54,7 +54,8 @@ def confirm_bulk(request):
         verb=_VERB[action],
         filters=filters,
         described=_described(filters),
-        states=list(ACTIONS[action]) if query is None else query["state"],
+        states=[] if query is None else query["state"],
+        all_states=list(ACTIONS[action]),
         count=count,
         complete=complete,
         cap=CAP,
@@ -75,7 +76,8 @@ def send_bulk(request):
         count, complete = count_matching(service, action, filters, CAP, READS)
     except JobError as exc:
         return jobs_page(request, mask_secrets(exc), 400)
-    job_id = send(service, action, filters, title=f"{_VERB[action]} the jobs matching")
+    title = f"{_VERB[action]} the jobs matching {_described(filters)}"
+    job_id = send(service, action, filters, title=title[:255])
     shown = f"more than {CAP}" if count > CAP else str(count)
     if not complete and count <= CAP:
         shown = f"at least {count}"

@@ -35,8 +35,8 @@ def periodic_entries(service):
     """Per beat entry, by name: ``{"name", "task", "schedule", "last",
     "next"}``: ``last`` the newest job of its task (``id``, ``state``,
     ``created_at``, ``finished_at``) or None; ``next`` when it is due
-    next (an aware datetime; None before its first run: beat runs it at
-    its next tick)."""
+    next (an aware datetime; for an interval never run, None: beat runs it
+    one interval after it starts)."""
     app = service.app
     entries = []
     for name, entry in sorted(app.conf.beat_schedule.items()):
@@ -52,6 +52,8 @@ def periodic_entries(service):
             following = utcnow() + schedule.remaining_estimate(
                 parse_time(last["created_at"])
             )
+        elif isinstance(schedule, crontab):  # its next time, whenever beat began
+            following = utcnow() + schedule.remaining_estimate(utcnow())
         entries.append(
             {
                 "name": name,

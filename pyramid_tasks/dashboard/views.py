@@ -71,7 +71,7 @@ DONE_JOB = {
     "cancel": "Cancelled.",
     "run": "Sent: the periodic task runs now.",
     "now": "Sent: the job runs now, not at its due time.",
-    "bulk": "Scheduled: this job does it, in batches; its progress shows here.",
+    "bulk": "Sent: this job does the work in batches; its progress shows here.",
 }
 
 
@@ -180,9 +180,21 @@ def jobs_page(request, error=None, status=200):
         searched=searched is not None,
         depth=service.search_depth,
         time_filters=TIME_FILTERS,
+        time_values={key: _input_time(key, filters.get(key)) for key in TIME_FILTERS},
         query=urlencode({**filters, **({"before": before} if before else {})}),
         notice=_notice(request),
     )
+
+
+def _input_time(key, value):
+    """A time filter as its ``datetime-local`` input shows it (UTC, no
+    offset: ``2026-12-01T08:00:00`` for ``...T09:00+01:00``), the text as
+    given when it is not a time (the page says why)."""
+    try:
+        parsed = JobService._time(key, value)
+    except JobError:
+        return value
+    return "" if parsed is None else parsed.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _notice(request):

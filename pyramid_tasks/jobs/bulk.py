@@ -46,7 +46,8 @@ def applicable(action, filters):
     states = list(ACTIONS[action])
     asked = filters.get("state")
     if asked:
-        asked = [asked] if isinstance(asked, str) else list(asked)
+        asked = asked.split(",") if isinstance(asked, str) else list(asked)
+        asked = [one.strip() for one in asked]
         states = [state for state in states if state in asked]
     if not states:
         return None
@@ -93,7 +94,8 @@ def count_matching(service, action, filters, cap=None, reads=None):
     a rare text searched window after window would take the web request
     through the whole table)."""
     query = applicable(action, filters)
-    if query is None:
+    if query is None:  # the filters name none of its states: checked all the same
+        service.list_page(**filters, limit=1, fields=())
         return 0, True
     count, before, done = 0, None, 0
     while reads is None or done < reads:

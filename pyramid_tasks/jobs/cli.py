@@ -253,7 +253,16 @@ def list_jobs(service, options, out):
         f"select; the older ones: --before {searched}"
     )
     if not found:
-        print(more if searched else "There are no jobs.", file=out)
+        filtered = any(
+            getattr(options, key)
+            for key in (
+                *("state", "queue", "name", "title", "error", "before"),
+                *("created_after", "created_before"),
+                *("finished_after", "finished_before"),
+            )
+        )
+        none = "No job matches these filters." if filtered else "There are no jobs."
+        print(more if searched else none, file=out)
         return 0
     queue_width = max(len(job["queue"] or "-") for job in found)
     for job in found:

@@ -194,6 +194,17 @@ class JobService:
         return values
 
     def _states(self, value, allowed=STATES, what="state"):
+        if value is not None:  # "failed,dead" is two
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
+            value = [
+                part
+                for item in items
+                for part in (
+                    [p.strip() for p in item.split(",")]
+                    if isinstance(item, str)
+                    else [item]
+                )
+            ]
         states = self._strings("state", value)
         for state in states or ():
             if state not in allowed:
@@ -370,7 +381,8 @@ class JobService:
         "searched_at": ISO time or None}``, the jobs as :func:`job_json`
         dicts.
 
-        ``state``, ``queue``, ``name``: a string or a list of strings;
+        ``state``, ``queue``, ``name``: a string or a list of strings (states
+        also as one string, comma-separated: ``"failed,dead"``);
         ``title``, ``error``: a case-insensitive substring of the job's
         title, of its error; ``created_after``, ``created_before``,
         ``finished_after``, ``finished_before``: an aware ``datetime`` or
