@@ -501,29 +501,31 @@ class JobService:
             newest = (merged.c.created_at.desc(), merged.c.id.desc())
             end = None
             if searched:
-                # The window, and in the same statement (one snapshot: a
-                # second one could see jobs gone from it and stop further
-                # down, skipping those in between) its oldest job when it
-                # is full: where a next search goes on.
-                window = (
-                    select(merged).order_by(*newest).limit(depth).cte("searched_window")
-                )
+                # The matches in the window and, in the same statement (one
+                # snapshot: a second one could see jobs gone from the window
+                # and stop further down, skipping those in between), the
+                # window's oldest job when the matches are fewer than a
+                # page: where a next search goes on.  The window is read as
+                # far as the matches need; to its end only for that job.
+                window = select(merged).order_by(*newest).limit(depth).subquery()
                 ordered = (window.c.created_at.desc(), window.c.id.desc())
-                checks = (check(window.c) for check in searched)
                 found = (
-                    select(*(window.c[key] for key in keys), literal(0).label("_end"))
-                    .where(*checks)
+                    select(*(window.c[key] for key in keys))
+                    .where(*(check(window.c) for check in searched))
                     .order_by(*ordered)
                     .limit(limit)
-                    .subquery()
+                    .cte("searched_found")
                 )
+                short = select(func.count()).select_from(found).scalar_subquery()
                 last = (
                     select(*(window.c[key] for key in keys), literal(1).label("_end"))
+                    .where(short < limit)  # evaluated once, before the scan
                     .order_by(*ordered)
                     .offset(depth - 1)
                     .limit(1)
                     .subquery()
                 )
+                found = select(*found.c, literal(0).label("_end")).subquery()
                 both = union_all(select(found), select(last)).subquery()
                 rows = connection.execute(
                     select(both).order_by(
@@ -532,8 +534,6 @@ class JobService:
                 ).all()
                 if rows and rows[-1]._end:
                     end, rows = rows[-1], rows[:-1]
-                    if len(rows) == limit:  # the next page starts at the last
-                        end = None
             else:
                 query = select(*(merged.c[key] for key in keys))
                 rows = connection.execute(query.order_by(*newest).limit(limit)).all()
