@@ -6,6 +6,8 @@ meanwhile refuses a retry, changing nothing."""
 # The fixtures imported from the other test modules are the arguments here.
 # ruff: noqa: F811
 
+import logging
+
 import pytest
 from sqlalchemy import delete, event, insert
 
@@ -16,6 +18,7 @@ from pyramid_tasks.jobs.model import utcnow
 from pyramid_tasks.jobs.service import BadParameter, JobService
 
 from .test_dashboard import (  # noqa: F401 (fixtures)
+    AUDIT,
     dashboard,
     durable,
     own_redis,
@@ -75,9 +78,6 @@ def test_bulk_work_never_takes_a_bulk_job(dashboard):
         def set_progress(self, *args):
             self.progress.append(args)
 
-        def cancel_requested(self):
-            return False
-
     result = jobs_bulk.bulk_job(Run(), "cancel", {"state": "failed"})
     assert result == {"action": "cancel", "matching": 0, "changed": 0}  # finished
     result = jobs_bulk.bulk_job(Run(), "delete", {"state": "failed"})
@@ -85,7 +85,9 @@ def test_bulk_work_never_takes_a_bulk_job(dashboard):
     assert board.states() == {"old-bulk": "failed"}
 
 
-def test_the_confirmation_counts_in_three_searches_at_most(dashboard, monkeypatch):
+def test_the_confirmation_counts_in_three_searches_at_most(
+    dashboard, monkeypatch, caplog
+):
     board = dashboard()
     add_jobs(board.d.engine, *searched_rows(board.d.queue))
     monkeypatch.setattr(JobService, "search_depth", 2)
@@ -103,6 +105,14 @@ def test_the_confirmation_counts_in_three_searches_at_most(dashboard, monkeypatc
     assert "jobs now at least 3 (in the newest 6 jobs searched; the job " in text(page)
     [form] = [f for f in page.forms.values() if f.method.upper() == "POST"]
     assert form.action == "/_tasks/bulk/delete?title=match"
+    # Sent all the same: the audit line says what is known of the count.
+    caplog.set_level(logging.INFO, AUDIT)
+    form.submit(headers={"X-Role": "manager"}, status=303)
+    [line] = [r.getMessage() for r in caplog.records if r.name == AUDIT]
+    assert line.startswith(
+        "manager: delete of every job matching title 'match' (at least 3 job(s)): "
+        "bulk job "
+    )
     nothing = board.get("/bulk/delete", role="manager", title="nowhere")
     assert "jobs now at least 0" in text(nothing)  # older jobs may match
     monkeypatch.setattr(JobService, "search_depth", 10)

@@ -170,9 +170,10 @@ def bulk_job(self, action, filters, ids=None):
     ``delete``) on every job matching ``filters`` (keyword arguments of
     :meth:`.JobService.list`) in the states the action takes, in batches of
     :data:`BATCH`, newest first; or, given ``ids``, on those jobs (a
-    failure group), in batches in their order.  A job created after this one started may
-    be left out; this job itself is.  Cancelled (its page's **Cancel**), it
-    stops after the batch it is in.  ``{"action", "matching", "changed"}``.
+    failure group), in batches in their order.  A job created after this
+    one started may be left out; this job itself is, and any bulk job.
+    Cancelled (its page's **Cancel**), it stops after the batch it is in.
+    ``{"action", "matching", "changed"}``.
     """
     if action not in ACTIONS:
         raise ValueError(f"bad action {action!r}: expected one of {', '.join(ACTIONS)}")
@@ -201,9 +202,7 @@ def bulk_job(self, action, filters, ids=None):
             )
             said = f"{done} of {total} jobs, {changed} {_DONE[action]}"
             self.set_progress(min(done, total), total, said)
-        if last:
-            break
-        if self.cancel_requested():  # an operator cancelled this job
+        if not last and self.cancel_requested():  # an operator cancelled it
             log.info(
                 "Bulk %s %s cancelled: %d of %d done.",
                 action,
