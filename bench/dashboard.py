@@ -387,7 +387,7 @@ def measure(board, rounds, explain=None):
                 statements.on = False
             with board.engine.connect() as connection:
                 for statement, parameters in statements.seen:
-                    if not statement.lstrip().upper().startswith("SELECT"):
+                    if not statement.lstrip().upper().startswith(("SELECT", "WITH")):
                         continue
                     plan = connection.exec_driver_sql(
                         "EXPLAIN (ANALYZE, COSTS OFF, BUFFERS) " + statement,
