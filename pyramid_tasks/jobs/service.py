@@ -865,11 +865,7 @@ class JobService:
             self._unrevoke(
                 [job_id for job_id, r in rows.items() if r["state"] == CANCELLED]
             )
-        sends, _unknown = Relay(self.app).sends(retried)
-        sent = publish(self.app, sends, durable=True) if sends else []
-        if sent:
-            self.store.mark_published([(s.task_id, None) for s in sent])
-        sent_ids = {s.task_id for s in sent}
+        sent_ids = self._send_now(retried)
         results = []
         for job_id, row in rows.items():
             state = QUEUED if job_id in sent_ids else PENDING
@@ -883,6 +879,16 @@ class JobService:
             )
             results.append({"id": job_id, "state_before": row["state"], "state": state})
         return results
+
+    def _send_now(self, rows):
+        """Publish the ``pending`` job rows ``rows`` as the relay publishes,
+        marking ``queued`` those the broker took: their ids (the others
+        wait for the relay)."""
+        sends, _unknown = Relay(self.app).sends(rows)
+        sent = publish(self.app, sends, durable=True) if sends else []
+        if sent:
+            self.store.mark_published([(s.task_id, None) for s in sent])
+        return {s.task_id for s in sent}
 
     def _pend_again(self, rows):
         """The retry's UPDATEs, in one transaction: each job of ``rows``
@@ -1015,11 +1021,7 @@ class JobService:
                         "id", job_id, f"job {job_id} changed meanwhile: try again"
                     )
                 due.append({**row, "state": PENDING, "eta": None, "options": options})
-        sends, _unknown = Relay(self.app).sends(due)
-        sent = publish(self.app, sends, durable=True) if sends else []
-        if sent:
-            self.store.mark_published([(s.task_id, None) for s in sent])
-        sent_ids = {s.task_id for s in sent}
+        sent_ids = self._send_now(due)
         results = []
         for job_id, row in rows.items():
             state = QUEUED if job_id in sent_ids else PENDING
