@@ -21,6 +21,9 @@ from alembic.migration import MigrationContext
 import pyramid_tasks.jobs
 from demo_app.models import Base
 
+# The table's indexes as init-db makes them: a migration makes the same.
+from .test_jobs_cli import INDEXES
+
 # The env.py of docs/jobs.rst ("Creating the table", Alembic).
 ENV_PY = '''\
 """Pyramid bootstrap environment, with pyramid_tasks' job table."""
@@ -87,21 +90,6 @@ UNFINISHED = (
     "unique_key IS NOT NULL AND "
     "state IN ('pending', 'queued', 'scheduled', 'started', 'retrying')"
 )
-INDEXES = {
-    "ix_pyramid_tasks_job_state_created": (["state", "created_at"], False),
-    "ix_pyramid_tasks_job_queue_state_created": (
-        ["queue", "state", "created_at"],
-        False,
-    ),
-    "ix_pyramid_tasks_job_name_state_created": (["name", "state", "created_at"], False),
-    "ix_pyramid_tasks_job_error_state_created": (["state", "created_at"], False),
-    "ix_pyramid_tasks_job_finished": (["finished_at", "state", "name"], False),
-    "ix_pyramid_tasks_job_parent_state_created": (
-        ["parent_id", "state", "created_at"],
-        False,
-    ),
-    "ix_pyramid_tasks_job_unique_key": (["unique_key"], True),
-}
 
 
 @pytest.fixture
