@@ -206,18 +206,9 @@ def act_on_group(request):
         job_id = bulk.send(
             service, action, ids=ids, title=f"{verb} failure group {key}"
         )
-        audit.info(
-            "%s: %s of failure group %s (%d job(s)): bulk job %s",
-            request.authenticated_userid,
-            action,
-            key,
-            len(ids),
-            job_id,
-        )
         results = {"action": action, "group": key, "matching": len(ids)}
-        request.registry.notify(JobsActedOn(request, "bulk", [job_id], results))
-        return HTTPSeeOther(
-            request.route_path(ROUTE + "job", id=job_id, _query={"done": "bulk"})
+        return bulk_sent(
+            request, f"{action} of failure group {key}", len(ids), job_id, results
         )
     try:
         results = _perform(request, action, ids)
@@ -226,6 +217,23 @@ def act_on_group(request):
     changed = sum(r["state"] != r["state_before"] for r in results)
     query = {"done": action, "count": changed}
     return HTTPSeeOther(request.route_path(ROUTE + "failures", _query=query))
+
+
+def bulk_sent(request, what, count, job_id, results):
+    """After sending the bulk job ``job_id`` for ``what`` (on ``count``
+    jobs, a number or its text): one audit line, one :class:`JobsActedOn`,
+    and the way to the job's page, where its progress shows (303)."""
+    audit.info(
+        "%s: %s (%s job(s)): bulk job %s",
+        request.authenticated_userid,
+        what,
+        count,
+        job_id,
+    )
+    request.registry.notify(JobsActedOn(request, "bulk", [job_id], results))
+    return HTTPSeeOther(
+        request.route_path(ROUTE + "job", id=job_id, _query={"done": "bulk"})
+    )
 
 
 def run_periodic(request):

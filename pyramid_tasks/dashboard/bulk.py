@@ -6,15 +6,12 @@ of the jobs the action takes; the POST sends the bulk job and leads to its
 page, where its progress bar moves.
 """
 
-from pyramid.httpexceptions import HTTPSeeOther
-
 from ..jobs.bulk import ACTIONS, applicable, count_matching, send
 from ..jobs.service import JobError, JobService
 from ..masking import mask_secrets
 from . import ROUTE
-from .actions import _read_only, _read_only_answer, audit
+from .actions import _read_only, _read_only_answer, bulk_sent
 from .counts import CAP
-from .events import JobsActedOn
 from .render import dashboard_settings, render
 from .views import filters_of, jobs_page
 
@@ -81,18 +78,8 @@ def send_bulk(request):
     shown = f"more than {CAP}" if count > CAP else str(count)
     if not complete and count <= CAP:
         shown = f"at least {count}"
-    audit.info(
-        "%s: %s (%s job(s)): bulk job %s",
-        request.authenticated_userid,
-        what,
-        shown,
-        job_id,
-    )
     results = {"action": action, "filters": filters, "matching": count}
-    request.registry.notify(JobsActedOn(request, "bulk", [job_id], results))
-    return HTTPSeeOther(
-        request.route_path(ROUTE + "job", id=job_id, _query={"done": "bulk"})
-    )
+    return bulk_sent(request, what, shown, job_id, results)
 
 
 def add_bulk(config, settings):
