@@ -97,10 +97,20 @@ _SUCCEED_IN = (
         progress_message=_FINAL_MESSAGE,
     )
 )
+
+
 # ... by a run whose started mark never landed: what it would have written.
+def _published_by(started):
+    """``published_at`` no later than a start at ``started``: a publish
+    mark that landed after the start it preceded (the worker was quicker
+    than the marker thread) moves back to it."""
+    return case((_c.published_at > started, started), else_=_c.published_at)
+
+
 _SUCCEED_IN_UNSTARTED = _SUCCEED_IN.values(
     attempts=_c.attempts + 1,
     started_at=bindparam("started_at"),
+    published_at=_published_by(bindparam("started_at")),
     heartbeat_at=_NOW,
     worker=bindparam("worker"),
     progress_message=None,
@@ -273,6 +283,7 @@ class JobStore:
             "state": STARTED,
             "attempts": _c.attempts + 1,
             "started_at": now,
+            "published_at": _published_by(now),
             "heartbeat_at": now,
             "finished_at": None,
             "worker": self.worker_name,
