@@ -233,6 +233,14 @@ def test_systemd_accepts_the_units(tmp_path):
         assert (checked.returncode, checked.stdout + checked.stderr) == (0, ""), name
 
 
+def test_the_guide_shows_every_file_of_deploy():
+    """docs/deployment.rst includes the files themselves, each of them."""
+    guide = (ROOT / "docs" / "deployment.rst").read_text()
+    shown = re.findall(r"^\.\. literalinclude:: \.\./(deploy/\S+)$", guide, re.M)
+    files = [p for p in (ROOT / "deploy").rglob("*") if p.is_file()]
+    assert sorted(shown) == sorted(str(p.relative_to(ROOT)) for p in files)
+
+
 def _get(url):
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
