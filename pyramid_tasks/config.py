@@ -16,6 +16,7 @@ from pyramid.exceptions import ConfigurationError
 
 import pyramid_tasks
 
+from .beat import check_beat_scheduler
 from .broker import broker_required, check_broker, warn_environment_overrides
 from .decorator import TaskHandle
 from .retry import RetryPolicy
@@ -53,6 +54,7 @@ def build_celery_app(registry):
     conf = parse_celery_settings(settings)
     check_serializers(conf, options.allow_pickle)
     _default_time_limit(conf, options.default_time_limit)
+    check_beat_scheduler(conf)
     conf["beat_schedule"] = parse_beat_settings(settings)
     conf["task_default_queue"] = options.queue_name(
         conf.get("task_default_queue", "celery")
