@@ -10,6 +10,7 @@ when RedBeat is the scheduler, so a waiting beat takes over within 30 s.
 """
 
 import importlib.util
+from urllib.parse import unquote, urlsplit
 
 from pyramid.exceptions import ConfigurationError
 
@@ -47,8 +48,11 @@ def check_beat_scheduler(conf, prefix="celery."):
     ``celery.redbeat_lock_timeout`` (if set) at least twice
     ``celery.beat_max_loop_interval``, which defaults to 5 s.
     ``celery.redbeat_redis_options`` defaults to ``{}``: without it RedBeat
-    would read the broker's transport options.  ``celery.redbeat_*``
-    settings without RedBeat as the scheduler are an error.
+    would read the broker's transport options.  A user and password in
+    ``celery.redbeat_redis_url`` move to ``redbeat_redis_options``, where
+    Celery's ``report`` and ``inspect conf`` mask them (they show the URL as
+    it is).  ``celery.redbeat_*`` settings without RedBeat as the scheduler
+    are an error.
     """
     scheduler = conf.get("beat_scheduler")
     if not _is_redbeat(scheduler):
@@ -75,6 +79,7 @@ def check_beat_scheduler(conf, prefix="celery."):
             "redis://127.0.0.1:6379/0 (every beat of the site uses the same)."
         )
     conf.setdefault("redbeat_redis_options", {})
+    _credentials_to_options(conf)
     interval = conf.get("beat_max_loop_interval") or REDBEAT_MAX_LOOP_INTERVAL
     conf["beat_max_loop_interval"] = interval
     timeout = conf.get("redbeat_lock_timeout")
@@ -86,3 +91,19 @@ def check_beat_scheduler(conf, prefix="celery."):
             "waiting beat would send the same entries too. Raise it, or leave "
             f"it unset ({_LOCK_FACTOR} x {prefix}beat_max_loop_interval)."
         )
+
+
+def _credentials_to_options(conf):
+    """``redis://user:pw@host/0`` -> ``redis://host/0`` and the options
+    ``username`` and ``password``, which redis-py and RedBeat's Sentinel
+    client take as the URL's (the URL's win over options given as well)."""
+    parts = urlsplit(conf["redbeat_redis_url"])
+    if parts.username is None and parts.password is None:
+        return
+    credentials = {"username": parts.username, "password": parts.password}
+    conf["redbeat_redis_options"] = {
+        **conf["redbeat_redis_options"],
+        **{name: unquote(value) for name, value in credentials.items() if value},
+    }
+    host = parts.netloc.rpartition("@")[2]
+    conf["redbeat_redis_url"] = parts._replace(netloc=host).geturl()
