@@ -40,19 +40,21 @@ def _is_redbeat(scheduler):
     return module.replace(":", ".").split(".")[0] == "redbeat"
 
 
-def check_beat_scheduler(conf, prefix="celery."):
+def check_beat_scheduler(conf, queue_prefix="", prefix="celery."):
     """Check and complete ``conf`` (the parsed ``celery.*`` settings) for RedBeat.
 
     With ``celery.beat_scheduler = redbeat.RedBeatScheduler``: RedBeat must be
-    installed, ``celery.redbeat_redis_url`` set, and
-    ``celery.redbeat_lock_timeout`` (if set) at least twice
-    ``celery.beat_max_loop_interval``, which defaults to 5 s.
-    ``celery.redbeat_redis_options`` defaults to ``{}``: without it RedBeat
-    would read the broker's transport options.  A user and password in
-    ``celery.redbeat_redis_url`` move to ``redbeat_redis_options``, where
-    Celery's ``report`` and ``inspect conf`` mask them (they show the URL as
-    it is).  ``celery.redbeat_*`` settings without RedBeat as the scheduler
-    are an error.
+    installed and ``celery.redbeat_redis_url`` set;
+    ``celery.beat_max_loop_interval`` defaults to 5 s, and
+    ``celery.redbeat_lock_timeout``, if set, must be at least twice that.
+    ``celery.redbeat_redis_options`` defaults to ``{}`` (else RedBeat reads
+    the broker's transport options), ``celery.redbeat_key_prefix`` to
+    ``<queue_prefix>:redbeat:`` when ``tasks.queue_prefix`` is set (sites
+    sharing a Redis must not share a lock and a schedule).  A user and
+    password in the URL move to ``redbeat_redis_options``, where Celery's
+    ``report`` and ``inspect conf`` mask them: they show the URL as it is.
+    ``celery.redbeat_*`` settings without RedBeat as the scheduler are an
+    error.
     """
     scheduler = conf.get("beat_scheduler")
     if not _is_redbeat(scheduler):
@@ -79,6 +81,8 @@ def check_beat_scheduler(conf, prefix="celery."):
             "redis://127.0.0.1:6379/0 (every beat of the site uses the same)."
         )
     conf.setdefault("redbeat_redis_options", {})
+    if queue_prefix:
+        conf.setdefault("redbeat_key_prefix", f"{queue_prefix}:redbeat:")
     _credentials_to_options(conf)
     interval = conf.get("beat_max_loop_interval") or REDBEAT_MAX_LOOP_INTERVAL
     conf["beat_max_loop_interval"] = interval

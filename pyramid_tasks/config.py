@@ -54,7 +54,7 @@ def build_celery_app(registry):
     conf = parse_celery_settings(settings)
     check_serializers(conf, options.allow_pickle)
     _default_time_limit(conf, options.default_time_limit)
-    check_beat_scheduler(conf)
+    check_beat_scheduler(conf, options.queue_prefix)
     conf["beat_schedule"] = parse_beat_settings(settings)
     conf["task_default_queue"] = options.queue_name(
         conf.get("task_default_queue", "celery")

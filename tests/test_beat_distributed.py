@@ -235,6 +235,20 @@ def test_celery_report_masks_the_redbeat_password(tmp_path, capsys, celery_optio
     assert "hunter2" not in out
 
 
+def test_the_queue_prefix_gives_each_site_its_own_redbeat_keys():
+    conf = {"beat_scheduler": SCHEDULER, "redbeat_redis_url": URL}
+    check_beat_scheduler(conf, queue_prefix="mysite")
+    assert conf["redbeat_key_prefix"] == "mysite:redbeat:"
+
+    conf = {
+        "beat_scheduler": SCHEDULER,
+        "redbeat_redis_url": URL,
+        "redbeat_key_prefix": "own:",
+    }
+    check_beat_scheduler(conf, queue_prefix="mysite")
+    assert conf["redbeat_key_prefix"] == "own:"
+
+
 def test_a_lock_timeout_under_two_loop_intervals_is_refused():
     conf = {
         "beat_scheduler": SCHEDULER,
