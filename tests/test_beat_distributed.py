@@ -16,7 +16,7 @@ from datetime import datetime
 
 import pytest
 import redis
-from celery import signals
+from celery import Celery, signals
 from celery.bin.celery import celery as celery_command
 from celery.schedules import maybe_schedule
 from pyramid.exceptions import ConfigurationError
@@ -322,6 +322,42 @@ def test_redbeat_not_installed_is_one_paragraph_at_start(tmp_path, monkeypatch, 
     )
 
 
+def doc_section():
+    text = (ROOT / "docs" / "worker.rst").read_text()
+    return text.split("Beat on several hosts\n")[1].split("\nThe loader and")[0]
+
+
+def test_the_documented_ini_gives_the_documented_defaults(redbeat):
+    """docs/worker.rst's INI block states the defaults: RedBeat without them
+    (its URL and scheduler only) is the same."""
+    block = doc_section().split(".. code-block:: ini\n")[1].split("\nor in")[0]
+    lines = [line.strip() for line in block.splitlines()]
+    settings = dict(
+        (part.strip() for part in line.split("=", 1))
+        for line in lines
+        if line.startswith("celery.")
+    )
+    given = parse_celery_settings(settings)
+    check_beat_scheduler(given)
+    conf = parse_celery_settings({k: settings[k] for k in list(settings)[:2]})
+    check_beat_scheduler(conf)
+    app = Celery(set_as_current=False)
+    app.conf.update(conf)
+
+    scheduler = redbeat.RedBeatScheduler(app, lazy=True)
+
+    assert conf["beat_max_loop_interval"] == given["beat_max_loop_interval"] == 5
+    assert scheduler.lock_timeout == given["redbeat_lock_timeout"] == 25
+    assert app.redbeat_conf.key_prefix == given["redbeat_key_prefix"]
+
+
+def test_the_documented_error_is_the_one_given(monkeypatch):
+    monkeypatch.setitem(sys.modules, "redbeat", None)
+    with pytest.raises(ConfigurationError) as info:
+        check_beat_scheduler({"beat_scheduler": SCHEDULER})
+    assert f": {info.value}\n" in doc_section()
+
+
 # -- our schedules through RedBeat's JSON ----------------------------------------
 
 
@@ -507,10 +543,12 @@ def test_two_beats_send_once_and_the_survivor_takes_over(
     lock_ttl = client.pttl(lock_key)
     print(f"lock {lock_key}: ttl {lock_ttl} ms")
     assert 0 < lock_ttl <= LOCK_TIMEOUT * 1000
+    assert client.smembers(f"{PREFIX}:statics") == {b"ping", b"nightly", b"digest"}
 
-    # Each entry as RedBeat stores it and reads it back: our schedule, args,
-    # kwargs and options unchanged.
-    app = get_app(str(first_ini)).registry.celery_app
+    second_beat = start_beat("second", second_ini)
+    # While it starts: each entry as RedBeat stores it and reads it back, our
+    # schedule, args, kwargs and options unchanged.
+    app = get_app(str(second_ini)).registry.celery_app
     for name, entry in app.conf.beat_schedule.items():
         stored = redbeat.RedBeatSchedulerEntry.from_key(f"{PREFIX}{name}", app=app)
         assert stored.schedule == maybe_schedule(entry["schedule"])
@@ -518,9 +556,6 @@ def test_two_beats_send_once_and_the_survivor_takes_over(
         assert stored.kwargs == entry.get("kwargs", {})
         assert stored.options == entry.get("options", {})
     app.redbeat_redis.close()
-    assert client.smembers(f"{PREFIX}:statics") == {b"ping", b"nightly", b"digest"}
-
-    second_beat = start_beat("second", second_ini)
     wait_for(
         lambda: second_beat.says("beat: Acquiring lock..."),
         message=f"the second beat to wait (its log: {second_beat.log_path})",
