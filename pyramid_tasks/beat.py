@@ -10,13 +10,20 @@ when RedBeat is the scheduler, so a waiting beat takes over within 30 s.
 """
 
 import importlib.util
+import json
+from datetime import datetime, timedelta
 from urllib.parse import unquote, urlsplit
 
+from celery.schedules import crontab, schedule
 from pyramid.exceptions import ConfigurationError
 
 from .settings import REDBEAT_OPTIONS
 
-__all__ = ["REDBEAT_MAX_LOOP_INTERVAL", "check_beat_scheduler"]
+__all__ = [
+    "REDBEAT_MAX_LOOP_INTERVAL",
+    "check_beat_scheduler",
+    "check_redbeat_entries",
+]
 
 # Seconds between two ticks at most when RedBeat is the scheduler and
 # celery.beat_max_loop_interval is not set: each tick extends the lock, and
@@ -111,3 +118,43 @@ def _credentials_to_options(conf):
     }
     host = parts.netloc.rpartition("@")[2]
     conf["redbeat_redis_url"] = parts._replace(netloc=host).geturl()
+
+
+# What RedBeat's JSON encoder stores (redbeat/decoder.py): numbers and
+# timedeltas become Celery's ``schedule`` first; its own rrule is one too.
+_STORED_SCHEDULES = (int, float, timedelta, schedule, crontab)
+
+
+def check_redbeat_entries(conf):
+    """Every beat entry of the Celery app's ``conf`` as RedBeat can store it.
+
+    RedBeat keeps each entry as JSON: a beat started with an entry it cannot
+    encode (``add_periodic_task(..., expires=timedelta(hours=1))``, a
+    ``solar`` schedule) exits with a ``TypeError``.  Here that is a
+    :class:`ConfigurationError` naming the entry, when the app is built.
+    """
+    if not _is_redbeat(conf.beat_scheduler):
+        return
+    for name, entry in conf.beat_schedule.items():
+        kind = type(entry["schedule"]).__name__
+        if not isinstance(entry["schedule"], _STORED_SCHEDULES):
+            raise ConfigurationError(
+                f"Beat entry {name!r} has a {kind} schedule, which RedBeat "
+                "(celery.beat_scheduler) cannot store: use seconds, a "
+                "timedelta or a crontab."
+            )
+        for field in ("args", "kwargs", "options"):
+            try:
+                json.dumps(entry.get(field), default=_datetime)
+            except (TypeError, ValueError) as exc:
+                raise ConfigurationError(
+                    f"Beat entry {name!r} cannot be stored by RedBeat "
+                    f"(celery.beat_scheduler): its {field} are not JSON ({exc})."
+                ) from exc
+
+
+def _datetime(value):
+    """The one type RedBeat's encoder adds to JSON's."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")

@@ -12,20 +12,22 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
 from celery import Celery, signals
 from celery.bin.celery import celery as celery_command
-from celery.schedules import maybe_schedule
-from pyramid.exceptions import ConfigurationError
+from celery.schedules import BaseSchedule, crontab, maybe_schedule
+from pyramid.config import Configurator
+from pyramid.exceptions import ConfigurationError, ConfigurationExecutionError
 from pyramid.paster import get_app
 
 from pyramid_tasks.beat import REDBEAT_MAX_LOOP_INTERVAL, check_beat_scheduler
 from pyramid_tasks.cli import main
 from pyramid_tasks.schedule import parse_schedule
 from pyramid_tasks.settings import parse_celery_settings
+from tests.pkgs import cli_app
 
 from .conftest import ROOT, tasks_celery, wait_for
 
@@ -356,6 +358,66 @@ def test_the_documented_error_is_the_one_given(monkeypatch):
     with pytest.raises(ConfigurationError) as info:
         check_beat_scheduler({"beat_scheduler": SCHEDULER})
     assert f": {info.value}\n" in doc_section()
+
+
+class Fortnightly(BaseSchedule):
+    """A schedule class of an app's own: RedBeat's JSON has no place for it."""
+
+
+def redbeat_app(schedule, **options):
+    """The Celery app of an app with RedBeat and one ``add_periodic_task``."""
+    settings = {
+        "celery.broker_url": "memory://",
+        "celery.beat_scheduler": SCHEDULER,
+        "celery.redbeat_redis_url": URL,
+    }
+    with Configurator(settings=settings) as config:
+        config.include("pyramid_tasks")
+        config.scan("tests.pkgs.cli_app")
+        config.add_periodic_task(schedule, cli_app.ping, name="entry", **options)
+    return config.registry.celery_app
+
+
+def test_entries_redbeat_can_store_are_taken():
+    app = redbeat_app(
+        crontab(minute=0, hour=3),
+        args=(1, [2]),
+        eta=datetime(2030, 1, 1, tzinfo=UTC),  # RedBeat's JSON has datetimes
+    )
+    assert app.conf.beat_schedule["entry"]["args"] == (1, [2])
+
+
+@pytest.mark.parametrize(
+    ("schedule", "options", "message"),
+    [
+        (
+            60,
+            {"expires": timedelta(hours=1)},
+            "Beat entry 'entry' cannot be stored by RedBeat "
+            "(celery.beat_scheduler): its options are not JSON (Object of type "
+            "timedelta is not JSON serializable).",
+        ),
+        (
+            60,
+            {"args": ({1, 2},)},
+            "Beat entry 'entry' cannot be stored by RedBeat "
+            "(celery.beat_scheduler): its args are not JSON (Object of type set "
+            "is not JSON serializable).",
+        ),
+        (
+            Fortnightly(),
+            {},
+            "Beat entry 'entry' has a Fortnightly schedule, which RedBeat "
+            "(celery.beat_scheduler) cannot store: use seconds, a timedelta or a "
+            "crontab.",
+        ),
+    ],
+)
+def test_an_entry_redbeat_cannot_store_is_refused(schedule, options, message):
+    # Beat itself would exit at start with RedBeat's TypeError.
+    with pytest.raises(ConfigurationExecutionError) as info:
+        redbeat_app(schedule, **options)
+    assert str(info.value.evalue) == message
 
 
 # -- our schedules through RedBeat's JSON ----------------------------------------
