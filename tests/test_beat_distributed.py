@@ -459,7 +459,7 @@ MAX_LOOP_INTERVAL = 1
 LOCK_TIMEOUT = 5
 # Documented in docs/worker.rst: a waiting beat takes over within the lock
 # timeout and one loop interval (it tries once per interval), plus a Redis
-# command and its wake-up: SLACK, for a loaded machine (measured: up to 5.96 s).
+# command and its wake-up: SLACK, for a loaded machine (measured: 4.92-5.96 s).
 TAKEOVER_BOUND = LOCK_TIMEOUT + MAX_LOOP_INTERVAL
 SLACK = 0.5
 WINDOW = 6.0
