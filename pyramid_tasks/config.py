@@ -16,6 +16,7 @@ from pyramid.exceptions import ConfigurationError
 
 import pyramid_tasks
 
+from .beat import check_beat_scheduler, check_redbeat_entries
 from .broker import broker_required, check_broker, warn_environment_overrides
 from .decorator import TaskHandle
 from .retry import RetryPolicy
@@ -53,6 +54,7 @@ def build_celery_app(registry):
     conf = parse_celery_settings(settings)
     check_serializers(conf, options.allow_pickle)
     _default_time_limit(conf, options.default_time_limit)
+    check_beat_scheduler(conf, options.queue_prefix)
     conf["beat_schedule"] = parse_beat_settings(settings)
     conf["task_default_queue"] = options.queue_name(
         conf.get("task_default_queue", "celery")
@@ -312,8 +314,10 @@ def add_periodic_task(
 
 
 def check_beat_tasks(registry):
-    """Every beat entry names a registered task (unless Celery imports more)."""
+    """Every beat entry names a registered task (unless Celery imports more),
+    and RedBeat, if it is the scheduler, can store each."""
     app = registry.celery_app
+    check_redbeat_entries(app.conf)
     if app.conf.imports or app.conf.include:
         return
     for name, entry in app.conf.beat_schedule.items():

@@ -21,6 +21,7 @@ from .masking import mask_secrets
 
 __all__ = [
     "JOBS_INCLUDE_KEYS",
+    "REDBEAT_OPTIONS",
     "JobsSettings",
     "TasksSettings",
     "bad_setting",
@@ -153,6 +154,40 @@ def _kind(name, option):
     return _KIND_OVERRIDES.get(name, option.type)
 
 
+# The settings of RedBeat (``celery-redbeat``, the ``redbeat`` extra), which
+# it reads from the Celery app's configuration: name -> kind, as above.
+REDBEAT_OPTIONS = {
+    "redbeat_redis_url": "redis_url",
+    "redbeat_key_prefix": "redis_key",
+    "redbeat_lock_key": "redis_key",
+    "redbeat_lock_timeout": "positive_int",
+    "redbeat_redis_options": "dict",
+    "redbeat_redis_use_ssl": "bool_or_dict",
+}
+# The URL schemes RedBeat connects with (redbeat/schedulers.py, get_redis).
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "redis-sentinel", "redis-cluster")
+_REDIS_URL = "a Redis URL (" + ", ".join(f"{s}://" for s in _REDIS_SCHEMES) + ")"
+
+
+def _redis_url(key, value):
+    url = str(value).strip()
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError as exc:  # a broken IPv6 host: ``redis://[::1``
+        raise bad_setting(key, value, _REDIS_URL) from exc
+    if scheme not in _REDIS_SCHEMES:
+        raise bad_setting(key, value, _REDIS_URL)
+    return url
+
+
+def _redis_key(key, value):
+    # An empty lock key would turn RedBeat's lock off: two beats, two sends.
+    text = str(value).strip()
+    if not text or any(c.isspace() for c in text):
+        raise bad_setting(key, value, "a Redis key name (not empty, no spaces)")
+    return text
+
+
 def _coerce_celery(key, kind, value):
     if kind == "int_or_auto":
         if str(value).strip() == "auto":
@@ -167,6 +202,12 @@ def _coerce_celery(key, kind, value):
         return as_bool(key, value)
     if kind == "bool":
         return as_bool(key, value)
+    if kind == "positive_int":
+        return as_int(key, value, minimum=1)
+    if kind == "redis_url":
+        return _redis_url(key, value)
+    if kind == "redis_key":
+        return _redis_key(key, value)
     if kind in ("int", int):
         return as_int(key, value)
     if kind == "float":
@@ -195,7 +236,8 @@ def _any_value(key, value):
 def parse_celery_settings(settings, prefix=CELERY_PREFIX):
     """Celery configuration from ``celery.<name>`` settings.
 
-    Values are coerced with Celery's own option table.  Dict settings take
+    Values are coerced with Celery's own option table; RedBeat's settings
+    (``celery.redbeat_*``, :data:`REDBEAT_OPTIONS`) are known too.  Dict settings take
     JSON or dotted sub-keys (``celery.broker_transport_options.visibility_timeout``;
     sub-key values are JSON when they parse as JSON, text otherwise).
     """
@@ -206,14 +248,14 @@ def parse_celery_settings(settings, prefix=CELERY_PREFIX):
         name = key[len(prefix) :]
         head, _, sub = name.partition(".")
         option = _CELERY_OPTIONS.get(head)
-        if option is None:
-            raise _unknown_key(key, head, _CELERY_OPTIONS, prefix)
+        if option is None and head not in REDBEAT_OPTIONS:
+            raise _unknown_key(key, head, [*_CELERY_OPTIONS, *REDBEAT_OPTIONS], prefix)
         if head == "beat_schedule":
             raise ConfigurationError(
                 f"Setting {key} is not supported: declare each beat entry as "
                 f"tasks.beat.<name>.task and tasks.beat.<name>.schedule instead."
             )
-        kind = _kind(head, option)
+        kind = REDBEAT_OPTIONS[head] if option is None else _kind(head, option)
         if sub:
             if kind not in ("dict", "bool_or_dict"):
                 raise ConfigurationError(
