@@ -36,14 +36,15 @@ class _Epoch:
         channel.events["basic_nack"].add(self.on_nack)
 
     def answer(self, into, delivery_tag, multiple):
-        if multiple:
-            tags = [tag for tag in self.pending if tag <= delivery_tag]
-        else:
-            tags = [delivery_tag]
+        # Those of an earlier batch that gave up waiting are no longer here.
+        tags = [
+            tag
+            for tag in self.pending
+            if (tag <= delivery_tag if multiple else tag == delivery_tag)
+        ]
         for tag in tags:
-            batch, send = self.pending.pop(tag, (None, None))
-            if batch is not None:
-                getattr(batch, into).add(id(send))
+            batch, send = self.pending.pop(tag)
+            getattr(batch, into).add(id(send))
 
     def end(self):
         self.channel.events["basic_ack"].discard(self.on_ack)

@@ -210,10 +210,8 @@ class _Confirming:
 
     def send(self, chunk):
         try:
-            again = self._batch(chunk)
-            if again:
-                for send in again:
-                    self._batch([send], alone=True)
+            for send in self._batch(chunk, alone=len(chunk) == 1):
+                self._batch([send], alone=True)
         finally:
             # Answered sends leave ``unsent``; the others stay, in order.
             for _ in chunk:
@@ -252,6 +250,9 @@ class _Confirming:
         unanswered = batch.unconfirmed()
         if isinstance(reason, TimeoutError):
             self.uncertain.update(map(id, unanswered))
+            # Nor would it answer the channel's close when the pool drops
+            # the connection: it goes without the handshake.
+            self.producer.connection.collect()
             raise reason
         answered = batch.acked | batch.nacked
         again = [send for send in sends if id(send) not in answered]
