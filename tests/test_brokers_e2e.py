@@ -2,13 +2,15 @@
 
 One real ``tasks-celery`` worker a broker (``conf/test.ini#jobs_probe``, the
 job table and its relay, plus :mod:`tests.brokers_e2e_app`), shared by the
-module's tests, on a queue and a PostgreSQL schema of the module's own.
-Each test schedules as a view does, from the same INI loaded in this
-process, and counts what happened: schedule on commit (run after a commit,
-never after an abort), a deadlock retried by ``RetryableTransactionTask``,
-a beat entry firing from a ``beat`` subprocess, the relay sending a job
-committed while the broker was unreachable, and an ``acks_late`` job of a
-SIGKILLed worker run again by the shared one, its effect once.
+module's tests, on a queue and a PostgreSQL schema of the module's own; on
+Redis, a redis-server of the module's own as the broker.  Each test
+schedules as a view does, from the same INI loaded in this process, and
+counts what happened: schedule on commit (run after a commit, never after
+an abort), a deadlock retried by ``RetryableTransactionTask``, a beat entry
+firing from a ``beat`` subprocess (started with the workers), the relay
+sending a job committed while the broker was unreachable, and an
+``acks_late`` job of a SIGKILLed worker run again by the shared one, its
+effect once.
 """
 
 import os
@@ -152,10 +154,14 @@ class Site:
         return int(self.client.get(f"{key}:runs") or 0)
 
     def close(self):
+        running = [process for process in self.processes if process.poll() is None]
+        for process in running:  # a warm shutdown saves its coverage
+            process.terminate()
+        # An idle worker on RabbitMQ sees the signal when its event loop next
+        # wakes, up to 10 s later: a message wakes it now.
+        self.app.control.ping(timeout=0.1)
         for process in self.processes:
-            if process.poll() is None:  # a warm shutdown saves its coverage
-                process.terminate()
-                process.wait(timeout=60)
+            process.wait(timeout=60)
             with suppress(ProcessLookupError):  # what it left of its session
                 os.killpg(process.pid, signal.SIGKILL)
         self.app.close()
@@ -186,9 +192,11 @@ def site(request, redis_url, database_url, tmp_path_factory):
             url = request.getfixturevalue("amqp_url")
         site = Site(broker, url, redis_url, database_url, folder)
         stack.callback(site.close)
-        # Both start at once; the victim is test_a_killed_workers...'s.
+        # All start at once: the victim is test_a_killed_workers...'s, the
+        # beat test_a_beat_entry_fires's.
         site.shared = site.worker("shared", "-c", "4")
         site.victim = site.worker("victim", "-c", "1", "-Q", f"{site.queue}_kill")
+        site.beat, _ = site.start("beat", "beat", "-s", str(folder / "beat"))
         for worker in (site.shared, site.victim):
             wait_for(worker.ping, timeout=60, message=f"worker {worker.node}")
         yield site
@@ -235,16 +243,12 @@ def test_a_deadlocked_transaction_is_run_again(site):
 
 
 def test_a_beat_entry_fires(site):
-    process, _ = site.start("beat", "beat", "-s", str(site.folder / "beat"))
+    """The module's beat subprocess sends the INI's 0.5 s entry; the shared
+    worker runs it, again and again."""
     tick = f"{site.token}:tick"
-    try:
-        wait_for(
-            lambda: int(site.client.get(tick) or 0) >= 2,
-            message="two ticks of a 0.5 s entry",
-        )
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    wait_for(lambda: int(site.client.get(tick) or 0) >= 2, message="two ticks")
+    site.beat.terminate()
+    site.beat.wait(timeout=30)
     print(site.broker, "ticks run:", int(site.client.get(tick)))
 
 

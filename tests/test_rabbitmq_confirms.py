@@ -367,10 +367,10 @@ class Relay:
         self.replies.clear()
 
     def cut(self):
-        self.replies.set()
         for end in self.sockets:
             with suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
+        self.replies.set()  # what it held goes nowhere now
 
     def close(self):
         self.cut()
@@ -399,7 +399,7 @@ def test_unanswered_messages_are_reported_as_maybe_delivered(
         ids = commit(app, *[(n, {}) for n in range(3)])
         held = time.monotonic() - start
     print(f"commit held {held:.2f} s for a 0.5 s publish timeout")
-    assert 0.5 <= held < 1.5
+    assert 0.5 <= held < 2.5  # one timeout, plus a loaded machine's margin
     assert [r.getMessage() for r in logged(caplog)] == [
         f"Task echo[{i}] was committed and may have been delivered, but the "
         "broker did not confirm it: TimeoutError: no answer from the broker "
