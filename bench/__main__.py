@@ -1,11 +1,12 @@
 """``python -m bench [--quick]``: pyramid_tasks side by side with plain Celery.
 
-Needs the Redis (and, for the worker scenarios, PostgreSQL) the test suite uses.
+Needs the Redis (and, for the worker scenarios, PostgreSQL; for R, RabbitMQ)
+the test suite uses.
 """
 
 import argparse
 
-from . import dashboard, dispatch, jobs, worker
+from . import dashboard, dispatch, jobs, rabbitmq, worker
 from .harness import header, save
 
 GROUPS = {
@@ -13,6 +14,7 @@ GROUPS = {
     "worker": worker.run,  # 1, 2, 6, 7
     "peer": worker.run_peer,  # 8
     "jobs": jobs.run,  # P5, P9: durable mode against not
+    "rabbitmq": rabbitmq.run,  # R: publisher confirms per batch, per message, none
 }
 #: Not an A/B: the dashboard's pages at 10,000,000 jobs (bench/dashboard.py).
 SOLO = {"dashboard": dashboard.main}

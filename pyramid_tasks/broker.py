@@ -9,11 +9,18 @@ import logging
 import os
 from contextvars import ContextVar
 
+from kombu.transport import get_transport_cls
 from pyramid.exceptions import ConfigurationError
 
 from .masking import mask_secrets
+from .settings import as_bool
 
-__all__ = ["broker_required", "check_broker", "warn_environment_overrides"]
+__all__ = [
+    "broker_required",
+    "check_broker",
+    "default_confirms",
+    "warn_environment_overrides",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +84,42 @@ def check_broker(conf, eager_ok=True):
     raise ConfigurationError(
         f"No broker to {_SIDES[side]}: neither celery.broker_{side}_url nor "
         f"celery.broker_url is set; {advice}."
+    )
+
+
+# The URL schemes (and celery.broker_transport names) of kombu's AMQP
+# transports; ``amqp`` is py-amqp unless librabbitmq is installed.
+_AMQP_TRANSPORTS = {"amqp", "amqps", "pyamqp", "pyamqps"}
+_CONFIRM_KEY = "celery.broker_transport_options.confirm_publish"
+
+
+def default_confirms(app):
+    """Turn RabbitMQ's publisher confirms on, unless the INI chose.
+
+    On a py-amqp broker (``amqp://``, ``pyamqp://``) each publish is then
+    acknowledged by the broker, and one it refuses (an exchange that does not
+    exist, a full queue with ``x-overflow = reject-publish``) is an error
+    instead of a message silently lost.  ``celery.broker_transport_options.
+    confirm_publish = false`` turns them off; the value is a strict boolean.
+    """
+    options = app.conf.broker_transport_options
+    if "confirm_publish" in options:
+        confirm = as_bool(_CONFIRM_KEY, options["confirm_publish"])
+    elif app.conf.broker_write_url and _pyamqp(app):
+        confirm = True
+    else:
+        return
+    # A new dict: Celery's default one is shared by every app.
+    app.conf.broker_transport_options = {**options, "confirm_publish": confirm}
+
+
+def _pyamqp(app):
+    """Whether the app publishes through py-amqp (no connection is made)."""
+    alias = app.connection_for_write().transport_cls
+    return (
+        isinstance(alias, str)
+        and alias in _AMQP_TRANSPORTS
+        and get_transport_cls(alias).driver_name == "py-amqp"
     )
 
 

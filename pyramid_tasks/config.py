@@ -17,7 +17,12 @@ from pyramid.exceptions import ConfigurationError
 import pyramid_tasks
 
 from .beat import check_beat_scheduler, check_redbeat_entries
-from .broker import broker_required, check_broker, warn_environment_overrides
+from .broker import (
+    broker_required,
+    check_broker,
+    default_confirms,
+    warn_environment_overrides,
+)
 from .decorator import TaskHandle
 from .retry import RetryPolicy
 from .schedule import parse_beat_settings, parse_schedule
@@ -85,6 +90,7 @@ def build_celery_app(registry):
         # pyramid_tasks.testing captures every send: the web process uses no
         # broker.  tasks-celery always does.
         check_broker(app.conf, eager_ok=not required)
+    default_confirms(app)
     app.pyramid_registry = registry
     app.pyramid_task_queues = task_queues
     registry.pyramid_tasks_settings = options

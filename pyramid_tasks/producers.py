@@ -12,7 +12,7 @@ import threading
 from kombu.exceptions import LimitExceeded
 from kombu.pools import ProducerPool
 
-__all__ = ["acquire", "close"]
+__all__ = ["acquire", "close", "confirmed"]
 
 # The Redis transport options that bound each socket operation of the
 # publishing connection.  Other transports ignore tasks.publish_timeout.
@@ -48,6 +48,12 @@ def acquire(app):
             f"no broker connection was free within tasks.publish_timeout "
             f"({timeout:g} s); celery.broker_pool_limit is {pool.limit}"
         ) from None
+
+
+def confirmed(app):
+    """Whether the publish pool confirms its messages itself: RabbitMQ with
+    ``confirm_publish`` on (:mod:`.confirms` waits once per batch)."""
+    return _pool(app).pyramid_confirms
 
 
 def _pool(app):
@@ -86,11 +92,19 @@ def _create(app):
             bounds.update(
                 (n, min(options.get(n) or timeout, timeout)) for n in _REDIS_TIMEOUTS
             )
+    confirms = bool(
+        connection.transport.driver_name == "py-amqp"
+        and connection.transport_options.get("confirm_publish")
+    )
+    if confirms:
+        bounds["confirm_publish"] = False
     if getattr(registry, "pyramid_tasks_jobs", None) is not None:
         bounds["max_retries"] = 0
     connection = app.connection_for_write(transport_options=bounds)
     limit = app.conf.broker_pool_limit
-    return ProducerPool(connection.Pool(limit), limit=limit, Producer=app.amqp.Producer)
+    pool = ProducerPool(connection.Pool(limit), limit=limit, Producer=app.amqp.Producer)
+    pool.pyramid_confirms = confirms
+    return pool
 
 
 def close(app):

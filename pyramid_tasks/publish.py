@@ -6,6 +6,7 @@ traceback at DEBUG; eager failures wait for the code that owns the commit
 (:func:`raise_eager_errors`).
 """
 
+import functools
 import logging
 import sys
 import traceback
@@ -16,7 +17,7 @@ from itertools import islice
 from celery import Task
 from kombu.exceptions import BatchPublishError, OperationalError
 
-from . import producers
+from . import confirms, producers
 from .masking import mask_secrets
 
 __all__ = [
@@ -54,13 +55,20 @@ def publish(app, sends, durable=False):
     uncertain = set()  # id()s of sends the broker may have received
     failed = set()  # id()s of sends reported
     report = _log_pending if durable else _log_unsent
+    timeout = app.pyramid_registry.pyramid_tasks_settings.publish_timeout
     try:
         with producers.acquire(app) as producer:
             connection_errors = producer.connection.connection_errors
             # One task has nothing to share: no pipeline, Celery's own send.
             pipelined = producer.supports_batch_publish and len(sends) > 1
+            confirming = producers.confirmed(app) and _Confirming(
+                producer, unsent, uncertain, failed, report, durable, timeout
+            )
             while unsent:
                 chunk = list(islice(unsent, _BATCH_SIZE))
+                if confirming:
+                    confirming.send(chunk)
+                    continue
                 if pipelined and _pipeline(producer, chunk, uncertain, durable):
                     for _ in chunk:
                         unsent.popleft()
@@ -178,6 +186,93 @@ def _pipeline(producer, chunk, uncertain, durable=False):
         _one_line(reason),
     )
     return False
+
+
+class _Confirming:
+    """RabbitMQ's path of :func:`publish`: each chunk under publisher
+    confirms, all its messages published before one wait for their answers.
+
+    An acked message is sent; a nacked one was refused, reported as any
+    failed send.  Messages unanswered within ``tasks.publish_timeout`` may
+    have been delivered: reported so, and the rest are not tried (each would
+    wait as long).  After any other error (one while publishing, or the
+    broker closing the channel on a message, an exchange that does not
+    exist) the messages not answered go again one at a time, so a bad
+    message costs only itself; those that may have been delivered already
+    may arrive twice, none is lost.  A broker that is down raises.
+    """
+
+    def __init__(self, producer, unsent, uncertain, failed, report, durable, timeout):
+        self.producer = producer
+        self.unsent, self.uncertain, self.failed = unsent, uncertain, failed
+        self.report, self.durable, self.timeout = report, durable, timeout
+        self.acked = set()  # id()s of sends
+
+    def send(self, chunk):
+        try:
+            for send in self._batch(chunk, alone=len(chunk) == 1):
+                self._batch([send], alone=True)
+        finally:
+            # Answered sends leave ``unsent``; the others stay, in order.
+            for _ in chunk:
+                self.unsent.popleft()
+            done = self.acked | self.failed
+            self.unsent.extendleft(reversed([s for s in chunk if id(s) not in done]))
+
+    def _batch(self, sends, alone=False):
+        """Publish ``sends``, wait once; those to send again, one at a time."""
+        batch = confirms.Batch(self.producer, self.timeout)
+        connection_errors = self.producer.connection.connection_errors
+        error = None
+        try:
+            try:
+                with batch:
+                    for send in sends:
+                        apply = functools.partial(
+                            _apply, send, self.producer, self.durable
+                        )
+                        batch.publish(send, apply)
+            except Exception as exc:
+                if _broker_down(exc, connection_errors):
+                    raise
+                error = exc
+            reason = batch.wait()
+        except Exception:
+            self.uncertain.update(id(send) for send in batch.unconfirmed())
+            raise
+        finally:
+            self.acked |= batch.acked
+        refused = [send for send in sends if id(send) in batch.nacked]
+        if refused:
+            self.failed.update(map(id, refused))
+            nack = confirms.Refused("the broker refused it (basic.nack)")
+            self.report(refused, nack, self.uncertain)
+        unanswered = batch.unconfirmed()
+        if isinstance(reason, TimeoutError):
+            self.uncertain.update(map(id, unanswered))
+            # Nor would it answer the channel's close when the pool drops
+            # the connection: it goes without the handshake.
+            self.producer.connection.collect()
+            raise reason
+        answered = batch.acked | batch.nacked
+        again = [send for send in sends if id(send) not in answered]
+        if alone:
+            if again:  # its own error: the broker closed the channel on it
+                self.failed.update(map(id, again))
+                self.report(again, error or reason, self.uncertain)
+            return []
+        published = set(map(id, batch.published))
+        if again:
+            maybe = [send for send in again if id(send) in published]
+            self.uncertain.update(map(id, maybe))
+            log.warning(
+                "Sending %d committed tasks again one at a time (%s); %d of "
+                "them may have been delivered already and may arrive twice.",
+                len(again),
+                _one_line(error or reason),
+                len(maybe),
+            )
+        return again
 
 
 def _broker_down(exc, connection_errors):
