@@ -120,7 +120,7 @@ def ready(*workers):
 def write_ini(path, settings):
     """An INI of tests/multihost_app.py with ``settings``, and the logging
     sections of conf/test.ini."""
-    parser = configparser.RawConfigParser()
+    parser = configparser.RawConfigParser(default_section="none")  # no [DEFAULT]
     parser.read(TEST_INI)
     lines = ["[app:main]", "use = call:tests.multihost_app:main"]
     lines += [f"{key} = {value}" for key, value in settings.items()]
@@ -384,7 +384,7 @@ def test_routes_queues_and_sites_across_two_hosts(
     overrides both; worker1 consumes a (``-Q a``), worker2 consumes b.  A
     second site with another ``tasks.queue_prefix`` on the same broker has
     one worker on worker2's host consuming its own a and b: no task crosses
-    from one site to the other."""
+    from one site to the other, and neither does a remote control command."""
     token = uuid.uuid4().hex[:6]
     routes = json.dumps({"tests.multihost_app.report": {"queue": "a"}})
 
@@ -396,7 +396,14 @@ def test_routes_queues_and_sites_across_two_hosts(
             own_redis,
             own_redis,
             "default",
-            **{"tasks.queue_prefix": prefix, "celery.task_routes": routes},
+            **{
+                "tasks.queue_prefix": prefix,
+                "celery.task_routes": routes,
+                # Celery's remote control (ping, inspect, shutdown, rate_limit
+                # by task name) is not in a queue: without an exchange of its
+                # own, a site's commands reach the other site's workers too.
+                "celery.control_exchange": prefix,
+            },
         )
         ini = write_ini(tmp_path / f"{name}.ini", settings)
         return prefix, ini, get_app(str(ini)).registry.celery_app
@@ -408,6 +415,9 @@ def test_routes_queues_and_sites_across_two_hosts(
         start_on(hosts["worker2"], ini2, app2, "-P", "threads", "-Q", "a,b"),
     ]
     ready(*workers)
+    for app, nodes in ((app1, workers[:2]), (app2, workers[2:])):
+        answers = app.control.ping(timeout=1)
+        assert sorted(n for a in answers for n in a) == sorted(w.node for w in nodes)
 
     sent = {}  # key -> where it must run: host, site, queue
 
