@@ -262,6 +262,11 @@ def test_web_and_two_workers_one_cut_off_one_killed(
     (key1, id1), (key2, id2) = holds["worker1"], holds["worker2"]
     runs_before = Counter(host for key in keys for host in runs(key))
 
+    def effects():
+        with engine.connect() as connection:
+            query = select(Order.email, func.count()).group_by(Order.email)
+            return dict(connection.execute(query).all())
+
     def state(job_id):
         with engine.connect() as connection:
             return connection.scalar(select(Job.state).where(Job.id == job_id))
@@ -282,15 +287,10 @@ def test_web_and_two_workers_one_cut_off_one_killed(
             wait_for(lambda: silent(id2) > LEASE + 0.6, message="the lease to end")
             # ... left it alone: its transaction holds its lock, so it is alive
             assert state(id2) == "started"
-        else:  # given to worker1 by Redis, which ran it
-            wait_for(lambda: len(runs(key2)) == 2, message="worker1 to run it")
+        else:  # given to worker1 by Redis, which committed it
+            wait_for(lambda: effects().get(key2) == 1, message="worker1's commit")
         first.process.kill()  # SIGKILL, its own held run in flight
         first.process.wait()
-
-    def effects():
-        with engine.connect() as connection:
-            query = select(Order.email, func.count()).group_by(Order.email)
-            return dict(connection.execute(query).all())
 
     def states():
         with engine.connect() as connection:
@@ -314,7 +314,15 @@ def test_web_and_two_workers_one_cut_off_one_killed(
             and quiet()
         )
 
-    wait_for(settled, timeout=60, interval=0.2, message="every effect")
+    # Twice in a row: a message taken from the queue is in none of the
+    # places looked at until the worker files it (a moment).
+    polls = []
+    wait_for(
+        lambda: polls.append(settled()) or polls[-2:] == [True, True],
+        timeout=60,
+        interval=0.2,
+        message="every effect",
+    )
     # What the killed worker held is left unacknowledged at Redis (never at
     # RabbitMQ, which gave it back when its connection closed), for Redis to
     # deliver again after visibility_timeout: given back now, by hand.
@@ -366,7 +374,7 @@ def test_web_and_two_workers_one_cut_off_one_killed(
         assert len(left) == (1 if broker == own_redis else 0)
     else:
         assert counts["effects"] == N + counts["duplicates"]
-        assert runs(key2) == ["worker2", "worker1"] and rows[key2] == 2
+        assert runs(key2)[:2] == ["worker2", "worker1"] and rows[key2] >= 2
         assert states() == {}  # no job table
     with app.connection_for_write() as connection:
         connection.default_channel.queue_delete(queue)
