@@ -226,7 +226,10 @@ class Worker:
         """On AMQP, a ping: the worker's event loop (kombu's hub) waits on
         its sockets up to 10 s when no timer is due, and sees the SIGTERM
         only as it wakes (measured: a stop took 10.5 s, 2 s with the ping).
-        On Redis its BRPOP returns each second."""
+        On Redis its BRPOP returns each second.  Nothing for a bare process
+        (no app)."""
+        if self.celery_app is None:
+            return
         with self.celery_app.connection_for_write() as connection:
             amqp = connection.transport.driver_type == "amqp"
         if amqp:
