@@ -258,6 +258,9 @@ def failed_test_jobs(queue_name, count, start=0):
     ]
 
 
+# A thousand jobs on one worker: never beside the other such test (xdist's
+# --dist loadgroup runs a group's tests one after the other on one worker).
+@pytest.mark.xdist_group("many_jobs")
 def test_bulk_retry_of_1001_failed_jobs_on_a_worker(
     dashboard,  # noqa: F811
     start_worker,
@@ -323,7 +326,7 @@ def test_bulk_retry_of_1001_failed_jobs_on_a_worker(
 
     wait_for(
         lambda: [states()[i] for i in ids] == ["succeeded"] * 1001,
-        timeout=120,
+        timeout=180,  # a loaded machine (a deadline; 15 s quiet)
         message="the 1001 retried jobs to succeed",
     )
     log = worker.log
