@@ -212,6 +212,7 @@ class Worker:
         pool child whose main process a test killed)."""
         if self.process.poll() is None:
             self.process.terminate()
+            self._wake()
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -220,6 +221,19 @@ class Worker:
         if self.session:  # its process group holds only what it started
             with suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
+
+    def _wake(self):
+        """On AMQP, a ping: the worker's event loop (kombu's hub) waits on
+        its sockets up to 10 s when no timer is due, and sees the SIGTERM
+        only as it wakes (measured: a stop took 10.5 s, 2 s with the ping).
+        On Redis its BRPOP returns each second.  Nothing for a bare process
+        (no app)."""
+        if self.celery_app is None:
+            return
+        with self.celery_app.connection_for_write() as connection:
+            amqp = connection.transport.driver_type == "amqp"
+        if amqp:
+            self.celery_app.control.ping(destination=[self.node], timeout=0.1)
 
 
 def tasks_celery():

@@ -1004,11 +1004,13 @@ def own_redis(tmp_path):
     server.close()
 
 
-# One socket timeout (tasks.jobs.publish_timeout, 0.2 s) and 0.3 s for the
-# COMMIT, the connection's set-up and a loaded 2-core machine.  Measured:
+# One socket timeout (tasks.jobs.publish_timeout, 0.2 s) and 1 s for the
+# COMMIT, the connection's set-up and a loaded 2-core machine (the suite's
+# other xdist worker, or other runs: a stopped broker's commit once took
+# 0.61 s there), as tests/test_publish_faults.py allows.  Measured quiet:
 # 0.015 s stopped, 0.22-0.24 s frozen; kombu's connection retries, before
-# the fix, took 6.0 s and 6.6 s.
-BOUND = 0.2 + 0.3
+# the fix, took 6.0 s and 6.6 s: still five times the bound.
+BOUND = 0.2 + 1.0
 
 
 def commit_one(d):
