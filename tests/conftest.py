@@ -42,6 +42,36 @@ AMQP_URL = os.environ.get(
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+_counts = {}  # the terminal, where a test marked ``counts`` shows what it printed
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "counts: a fault test whose printed counts the run's output shows, "
+        "passed or failed (so CI's log carries them)",
+    )
+
+
+def pytest_sessionstart(session):
+    # xdist's workers report to the controller, which writes the lines.
+    config = session.config
+    worker = hasattr(config, "workerinput")
+    _counts["terminal"] = (
+        None if worker else config.pluginmanager.get_plugin("terminalreporter")
+    )
+
+
+def pytest_runtest_logreport(report):
+    terminal = _counts["terminal"]
+    if terminal is None or report.when != "call" or "counts" not in report.keywords:
+        return
+    terminal.write_line("")
+    terminal.write_line(f"{report.nodeid}:")
+    for line in report.capstdout.splitlines():
+        terminal.write_line(f"    {line}")
+
+
 def unavailable(service, error):
     message = f"{service} is unreachable: {error}"
     if IN_CI:

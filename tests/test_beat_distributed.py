@@ -589,6 +589,7 @@ def ping_count(client, queue):
     return sum(body["headers"]["task"] == "tests.pkgs.cli_app.ping" for body in bodies)
 
 
+@pytest.mark.counts
 def test_two_beats_send_once_and_the_survivor_takes_over(
     beat_redis, start_beat, tmp_path, redbeat
 ):

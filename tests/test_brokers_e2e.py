@@ -41,6 +41,8 @@ from .conftest import (
     wait_for,
 )
 
+pytestmark = pytest.mark.counts
+
 RECORD = "tests.jobs_probe_app.record"
 HELD = "tests.jobs_probe_app.held"
 DEADLOCKED = "tests.brokers_e2e_app.deadlocked"

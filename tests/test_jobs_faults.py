@@ -25,6 +25,8 @@ from pyramid_tasks.jobs.relay import Relay
 from .conftest import ROOT, free_port, wait_for
 from .test_jobs_worker import Probe, web_app, worker_starter
 
+pytestmark = pytest.mark.counts
+
 
 def counts(probe, keys, runs=None):
     """The figures of a fault test over the jobs whose effects are ``keys``."""

@@ -32,6 +32,8 @@ from . import conftest
 from .conftest import _LOGGING_SECTIONS, ROOT, TEST_INI, Worker, tasks_celery, wait_for
 from .netns import IP, Forwarder, network, redis_server
 
+pytestmark = pytest.mark.counts
+
 HOSTS = ("web", "worker1", "worker2")
 
 
