@@ -306,22 +306,25 @@ def start_worker(ini_vars, tmp_path):
         worker.stop()
 
 
-def free_port():
-    """A TCP port nothing listens on (for an unreachable service)."""
+def free_port(address="127.0.0.1"):
+    """A TCP port nothing listens on at ``address`` (for an unreachable
+    service, or a server of the test's own)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((address, 0))
         return sock.getsockname()[1]
 
 
 @contextmanager
-def redis_server(folder):
+def redis_server(folder, address="127.0.0.1"):
     """``(url, process)`` of a ``redis-server`` of the caller's own on a free
-    port, ended by its PID on the way out (woken first, if it was frozen)."""
-    port = free_port()
-    arguments = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
-    arguments += ["--save", "", "--appendonly", "no", "--dir", str(folder)]
+    port of ``address``, ended by its PID on the way out (woken first, if it
+    was frozen)."""
+    port = free_port(address)
+    arguments = ["redis-server", "--port", str(port), "--bind", address]
+    arguments += ["--protected-mode", "no", "--save", "", "--appendonly", "no"]
+    arguments += ["--dir", str(folder)]
     process = subprocess.Popen(arguments, stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+    url = f"redis://{address}:{port}/0"
     client = redis.Redis.from_url(url)
 
     def answers():

@@ -17,7 +17,6 @@ machines (``.ci/run`` installs packages), so it can make them.
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -25,7 +24,6 @@ import uuid
 from contextlib import ExitStack, contextmanager, suppress
 
 import pytest
-import redis
 
 from . import conftest
 
@@ -130,39 +128,13 @@ def network(names):
         yield built
 
 
-def free_port(address):
-    """A TCP port nothing listens on at ``address``."""
-    with socket.socket() as sock:
-        sock.bind((address, 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def redis_server(address, folder):
     """The URL of a ``redis-server`` of the caller's own listening on
     ``address`` (the bridge's: every host reaches it), ended by its PID on
     the way out."""
-    port = free_port(address)
-    arguments = ["redis-server", "--port", str(port), "--bind", address]
-    arguments += ["--protected-mode", "no", "--save", "", "--appendonly", "no"]
-    arguments += ["--dir", str(folder)]
-    process = subprocess.Popen(arguments, stdout=subprocess.DEVNULL)
-    url = f"redis://{address}:{port}/0"
-    client = redis.Redis.from_url(url)
-
-    def answers():
-        try:
-            return client.ping()
-        except redis.ConnectionError:
-            return False
-
-    try:
-        conftest.wait_for(answers, timeout=10, message=f"redis-server at {url}")
+    with conftest.redis_server(folder, address) as (url, _process):
         yield url
-    finally:
-        client.close()
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=10)
 
 
 def _pump(source, target):

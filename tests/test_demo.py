@@ -253,7 +253,7 @@ def test_the_web_server_alone_stops_on_sigint_even_if_it_was_ignored(tmp_path):
 
         wait_for(answers, timeout=30, message="the demo's web server")
         web.send_signal(signal.SIGINT)
-        assert web.wait(timeout=10) == 0
+        assert web.wait(timeout=30) == 0
     finally:
         web.kill()  # nothing if it stopped
         web.wait()

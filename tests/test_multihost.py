@@ -17,6 +17,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import pytest
@@ -28,7 +29,7 @@ from sqlalchemy.engine import make_url
 from demo_app.models import Order, create_tables
 from pyramid_tasks.jobs import Job
 
-from . import conftest
+from . import conftest, netns
 from .conftest import _LOGGING_SECTIONS, ROOT, TEST_INI, Worker, tasks_celery, wait_for
 from .netns import IP, Forwarder, network, redis_server
 
@@ -486,10 +487,12 @@ def test_where_namespaces_cannot_be_made_the_tests_skip_or_fail_in_ci(
     first host were made: those are removed again."""
     monkeypatch.setattr(conftest, "IN_CI", in_ci)
     expected = pytest.skip.Exception if outcome == "skip" else pytest.fail.Exception
-    before = subprocess.run([IP, "-o", "link"], capture_output=True, text=True)
+    # A token of this test's own: other tests' hosts may come and go meanwhile.
+    token = uuid.uuid4()
+    monkeypatch.setattr(netns, "uuid", SimpleNamespace(uuid4=lambda: token))
     with pytest.raises(expected, match="network namespaces cannot be made here"):
         network(["fine", "bad/name"]).__enter__()
-    after = subprocess.run([IP, "-o", "link"], capture_output=True, text=True)
+    links = subprocess.run([IP, "-o", "link"], capture_output=True, text=True)
     namespaces = subprocess.run([IP, "netns"], capture_output=True, text=True)
-    assert "-fine" not in namespaces.stdout
-    assert len(after.stdout.splitlines()) == len(before.stdout.splitlines())
+    assert f"pt-{token.hex[:6]}-fine" not in namespaces.stdout
+    assert token.hex[:6] not in links.stdout
