@@ -179,6 +179,8 @@ class _TaskQueues:
     router, which may happen before every task is registered.
     """
 
+    by_name = True  # its answer depends on the task's name alone
+
     def __init__(self):
         self.queues = {}
 
@@ -197,6 +199,13 @@ class _PrefixedRoutes:
     def __init__(self, routes, queue_name):
         self.routers = prepare_routes(routes)
         self.queue_name = queue_name
+
+    @property
+    def by_name(self):
+        """Whether every route depends on the task's name alone."""
+        from .wire import _by_name
+
+        return all(map(_by_name, self.routers))
 
     def __call__(self, name, args, kwargs, options, task=None, **kw):
         for router in self.routers:

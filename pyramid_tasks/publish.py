@@ -19,6 +19,7 @@ from kombu.exceptions import BatchPublishError, OperationalError
 
 from . import confirms, producers
 from .masking import mask_secrets
+from .wire import Wire
 
 __all__ = [
     "EagerTaskFailed",
@@ -59,23 +60,24 @@ def publish(app, sends, durable=False):
     try:
         with producers.acquire(app) as producer:
             connection_errors = producer.connection.connection_errors
+            wire = Wire(app, producer)
             # One task has nothing to share: no pipeline, Celery's own send.
             pipelined = producer.supports_batch_publish and len(sends) > 1
             confirming = producers.confirmed(app) and _Confirming(
-                producer, unsent, uncertain, failed, report, durable, timeout
+                producer, unsent, uncertain, failed, report, durable, timeout, wire
             )
             while unsent:
                 chunk = list(islice(unsent, _BATCH_SIZE))
                 if confirming:
                     confirming.send(chunk)
                     continue
-                if pipelined and _pipeline(producer, chunk, uncertain, durable):
+                if pipelined and _pipeline(producer, chunk, uncertain, durable, wire):
                     for _ in chunk:
                         unsent.popleft()
                     continue
                 for send in chunk:
                     try:
-                        _apply(send, producer, durable)
+                        _apply(send, producer, durable, wire)
                     except Exception as exc:
                         if _timed_out(exc):  # the command may have been written
                             uncertain.add(id(send))
@@ -97,8 +99,9 @@ def publish(app, sends, durable=False):
 _BATCH_SIZE = 1000
 
 
-def _apply(send, producer, durable=False):
-    # Celery's own apply_async: the task's own ran at the call, with tm=.
+def _apply(send, producer, durable=False, wire=None):
+    # The message apply_async would send, built by ``wire`` where it can,
+    # else Celery's own apply_async: the task's own ran at the call, with tm=.
     # Celery merges ``retry_policy`` into task_publish_retry_policy; ours only
     # adds the errback that ends the retries at a timeout.  Durable mode
     # never retries: the relay does, never the committing request.
@@ -114,6 +117,8 @@ def _apply(send, producer, durable=False):
         policy = {**policy, "errback": _NoRetryAfterTimeout(errback)}
     else:
         policy = _default_policy(send.task.app)
+    if wire is not None and wire.publish(send, options, policy):
+        return
     Task.apply_async(
         send.task,
         send.args,
@@ -153,7 +158,7 @@ class _NoRetryAfterTimeout:
             self.errback(exc, interval)
 
 
-def _pipeline(producer, chunk, uncertain, durable=False):
+def _pipeline(producer, chunk, uncertain, durable=False, wire=None):
     """Send ``chunk`` in one pipeline; False if it must go one at a time.
 
     Nothing leaves before the pipeline runs, at the end of the block: an
@@ -168,7 +173,7 @@ def _pipeline(producer, chunk, uncertain, durable=False):
     try:
         with producer.batch(max_size=sys.maxsize):
             for send in chunk:
-                _apply(send, producer, durable)
+                _apply(send, producer, durable, wire)
     except BatchPublishError as exc:
         uncertain.update(id(send) for send in chunk)
         if _timed_out(exc):
@@ -202,8 +207,10 @@ class _Confirming:
     may arrive twice, none is lost.  A broker that is down raises.
     """
 
-    def __init__(self, producer, unsent, uncertain, failed, report, durable, timeout):
-        self.producer = producer
+    def __init__(
+        self, producer, unsent, uncertain, failed, report, durable, timeout, wire
+    ):
+        self.producer, self.wire = producer, wire
         self.unsent, self.uncertain, self.failed = unsent, uncertain, failed
         self.report, self.durable, self.timeout = report, durable, timeout
         self.acked = set()  # id()s of sends
@@ -229,7 +236,7 @@ class _Confirming:
                 with batch:
                     for send in sends:
                         apply = functools.partial(
-                            _apply, send, self.producer, self.durable
+                            _apply, send, self.producer, self.durable, self.wire
                         )
                         batch.publish(send, apply)
             except Exception as exc:
