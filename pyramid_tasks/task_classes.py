@@ -6,11 +6,11 @@ from contextlib import contextmanager
 
 from celery import Task
 from celery.exceptions import Ignore
-from celery.utils import uuid
 from celery.utils.threads import LocalStack
 from transaction.interfaces import AlreadyInTransaction, NoTransaction
 
 from .datamanager import Send, active_transaction, schedule, snapshot
+from .ids import uuid4
 from .options import TITLE_HEADER, job_options, warn_far_eta
 from .publish import publish, raise_eager_errors
 from .request import close_request, make_request
@@ -235,7 +235,7 @@ class PyramidTask(Task):
             )
         capture = getattr(registry, "pyramid_tasks_capture", None)
         if capture is not None:  # pyramid_tasks.testing is included
-            task_id = task_id or uuid()
+            task_id = task_id or uuid4()
             args, kwargs = snapshot(self, args, kwargs, options)
             capture.record(self, args, kwargs, options, task_id)
             return self.AsyncResult(task_id)
@@ -261,7 +261,7 @@ class PyramidTask(Task):
         args, kwargs = snapshot(self, args, kwargs, options)
         options.pop("producer", None)
         options.pop("connection", None)
-        send = Send(self, args, kwargs, options, task_id or uuid(), None)
+        send = Send(self, args, kwargs, options, task_id or uuid4(), None)
         send.title, send.unique_key = title, unique_key
         send.json = jobs.check(send)
         existing = jobs.claim(send)
@@ -300,7 +300,7 @@ class ScheduleOnCommitTask(PyramidTask):
         title, unique_key = job_options(self, jobs, options)
         if self.typing:  # what Celery's apply_async checks, now, not after commit
             self.__header__(*(args or ()), **(kwargs or {}))
-        task_id = task_id or uuid()
+        task_id = task_id or uuid4()
         args, kwargs = snapshot(self, args, kwargs, options)
         # The options are final now: publish() gives them to Celery as they
         # are, with a producer of its own (a canvas passes the one it holds

@@ -17,6 +17,7 @@ RabbitMQ's quorum queues (Celery reroutes it) and options it does not know.
 """
 
 import numbers
+import os
 from json.encoder import encode_basestring_ascii
 
 from celery import Task, signals
@@ -86,22 +87,17 @@ def _by_name(router):
     return isinstance(router, MapRoute) or getattr(router, "by_name", False)
 
 
-class Wire:
-    """What the messages of one batch share: made once, on the thread that
-    publishes it.  :meth:`publish` sends one message, or returns False for
-    Celery's ``apply_async`` to send it."""
+class _Defaults:
+    """What the messages of an app share in a process: its configuration as
+    Celery reads it when it first sends (``amqp.send_task_message`` keeps the
+    defaults it was made with), and this process's ``origin``."""
 
-    def __init__(self, app, producer):
+    def __init__(self, app):
         conf = app.conf
         amqp = app.amqp
-        self.app = app
-        self.producer = producer
-        self.usable = (
-            conf.task_protocol == 2
-            and not conf.task_send_sent_event
-            and not signals.task_sent.receivers
-        )
+        self.usable = conf.task_protocol == 2
         self.router = amqp.router
+        self.by_name = all(map(_by_name, self.router.routes))
         self.queues = amqp.queues
         self.default_queue = amqp.default_queue
         self.default_exchange = amqp.default_exchange
@@ -115,8 +111,35 @@ class Wire:
         self.repr_levels = conf.task_repr_maxlevels
         self.argsrepr_size = amqp.argsrepr_maxsize
         self.kwargsrepr_size = amqp.kwargsrepr_maxsize
-        self.reply_to = app.thread_oid
         self.origin = anon_nodename()
+
+
+def _defaults(app):
+    """The app's :class:`_Defaults` in this process (a fork has its own
+    ``origin``)."""
+    pid, defaults = getattr(app, "pyramid_wire_defaults", (None, None))
+    if pid != os.getpid():
+        defaults = _Defaults(app)
+        app.pyramid_wire_defaults = (os.getpid(), defaults)
+    return defaults
+
+
+class Wire:
+    """What the messages of one batch share: made once, on the thread that
+    publishes it.  :meth:`publish` sends one message, or returns False for
+    Celery's ``apply_async`` to send it."""
+
+    def __init__(self, app, producer):
+        self.app = app
+        self.producer = producer
+        defaults = _defaults(app)
+        self.__dict__.update(vars(defaults))
+        self.usable = (
+            defaults.usable
+            and not app.conf.task_send_sent_event
+            and not signals.task_sent.receivers
+        )
+        self.reply_to = app.thread_oid
         self.parent = app.current_worker_task
         backend = app.backend
         self.on_task_call = (
@@ -127,10 +150,8 @@ class Wire:
         self.before = signals.before_task_publish
         self.after = signals.after_task_publish
         self._quorum = None
-        self._by_name = None  # whether routes depend on the task name alone
         self._routes = {}  # task name -> its route
         self._tasks = {}  # task -> its execution options, or None
-        self._declared = set()  # queues declared by this batch
         self._policies = {}  # id(policy) -> (policy, merged)
         self._seen = {}  # shape -> its first message, captured
         self._templates = {}  # shape -> _Template
@@ -432,9 +453,7 @@ class Wire:
             and producer.exchange not in declare
         ):
             declare.append(producer.exchange)
-        batched = getattr(producer._batch_local, "current", None) is not None
-        if batched:
-            declare = self._undeclared(declare)
+        declare = self._undeclared(declare)
         if not declare and self._pipelined(
             (embed if serializer == "json" and not compression else None),
             body,
@@ -523,19 +542,30 @@ class Wire:
         state = getattr(self.producer._batch_local, "current", None)
         if state is None:
             return None
+        channel = self.producer._channel
+        if getattr(channel, "connection", None) is None:
+            return None  # kombu opens (or revives) it, under the retry policy
         if state is not self._batch:  # a batch of its own, a session of its own
-            session = state._get_session(self.producer.channel)
+            session = state._get_session(channel)
             self._batch = state
             self._batch_session = session if isinstance(session, PublishBatch) else None
         return self._batch_session
 
     def _undeclared(self, entities):
-        """Those of ``entities`` this batch has not declared yet; kombu's
-        ``maybe_declare`` remembers them per connection, at the cost of a
-        bound copy of each on every call."""
-        left = [entity for entity in entities if id(entity) not in self._declared]
-        self._declared.update(map(id, left))
-        return left
+        """Those of ``entities`` kombu's ``maybe_declare`` would declare: not
+        yet declared on this connection (kombu remembers them, but binds a
+        copy of each to find out, on every call)."""
+        # Not opened yet (kombu opens it under the retry policy), or closed
+        # (kombu revives it): kombu declares.
+        connection = getattr(self.producer._channel, "connection", None)
+        if connection is None:
+            return entities
+        declared = connection.client.declared_entities
+        return [
+            entity
+            for entity in entities
+            if not (entity.can_cache_declaration and hash(entity) in declared)
+        ]
 
     def _task(self, task):
         try:
@@ -580,9 +610,7 @@ class Wire:
         return options
 
     def _routes_by_name(self):
-        if self._by_name is None:
-            self._by_name = all(map(_by_name, self.router.routes))
-        return self._by_name
+        return self.by_name
 
     def _lookup(self, name, args, kwargs, options, task):
         if not self._routes_by_name():
