@@ -4,11 +4,11 @@ Each case sends the same calls twice on real Redis: once through Celery's own
 ``apply_async`` (no ``tm``: sent at once), once on a commit (built by
 ``pyramid_tasks.wire``, four of each call: the first goes through kombu's
 publish, which declares the queue, the next two are built in full into the
-pipeline, the fourth comes from the shape's template).  The raw messages are read back from the broker and
-compared field by field: headers, properties, the decoded body, the Redis key
-(priority).  Ids and delivery tags differ by nature and are compared by
-position (the same id in the same places); times derived from the clock are
-compared to within seconds.
+pipeline, the fourth comes from the shape's template). The raw messages are
+read back from the broker and compared field by field: headers, properties, the
+decoded body, the Redis key (priority). Ids and delivery tags differ by nature
+and are compared by position (the same id in the same places); times derived
+from the clock are compared to within seconds.
 """
 
 import base64
@@ -232,5 +232,5 @@ def test_publish_signals_fire_for_each_message_with_what_is_sent(
         for n, task_id in enumerate(ids)
         for when in ("before", "after")
     ]
-    sent = [json.loads(raw)["headers"]["id"] for _, raw in take_messages(redis_client, queues)]
-    assert sent == ids
+    sent = take_messages(redis_client, queues)
+    assert [json.loads(raw)["headers"]["id"] for _, raw in sent] == ids
