@@ -40,7 +40,7 @@ from kombu.utils.json import JSONEncoder, dumps
 
 from .ids import uuid4
 
-__all__ = ["Wire"]
+__all__ = ["Wire", "routes_by_name"]
 
 # The apply_async options built here; a send with another goes to Celery.
 _OPTIONS = frozenset(
@@ -122,6 +122,11 @@ def _defaults(app):
         defaults = _Defaults(app)
         app.pyramid_wire_defaults = (os.getpid(), defaults)
     return defaults
+
+
+def routes_by_name(app):
+    """Whether every route of ``app`` depends on the task's name alone."""
+    return _defaults(app).by_name
 
 
 class Wire:

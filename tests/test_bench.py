@@ -1,12 +1,15 @@
-"""The durable-mode benchmark (``python -m bench --only jobs``) runs, with tiny
-counts: its scenarios measure what they say, on real workers, PostgreSQL and
-Redis.  The figures themselves are the benchmark's business, not the suite's."""
+"""The durable-mode benchmark (``python -m bench --only jobs``) and P10 run,
+with tiny counts: their scenarios measure what they say, on real workers,
+PostgreSQL and Redis.  The figures themselves are the benchmark's business,
+not the suite's."""
 
 import uuid
 
+import redis
 import sqlalchemy
+import transaction
 
-from bench import dashboard, jobs
+from bench import dashboard, dispatch, jobs
 from bench.worker import Bench
 from pyramid_tasks.jobs import Job
 
@@ -34,6 +37,22 @@ def test_the_durable_scenarios_run_with_tiny_counts(redis_url, database_url):
     # The durable worker ran and marked every job it drained: a warm-up of 5,
     # then two rounds of 5 (P9 checks its own rows: all queued).
     assert drained == 5 + 2 * 5
+
+
+def test_p10_runs_with_tiny_counts(redis_url):
+    """P10 checks its own count at the broker each round (it raises
+    otherwise)."""
+    client = redis.Redis.from_url(redis_url)
+    task = dispatch.our_task(f"bench_{uuid.uuid4().hex[:10]}")
+    tm = transaction.TransactionManager(explicit=True)
+    try:
+        scenario = dispatch.bulk(client, task, tm, rounds=2, count=30)
+    finally:
+        task.app.close()
+    print(scenario.name, scenario.note)
+    assert (len(scenario.baseline), len(scenario.ours)) == (2, 2)
+    assert all(value > 0 for value in scenario.baseline + scenario.ours)
+    assert scenario.note.startswith("on commit ")
 
 
 def test_the_dashboard_bench_runs_with_tiny_counts(database_url, tmp_path):

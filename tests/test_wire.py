@@ -21,6 +21,7 @@ import pytest
 import transaction
 from celery import chain, group
 from celery.signals import after_task_publish, before_task_publish
+from kombu.compression import decompress
 from pyramid.config import Configurator
 
 from pyramid_tasks import ScheduleOnCommitTask
@@ -85,8 +86,11 @@ def normalized(key, raw):
     ``(comparable, times)``."""
     message = json.loads(raw)
     assert message["properties"]["body_encoding"] == "base64"
-    message["body"] = json.loads(base64.b64decode(message["body"]))
     headers, properties = message["headers"], message["properties"]
+    body = base64.b64decode(message["body"])
+    if "compression" in headers:
+        body = decompress(body, headers["compression"])
+    message["body"] = json.loads(body)
     times = {}
     for name in ("eta", "expires"):
         if headers.get(name):
@@ -163,6 +167,9 @@ CASES = {
         ignore_result=True,
         **tm,
     ),
+    "compression": lambda app, queues, **tm: app.tasks["t.add"].apply_async(
+        (1, "x" * 100), compression="zlib", **tm
+    ),
     "chain": lambda app, queues, **tm: chain(
         app.tasks["t.add"].s(1), app.tasks["t.other"].s(2)
     ).apply_async(**tm),
@@ -234,3 +241,45 @@ def test_publish_signals_fire_for_each_message_with_what_is_sent(
     ]
     sent = take_messages(redis_client, queues)
     assert [json.loads(raw)["headers"]["id"] for _, raw in sent] == ids
+
+
+def route_by_argument(name, args, kwargs, options, task=None, **kw):
+    """A router function that reads the arguments: no two messages of it
+    share a route by name."""
+    if name == "t.add":
+        return {"queue": "odd" if args[0] % 2 else "even"}
+    return None
+
+
+def test_a_router_reading_the_arguments_and_the_queue_prefix_route_as_celery(
+    redis_url, redis_client, queue
+):
+    """``tasks.queue_prefix`` over a router function that reads the
+    arguments: each message goes where Celery's own sends it, unchanged."""
+    config = Configurator(
+        settings={
+            "celery.broker_url": redis_url,
+            "celery.task_default_queue": "default",
+            "celery.task_routes": "tests.test_wire.route_by_argument",
+            "tasks.queue_prefix": queue,
+        }
+    )
+    config.include("pyramid_tasks")
+    config.add_task(add, bind=True, base=ScheduleOnCommitTask, name="t.add")
+    config.commit()
+    app = config.registry.celery_app
+    queues = [f"{queue}.{name}" for name in ("odd", "even", "default")]
+    try:
+        for n in range(8):
+            app.tasks["t.add"].apply_async((n,))
+        celery_sent = take_messages(redis_client, queues)
+        tm = transaction.TransactionManager(explicit=True)
+        with tm:
+            for n in range(8):
+                app.tasks["t.add"].apply_async((n,), tm=tm)
+        ours = take_messages(redis_client, queues)
+        assert [key for key, _ in ours].count(f"{queue}.odd") == 4
+        assert_same(celery_sent, ours)
+    finally:
+        redis_client.delete(*[q + suffix for q in queues for suffix in _PRIORITY_KEYS])
+        app.close()

@@ -101,11 +101,44 @@ def stored(row):
     JSON serializer holds (datetimes, UUIDs, decimals with kombu's type
     markers).  Raises ``TypeError`` for what JSON cannot hold."""
     return {
-        key: json.loads(kombu_json.dumps(value))
-        if key in _JSON_COLUMNS and value is not None
-        else value
+        key: _as_json(value) if key in _JSON_COLUMNS and value is not None else value
         for key, value in row.items()
     }
+
+
+def _as_json(value):
+    """``value`` after kombu's JSON and back: a copy where that is all it
+    would do (plain text, numbers, lists and dicts of them: most task
+    arguments), else the round trip itself."""
+    copy = _plain_copy(value)
+    if copy is _NOT_PLAIN:
+        return json.loads(kombu_json.dumps(value))
+    return copy
+
+
+_NOT_PLAIN = object()
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _plain_copy(value, depth=0):
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if depth > 20:  # JSON's own recursion limit is far; deep is rare
+        return _NOT_PLAIN
+    if kind is list or kind is tuple:
+        copy = [_plain_copy(item, depth + 1) for item in value]
+        return _NOT_PLAIN if any(item is _NOT_PLAIN for item in copy) else copy
+    if kind is dict:
+        copy = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                return _NOT_PLAIN
+            item = copy[key] = _plain_copy(item, depth + 1)
+            if item is _NOT_PLAIN:
+                return _NOT_PLAIN
+        return copy
+    return _NOT_PLAIN
 
 
 def loaded(row):

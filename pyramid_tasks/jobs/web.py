@@ -26,6 +26,7 @@ from zope.sqlalchemy.datamanager import SessionDataManager
 
 from ..publish import publish
 from ..request import close_request, make_request
+from ..wire import routes_by_name
 from . import log as joblog
 from .events import JobCreated
 from .model import PENDING, QUEUED, SCHEDULED, Job, stored, utcnow
@@ -148,16 +149,18 @@ class JobRecorder:
         json=None,
         title=None,
         unique_key=None,
+        batch=None,
     ):
         """The row of a task about to be sent, as the table keeps it (``json``:
-        its JSON columns, when :meth:`check` made them already)."""
+        its JSON columns, when :meth:`check` made them already; ``batch``: a
+        dict the rows of one commit share, for what they have in common)."""
         now = now or utcnow()
         return {
             "id": task_id,
             "name": task.name,
             "title": title,
             "unique_key": unique_key,
-            "queue": _queue(task, args, kwargs, options),
+            "queue": _queue(task, args, kwargs, options, batch),
             # The task's own priority (@task(priority=...)) when not given.
             "priority": options.get("priority", task.priority),
             **(json or _encoded(args, kwargs, options)),
@@ -166,7 +169,7 @@ class JobRecorder:
             "publish_attempts": 0,
             "created_at": now,
             "eta": _eta(options, now),
-            "parent_id": _parent_id(),
+            "parent_id": _parent_id() if batch is None else batch["parent_id"],
         }
 
     # -- at the commit -------------------------------------------------------
@@ -180,7 +183,8 @@ class JobRecorder:
         """
         now = utcnow()
         pending = [s for s in sends if not s.written]
-        rows = [self._send_row(s, now) for s in pending]
+        batch = {"parent_id": _parent_id(), "routes": {}}
+        rows = [self._send_row(s, now, batch) for s in pending]
         joblog.keep_rows(pending, rows)
         if not rows:  # each written at its call (unique_key=)
             return None
@@ -198,7 +202,7 @@ class JobRecorder:
             raise
         return own
 
-    def _send_row(self, send, now=None):
+    def _send_row(self, send, now=None, batch=None):
         return self.row(
             send.task,
             send.task_id,
@@ -209,6 +213,7 @@ class JobRecorder:
             json=send.json,
             title=send.title,
             unique_key=send.unique_key,
+            batch=batch,
         )
 
     def _joined_session(self, txn):
@@ -445,17 +450,23 @@ def _stored_options(options):
     return stored
 
 
-def _queue(task, args, kwargs, options):
+def _queue(task, args, kwargs, options, batch=None):
     queue = options.get("queue")
     if isinstance(queue, str):
         return queue
     if queue is not None:
         return getattr(queue, "name", str(queue))
+    routes = None if batch is None else batch["routes"]
+    if routes is not None and task.name in routes:
+        return routes[task.name]
     try:
         route = task.app.amqp.router.route(options, task.name, args, kwargs)
-        return route["queue"].name
+        name = route["queue"].name
     except Exception:  # a router that fails fails again at the publish
         return None
+    if routes is not None and routes_by_name(task.app):
+        routes[task.name] = name
+    return name
 
 
 def _eta(options, now=None):
