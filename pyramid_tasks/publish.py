@@ -15,6 +15,7 @@ from collections import deque
 from itertools import islice
 
 from celery import Task
+from celery.exceptions import CeleryError
 from kombu.exceptions import BatchPublishError, OperationalError
 
 from . import confirms, producers
@@ -286,10 +287,15 @@ def _broker_down(exc, connection_errors):
     """Whether ``exc`` is the broker connection failing, not this message.
 
     kombu re-raises both connection and channel errors (a Redis WRONGTYPE on
-    one queue) as ``OperationalError``; its cause tells them apart.
+    one queue) as ``OperationalError``; its cause tells them apart.  Redis
+    counts any ``KeyError`` among its connection errors, Celery's
+    ``QueueNotFound`` (one message's unknown queue) too: Celery's errors are
+    the message's.
     """
     if isinstance(exc, OperationalError) and exc.__cause__ is not None:
         exc = exc.__cause__
+    if isinstance(exc, CeleryError):
+        return False
     return isinstance(exc, (OperationalError, *connection_errors))
 
 

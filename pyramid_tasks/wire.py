@@ -12,8 +12,9 @@ The messages are those ``apply_async`` sends, field for field
 (``tests/test_wire.py`` compares them on the broker).  What is not built here
 goes through Celery's ``apply_async``: chains and chords, stamping, task-sent
 events, the deprecated ``task_sent`` signal, pydantic arguments, a custom
-``shadow_name``, an ``expires`` already past (Celery warns), a countdown on
-RabbitMQ's quorum queues (Celery reroutes it) and options it does not know.
+``shadow_name``, an ``expires`` already past (Celery warns), a countdown or
+eta off Redis (Celery reroutes it on RabbitMQ's quorum queues), an exchange or
+routing key of the message's own, and options it does not know.
 """
 
 import numbers
@@ -26,7 +27,6 @@ from celery.backends.base import Backend
 from celery.utils.collections import lpmerge
 from celery.utils.functional import maybe_list
 from celery.utils.nodenames import anon_nodename
-from celery.utils.quorum_queues import detect_quorum_queues
 from celery.utils.saferepr import saferepr
 from celery.utils.time import (
     add_seconds_to_datetime,
@@ -34,7 +34,7 @@ from celery.utils.time import (
     subtract_datetimes,
 )
 from dateutil.parser import isoparse
-from kombu.common import Broadcast
+from kombu import Queue
 from kombu.transport.redis import PublishBatch
 from kombu.utils.json import JSONEncoder, dumps
 
@@ -42,7 +42,8 @@ from .ids import uuid4
 
 __all__ = ["Wire", "routes_by_name"]
 
-# The apply_async options built here; a send with another goes to Celery.
+# The apply_async options built here; a send with another goes to Celery (an
+# exchange or routing key of its own among them: only a queue's is built).
 _OPTIONS = frozenset(
     {
         "add_to_parent",
@@ -50,8 +51,6 @@ _OPTIONS = frozenset(
         "countdown",
         "delivery_mode",
         "eta",
-        "exchange",
-        "exchange_type",
         "expires",
         "group_id",
         "group_index",
@@ -65,13 +64,15 @@ _OPTIONS = frozenset(
         "retry",
         "retry_policy",
         "root_id",
-        "routing_key",
         "serializer",
         "shadow",
         "soft_time_limit",
         "time_limit",
     }
 )
+
+# What a message's options may hold once routed, for this module to build it.
+_ROUTED = _OPTIONS | {"exchange", "routing_key", "immediate", "mandatory"}
 
 # kombu's JSON serializer (kombu.utils.json.dumps), its encoder made once.
 _JSON = JSONEncoder()
@@ -100,8 +101,6 @@ class _Defaults:
         self.by_name = all(map(_by_name, self.router.routes))
         self.queues = amqp.queues
         self.default_queue = amqp.default_queue
-        self.default_exchange = amqp.default_exchange
-        self.default_routing_key = conf.task_default_routing_key
         self.default_serializer = conf.task_serializer
         self.default_compression = conf.task_compression
         self.default_delivery_mode = conf.task_default_delivery_mode
@@ -143,7 +142,10 @@ class Wire:
             defaults.usable
             and not app.conf.task_send_sent_event
             and not signals.task_sent.receivers
+            # kombu declares a producer's own exchange at each publish.
+            and not (producer.auto_declare and producer.exchange.name)
         )
+        self.on_redis = producer.connection.transport.driver_type == "redis"
         self.reply_to = app.thread_oid
         self.parent = app.current_worker_task
         backend = app.backend
@@ -154,7 +156,6 @@ class Wire:
         )
         self.before = signals.before_task_publish
         self.after = signals.after_task_publish
-        self._quorum = None
         self._routes = {}  # task name -> its route
         self._tasks = {}  # task -> its execution options, or None
         self._policies = {}  # id(policy) -> (policy, merged)
@@ -175,11 +176,10 @@ class Wire:
             return False
         shape = self._shape(task, options, policy)
         template = self._templates.get(shape)
-        if template is not None:
-            session = self._session()
-            if session is not None:
-                template.put(self, session, send)
-                return True
+        session = template and self._session()  # a template pipelines only
+        if session:
+            template.put(self, session, send)
+            return True
         opts = {**exec_options, **options, "retry_policy": policy}
         opts.setdefault("ignore_result", task.ignore_result)
         now = None
@@ -188,20 +188,21 @@ class Wire:
         eta = opts.pop("eta", None)
         if countdown or eta or expires is not None:
             shape = None  # its eta or expiry is of its own
-            if (countdown or eta) and self._quorum_queues():
-                return False
+            if (countdown or eta) and not self.on_redis:
+                return False  # Celery's own: RabbitMQ's quorum queues delay it
+        expiration = None  # seconds left, the message's own property
         if expires is not None:
             if isinstance(expires, numbers.Real):
-                expires_s = expires
+                expiration = expires
             else:
                 now = self.app.now()
-                if isinstance(expires, str):
-                    expires = isoparse(expires)
-                expires_s = subtract_datetimes(expires, now).total_seconds()
-            if expires_s < 0:
+                at = isoparse(expires) if isinstance(expires, str) else expires
+                expiration = subtract_datetimes(at, now).total_seconds()
+            if expiration < 0:
                 return False  # Celery warns, and sends it at once expired
         self._captured = None
-        if not self._publish(send, task, opts, countdown, eta, expires, now):
+        sent = self._publish(send, task, opts, countdown, eta, expires, expiration, now)
+        if not sent:
             return False
         if shape is not None and self._captured is not None:
             self._learn(shape, send)
@@ -214,7 +215,7 @@ class Wire:
         change each message, routes that read the arguments)."""
         if self.before.receivers or self.after.receivers:
             return None
-        if self.router.routes and not self._routes_by_name():
+        if not self.by_name:
             return None
         try:
             shape = (task, tuple(options.items()), id(policy))
@@ -232,7 +233,7 @@ class Wire:
             task_id, captured = seen
             self._templates[shape] = _Template(task_id, *captured, self._calls)
 
-    def _publish(self, send, task, opts, countdown, eta, expires, now):
+    def _publish(self, send, task, opts, countdown, eta, expires, expiration, now):
         # Celery's send_task, as_task_v2, send_task_message and
         # Producer.publish, in their order, for the options of _OPTIONS.
         name = task.name
@@ -252,18 +253,12 @@ class Wire:
         opts = self._route(opts, name, args, kwargs, task)
         if opts is None:
             return False
-        if expires is not None:
-            opts["expiration"] = (
-                expires
-                if isinstance(expires, numbers.Real)
-                else subtract_datetimes(expires, self.app.now()).total_seconds()
-            )
+        if expiration is not None:
+            opts["expiration"] = expiration
         parent = self.parent
         if parent and (not root_id or not parent_id):
-            if not root_id:
-                root_id = parent.request.root_id or parent.request.id
-            if not parent_id:
-                parent_id = parent.request.id
+            root_id = root_id or parent.request.root_id or parent.request.id
+            parent_id = parent_id or parent.request.id
             if self.inherit_priority:
                 priority = parent.request.delivery_info.get("priority")
                 opts.setdefault("priority", priority)
@@ -335,48 +330,23 @@ class Wire:
             parent.add_trail(result)
 
     def _send(self, name, headers, properties, body, opts):
-        # Celery's send_task_message, then kombu's Producer.publish.
+        # Celery's send_task_message, then kombu's Producer.publish: to a
+        # queue on a direct exchange (_route), so by the anonymous exchange.
         extra = opts.pop("headers", None)
         if extra:
             headers.update(extra)
-        exchange = opts.pop("exchange", None)
-        routing_key = opts.pop("routing_key", None)
-        queue = opts.pop("queue", None)
+        queue = opts.pop("queue")
         retry = opts.pop("retry", None)
         policy = opts.pop("retry_policy", None)
         serializer = opts.pop("serializer", None)
         delivery_mode = opts.pop("delivery_mode", None)
         compression = opts.pop("compression", None)
-        declare = opts.pop("declare", None)
-        exchange_type = opts.pop("exchange_type", None)
-        timeout = opts.pop("timeout", None)
-        confirm_timeout = opts.pop("confirm_timeout", None)
-        opts.pop("event_dispatcher", None)
+        for name_of_nothing in ("exchange", "routing_key"):
+            opts.pop(name_of_nothing, None)  # None: _route made sure
         properties.update(opts)
-        qname = queue
-        if queue is None and exchange is None:
-            queue = self.default_queue
-        if queue is not None:
-            if isinstance(queue, str):
-                qname, queue = queue, self.queues[queue]
-            else:
-                qname = queue.name
         if delivery_mode is None:
-            exchange_of_queue = getattr(queue, "exchange", None)
-            delivery_mode = getattr(exchange_of_queue, "delivery_mode", None)
-            delivery_mode = delivery_mode or self.default_delivery_mode
-        if exchange_type is None:
-            try:
-                exchange_type = queue.exchange.type
-            except AttributeError:
-                exchange_type = "direct"
-        if (not exchange or not routing_key) and exchange_type == "direct":
-            exchange, routing_key = "", qname
-        elif exchange is None:
-            exchange = queue.exchange.name or self.default_exchange
-            routing_key = routing_key or queue.routing_key or self.default_routing_key
-        if declare is None and queue and not isinstance(queue, Broadcast):
-            declare = [queue]
+            delivery_mode = queue.exchange.delivery_mode or self.default_delivery_mode
+        exchange, routing_key, declare = "", queue.name, [queue]
         retry = self.default_retry if retry is None else retry
         policy = self._policy(policy)
         if self.before.receivers:
@@ -401,8 +371,6 @@ class Wire:
             delivery_mode,
             declare,
             headers,
-            timeout,
-            confirm_timeout,
             properties,
         )
         if self.after.receivers:
@@ -426,8 +394,6 @@ class Wire:
         delivery_mode,
         declare,
         headers,
-        timeout,
-        confirm_timeout,
         properties,
     ):
         # kombu's Producer.publish, with each queue declared once a batch.
@@ -439,8 +405,6 @@ class Wire:
         content_type = properties.pop("content_type", None)
         content_encoding = properties.pop("content_encoding", None)
         expiration = properties.pop("expiration", None)
-        if routing_key is None:
-            routing_key = producer.routing_key
         if compression is None:
             compression = producer.compression
         exchange_name, properties["delivery_mode"] = producer._delivery_details(
@@ -451,13 +415,6 @@ class Wire:
         body, content_type, content_encoding = producer._prepare(
             body, serializer, content_type, content_encoding, compression, headers
         )
-        declare = [] if declare is None else declare
-        if (
-            producer.auto_declare
-            and producer.exchange.name
-            and producer.exchange not in declare
-        ):
-            declare.append(producer.exchange)
         declare = self._undeclared(declare)
         if not declare and self._pipelined(
             (embed if serializer == "json" and not compression else None),
@@ -468,7 +425,6 @@ class Wire:
             headers,
             properties,
             routing_key,
-            exchange_name,
         ):
             return
         publish = producer._publish
@@ -488,8 +444,8 @@ class Wire:
             immediate,
             exchange_name,
             declare,
-            timeout,
-            confirm_timeout,
+            None,  # timeout
+            None,  # confirm_timeout
             retry,
             policy,
         )
@@ -504,20 +460,16 @@ class Wire:
         headers,
         properties,
         routing_key,
-        exchange,
     ):
         """Put the message in the Redis pipeline of kombu's publish batch, as
-        kombu's Redis channel would; False where kombu must (no batch, another
-        transport, an exchange to look up, a queue with ``x-expires``).
+        kombu's Redis channel would for the anonymous exchange; False where
+        kombu must (no batch, another transport, a queue with ``x-expires``).
         ``embed`` is the body's third part where the body is kombu's JSON
         of it, uncompressed: the message may be a template's model."""
         session = self._session()
-        if session is None or exchange:
-            return False
+        if session is None or routing_key in (session.channel._expires or ()):
+            return False  # a queue with x-expires: kombu refreshes its expiry
         channel = session.channel
-        expires = channel._expires
-        if expires and routing_key in expires:
-            return False
         # Channel.prepare_message, then basic_publish's augmentation.
         properties.setdefault("delivery_info", {})
         properties.setdefault("priority", priority or channel.default_priority)
@@ -543,13 +495,13 @@ class Wire:
         return True
 
     def _session(self):
-        """kombu's Redis publish batch the producer is in, or None."""
+        """kombu's Redis publish batch the producer is in, or None (no batch,
+        or its channel not open: kombu opens or revives it, under the retry
+        policy)."""
         state = getattr(self.producer._batch_local, "current", None)
-        if state is None:
-            return None
         channel = self.producer._channel
-        if getattr(channel, "connection", None) is None:
-            return None  # kombu opens (or revives) it, under the retry policy
+        if state is None or getattr(channel, "connection", None) is None:
+            return None
         if state is not self._batch:  # a batch of its own, a session of its own
             session = state._get_session(channel)
             self._batch = state
@@ -593,8 +545,9 @@ class Wire:
         return options
 
     def _route(self, options, name, args, kwargs, task):
-        # Celery's Router.route; the routes' answer kept per task name when
-        # every router answers by the name alone.
+        """Celery's ``Router.route`` (the routes' answer kept per task name
+        when every router answers by the name alone); None, for Celery to
+        send it, unless the message goes to a queue on a direct exchange."""
         router = self.router
         queue = options.pop("queue", None)
         if queue:
@@ -604,21 +557,25 @@ class Wire:
                 except KeyError:
                     return None  # Celery's QueueNotFound, from Celery
             options["queue"] = queue
-        if router.routes:
-            route = self._lookup(name, args, kwargs, options, task)
-            if route:
-                if isinstance(route, dict):
-                    route = dict(route)  # expand_destination pops its queue
-                return lpmerge(router.expand_destination(route), options)
-        if "queue" not in options:
-            return lpmerge({"queue": self.default_queue}, options)
-        return options
-
-    def _routes_by_name(self):
-        return self.by_name
+        route = self._lookup(name, args, kwargs, options, task)
+        if route:
+            if isinstance(route, dict):
+                route = dict(route)  # expand_destination pops its queue
+            options = lpmerge(router.expand_destination(route), options)
+        elif "queue" not in options:
+            options = lpmerge({"queue": self.default_queue}, options)
+        queue = options.get("queue")
+        direct = (
+            isinstance(queue, Queue)
+            and queue.exchange.type == "direct"
+            and options.get("exchange") is None
+            and options.get("routing_key") is None
+            and options.keys() <= _ROUTED
+        )
+        return options if direct else None
 
     def _lookup(self, name, args, kwargs, options, task):
-        if not self._routes_by_name():
+        if not self.by_name:
             return self.router.lookup_route(name, args, kwargs, options, task)
         try:
             return self._routes[name]
@@ -639,12 +596,6 @@ class Wire:
             )
             self._policies[key] = (policy, merged)  # holds policy: id stays its
             return merged
-
-    def _quorum_queues(self):
-        if self._quorum is None:
-            driver = self.producer.connection.transport.driver_type
-            self._quorum = bool(detect_quorum_queues(self.app, driver)[0])
-        return self._quorum
 
     def _repr(self, value, size):
         """Celery's ``saferepr`` of ``value``: ``repr`` for flat arguments of

@@ -13,6 +13,7 @@ from the clock are compared to within seconds.
 
 import base64
 import json
+import logging
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -21,7 +22,9 @@ import pytest
 import transaction
 from celery import chain, group
 from celery.signals import after_task_publish, before_task_publish
+from kombu import Connection
 from kombu.compression import decompress
+from kombu.utils.encoding import str_to_bytes
 from pyramid.config import Configurator
 
 from pyramid_tasks import ScheduleOnCommitTask
@@ -32,11 +35,16 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 
 
 def add(self, *args, **kwargs):
-    return args
+    """A task whose messages are looked at; no worker runs it here."""
 
 
 def other(self, *args, **kwargs):
-    return args
+    """The same, under another name (links, chains)."""
+
+
+def shadow(task, args, kwargs, options):
+    """A ``shadow_name``: the name workers log for the message."""
+    return f"shadowed.{len(args)}"
 
 
 @pytest.fixture
@@ -61,6 +69,9 @@ def app(redis_url, redis_client, queues):
     config.include("pyramid_tasks")
     for name, func in (("t.add", add), ("t.other", other), ("t.routed", add)):
         config.add_task(func, bind=True, base=ScheduleOnCommitTask, name=name)
+    config.add_task(
+        add, bind=True, base=ScheduleOnCommitTask, name="t.shadowed", shadow_name=shadow
+    )
     config.commit()
     app = config.registry.celery_app
     yield app
@@ -130,6 +141,15 @@ CASES = {
     "long and unicode args": lambda app, queues, **tm: app.tasks["t.add"].apply_async(
         ("x" * 3000, "tab\there", "ü", 10**40), **tm
     ),
+    "many plain args": lambda app, queues, **tm: app.tasks["t.add"].apply_async(
+        tuple(range(300)), **tm
+    ),
+    "a shadow name": lambda app, queues, **tm: app.tasks["t.shadowed"].apply_async(
+        (1, 2), **tm
+    ),
+    "delivery_mode": lambda app, queues, **tm: app.tasks["t.add"].apply_async(
+        (1,), delivery_mode=1, **tm
+    ),
     "countdown": lambda app, queues, **tm: app.tasks["t.add"].apply_async(
         (1,), countdown=30, **tm
     ),
@@ -141,6 +161,15 @@ CASES = {
     ),
     "expires at": lambda app, queues, **tm: app.tasks["t.add"].apply_async(
         (1,), expires=in_five_minutes(), **tm
+    ),
+    "expires as ISO text": lambda app, queues, **tm: app.tasks["t.add"].apply_async(
+        (1,), expires=in_five_minutes().isoformat()[:19] + "Z", **tm
+    ),
+    "expires already past": lambda app, queues, **tm: app.tasks["t.add"].apply_async(
+        (1,), expires=datetime.now(UTC) - timedelta(minutes=1), **tm
+    ),
+    "eta as ISO text": lambda app, queues, **tm: app.tasks["t.add"].apply_async(
+        (1,), eta=in_five_minutes().isoformat(), **tm
     ),
     "priority": lambda app, queues, **tm: app.tasks["t.add"].apply_async(
         (1,), priority=5, **tm
@@ -246,9 +275,8 @@ def test_publish_signals_fire_for_each_message_with_what_is_sent(
 def route_by_argument(name, args, kwargs, options, task=None, **kw):
     """A router function that reads the arguments: no two messages of it
     share a route by name."""
-    if name == "t.add":
-        return {"queue": "odd" if args[0] % 2 else "even"}
-    return None
+    assert name == "t.add"
+    return "odd" if args[0] % 2 else {"queue": "even"}  # both forms
 
 
 def test_a_router_reading_the_arguments_and_the_queue_prefix_route_as_celery(
@@ -282,4 +310,134 @@ def test_a_router_reading_the_arguments_and_the_queue_prefix_route_as_celery(
         assert_same(celery_sent, ours)
     finally:
         redis_client.delete(*[q + suffix for q in queues for suffix in _PRIORITY_KEYS])
+        app.close()
+
+
+def parent(self, child_count):
+    """Sends ``child_count`` children through Celery's apply_async, then as
+    many on a commit: from a running task, both carry its ids."""
+    child = self.app.tasks["t.add"]
+    for _ in range(child_count):
+        child.apply_async((1,))
+    tm = transaction.TransactionManager(explicit=True)
+    with tm:
+        for _ in range(child_count):
+            child.apply_async((1,), tm=tm)
+    return len(self.request.children)
+
+
+@pytest.mark.parametrize("inherit", ["true", "false"])
+def test_a_running_tasks_children_carry_its_ids_as_with_apply_async(
+    redis_url, redis_client, queue, inherit
+):
+    """Sent from a running task (here applied in this process), a message
+    has the task's root and parent ids, inherits its priority where the app
+    says so, and joins its children, on commit as with apply_async."""
+    config = Configurator(
+        settings={
+            "celery.broker_url": redis_url,
+            "celery.task_default_queue": queue,
+            "celery.task_inherit_parent_priority": inherit,
+        }
+    )
+    config.include("pyramid_tasks")
+    config.add_task(add, bind=True, base=ScheduleOnCommitTask, name="t.add")
+    config.add_task(parent, bind=True, base=ScheduleOnCommitTask, name="t.parent")
+    config.commit()
+    app = config.registry.celery_app
+    try:
+        result = app.tasks["t.parent"].apply((4,), task_id="the-parent")
+        assert result.get() == 8
+        sent = take_messages(redis_client, [queue])
+        assert [json.loads(raw)["headers"]["parent_id"] for _, raw in sent] == [
+            "the-parent"
+        ] * 8
+        assert_same(sent[:4], sent[4:])
+    finally:
+        redis_client.delete(*[queue + suffix for suffix in _PRIORITY_KEYS])
+        app.close()
+
+
+def test_a_queue_celery_does_not_know_costs_only_its_own_task(
+    redis_url, redis_client, queue, caplog
+):
+    """Without ``task_create_missing_queues`` an unknown queue is Celery's
+    ``QueueNotFound`` at the publish: that task is reported, the others of
+    the commit are sent."""
+    config = Configurator(
+        settings={
+            "celery.broker_url": redis_url,
+            "celery.task_default_queue": queue,
+            "celery.task_queues": json.dumps({queue: {}}),
+            "celery.task_create_missing_queues": "false",
+        }
+    )
+    config.include("pyramid_tasks")
+    config.add_task(add, bind=True, base=ScheduleOnCommitTask, name="t.add")
+    config.commit()
+    app = config.registry.celery_app
+    tm = transaction.TransactionManager(explicit=True)
+    try:
+        with caplog.at_level(logging.ERROR, logger="pyramid_tasks"), tm:
+            first = app.tasks["t.add"].apply_async((1,), tm=tm).id
+            lost = app.tasks["t.add"].apply_async((2,), tm=tm, queue="nowhere").id
+            last = app.tasks["t.add"].apply_async((3,), tm=tm).id
+        sent = take_messages(redis_client, [queue])
+        assert [json.loads(raw)["headers"]["id"] for _, raw in sent] == [first, last]
+        [record] = caplog.records
+        assert record.args[1] == lost
+        assert "QueueNotFound" in record.getMessage()
+    finally:
+        redis_client.delete(*[queue + suffix for suffix in _PRIORITY_KEYS])
+        app.close()
+
+
+def take_amqp_messages(amqp_url, queue):
+    """``[(queue, message)]`` of every message on a RabbitMQ queue, as JSON
+    text shaped like Redis's (headers, properties, body), consumed."""
+    found = []
+    with Connection(amqp_url) as connection:
+        channel = connection.channel()
+        while (message := channel.basic_get(queue, no_ack=True)) is not None:
+            properties = dict(message.properties)
+            headers = properties.pop("application_headers")
+            properties.pop("delivery_tag", None)
+            properties["body_encoding"] = "base64"
+            text = json.dumps(
+                {
+                    "body": base64.b64encode(str_to_bytes(message.body)).decode(),
+                    "headers": headers,
+                    "properties": properties,
+                },
+                default=str,
+            )
+            found.append((queue, text))
+        channel.queue_delete(queue)
+    return found
+
+
+def test_on_rabbitmq_the_messages_are_apply_asyncs_too(amqp_url, queue):
+    """RabbitMQ, confirms on: plain sends built here, a countdown through
+    Celery's own (it reroutes delays on quorum queues); on commit as with
+    apply_async."""
+    config = Configurator(
+        settings={"celery.broker_url": amqp_url, "celery.task_default_queue": queue}
+    )
+    config.include("pyramid_tasks")
+    config.add_task(add, bind=True, base=ScheduleOnCommitTask, name="t.add")
+    config.commit()
+    app = config.registry.celery_app
+    task = app.tasks["t.add"]
+    try:
+        for n in range(3):
+            task.apply_async((n,), priority=n)
+        task.apply_async((9,), countdown=60)
+        celery_sent = take_amqp_messages(amqp_url, queue)
+        tm = transaction.TransactionManager(explicit=True)
+        with tm:
+            for n in range(3):
+                task.apply_async((n,), priority=n, tm=tm)
+            task.apply_async((9,), countdown=60, tm=tm)
+        assert_same(celery_sent, take_amqp_messages(amqp_url, queue))
+    finally:
         app.close()
