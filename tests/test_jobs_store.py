@@ -4,7 +4,8 @@ and Redis, driven round by round (``Relay.run_once``), no worker thread."""
 import logging
 import threading
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pytest
 import redis
@@ -247,7 +248,8 @@ def test_heartbeats_renew_the_leases_of_running_jobs_only(jobs_app, caplog):
     assert any("heartbeat failed" in r.getMessage() for r in caplog.records)
 
 
-def test_a_missing_job_table_is_named_at_the_commit(jobs_app):
+@pytest.mark.parametrize("count", [1, 150])  # an INSERT; COPY
+def test_a_missing_job_table_is_named_at_the_commit(jobs_app, count):
     app, engine, _queue, _client = jobs_app
     Job.__table__.drop(engine)
     registry = app.pyramid_registry
@@ -258,7 +260,8 @@ def test_a_missing_job_table_is_named_at_the_commit(jobs_app):
     tm.begin()
     session = get_tm_session(registry["dbsession_factory"], tm)
     session.add(Order(email="a@example.com"))
-    app.tasks["noop"].apply_async((1,), tm=tm)
+    for n in range(count):
+        app.tasks["noop"].apply_async((n,), tm=tm)
     with pytest.raises(JobTableMissing, match="tasks-celery CONFIG jobs init-db"):
         tm.commit()
     tm.abort()
@@ -476,3 +479,40 @@ def test_a_second_delivery_waits_for_the_lock_of_the_first(jobs_app):
     for thread in threads:
         thread.join(10)
     assert got == {"told": ("succeeded", 1, None), "silent": ("succeeded", 1, None)}
+
+
+def test_many_rows_go_by_copy_as_the_insert_writes_them(jobs_app):
+    """150 jobs on one commit go in by COPY, 2 on another by INSERT: the
+    rows of the same calls are the same, defaults and JSON included (plain
+    arguments copied, others through kombu's JSON)."""
+    app, engine, queue, _client = jobs_app
+    registry = app.pyramid_registry
+    odd = {"when": datetime(2026, 1, 1, tzinfo=UTC), "amount": Decimal("1.50")}
+    tm = transaction.TransactionManager(explicit=True)
+    batches = []
+    for count in (150, 2):
+        with tm:
+            batches.append(
+                [
+                    app.tasks["noop"]
+                    .apply_async((n, "x", odd, {"k": [n, None]}), tm=tm, priority=3)
+                    .id
+                    for n in range(count)
+                ]
+            )
+        assert registry.pyramid_tasks_jobs.flush(10)
+    by_id = {row["id"]: row for row in rows(engine)}
+    assert len(by_id) == 152
+    varying = {"id", "created_at", "published_at"}
+    for copied, inserted in zip(batches[0][:2], batches[1], strict=True):
+        copied, inserted = by_id[copied], by_id[inserted]
+        assert {k: v for k, v in copied.items() if k not in varying} == {
+            k: v for k, v in inserted.items() if k not in varying
+        }
+    row = by_id[batches[0][1]]
+    assert (row["state"], row["queue"], row["priority"]) == ("queued", queue, 3)
+    assert (row["attempts"], row["publish_attempts"], row["lost"]) == (0, 0, 0)
+    assert row["args"][:2] == [1, "x"]
+    assert row["args"][2]["amount"] == {"__type__": "decimal", "__value__": "1.50"}
+    assert row["args"][3] == {"k": [1, None]}
+    assert row["kwargs"] == {}

@@ -227,15 +227,25 @@ class JobStore:
         dumps = connection.dialect._json_serializer or json.dumps
         json_columns = {n for n, c in enumerate(columns) if c in _JSON_COLUMNS}
         driver = connection.connection.driver_connection
-        with driver.cursor() as cursor, cursor.copy(statement) as copy:
-            fixed = [value for _, value in defaults]
-            given = columns[: len(columns) - len(fixed)]
-            for row in rows:
-                values = [row[column] for column in given] + fixed
-                for n in json_columns:
-                    if values[n] is not None:
-                        values[n] = Json(values[n], dumps)
-                copy.write_row(values)
+        fixed = [value for _, value in defaults]
+        given = columns[: len(columns) - len(fixed)]
+        try:
+            with driver.cursor() as cursor, cursor.copy(statement) as copy:
+                for row in rows:
+                    values = [row[column] for column in given] + fixed
+                    for n in json_columns:
+                        if values[n] is not None:
+                            values[n] = Json(values[n], dumps)
+                    copy.write_row(values)
+        except connection.dialect.loaded_dbapi.Error as exc:
+            # As SQLAlchemy raises what the driver raised: a DBAPIError,
+            # which the retries and explain_missing_table read.
+            raise DBAPIError.instance(
+                statement.as_string(driver),
+                None,
+                exc,
+                connection.dialect.loaded_dbapi.Error,
+            ) from exc
 
     def insert_missing(self, rows):
         """Insert ``rows`` (at least one) in a short transaction, skipping ids
