@@ -1,6 +1,8 @@
 """Small parts of durable mode, in-process: the JSON columns, the model's
 repr, a relay never started, and the task API outside a tracked run."""
 
+import functools
+import json
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -76,6 +78,26 @@ def test_json_columns_keep_celery_types_and_nulls(database_url, pg_schema):
     job = Job(id=job_id, name="t", state="pending")
     assert repr(job) == f"<Job t[{job_id}] pending>"
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [1, "a", None, True, 1.5, float("inf")],  # copied
+        {"a": [1, {"b": (2, 3)}]},  # copied, the tuple a list
+        {1: "key not text"},  # kombu's JSON: the key becomes "1"
+        functools.reduce(lambda inner, _: [inner], range(25), "deep"),  # deep
+        [datetime(2026, 1, 1, tzinfo=UTC), Decimal("2.50")],  # kombu's type markers
+    ],
+)
+def test_stored_json_is_kombus_json_and_back(value):
+    """The columns hold what kombu's JSON gives back, whether the value is
+    copied (plain) or sent through it."""
+    from kombu.utils import json as kombu_json
+
+    row = stored({"args": value, "name": "n"})
+    assert repr(row["args"]) == repr(json.loads(kombu_json.dumps(value)))
+    assert row["name"] == "n"
 
 
 def test_the_task_api_outside_a_tracked_run(database_url, pg_schema):

@@ -216,10 +216,9 @@ class JobStore:
             and column.default.is_scalar
         ]
         columns += [name for name, _ in defaults]
-        schema = _table.schema
-        translate = connection.get_execution_options().get("schema_translate_map")
-        if translate:
-            schema = translate.get(schema, schema)
+        options = connection.get_execution_options()
+        translate = options.get("schema_translate_map") or {}
+        schema = translate.get(_table.schema, _table.schema)
         name = sql.Identifier(*filter(None, (schema, _table.name)))
         statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
             name, sql.SQL(", ").join(map(sql.Identifier, columns))
@@ -233,9 +232,8 @@ class JobStore:
             with driver.cursor() as cursor, cursor.copy(statement) as copy:
                 for row in rows:
                     values = [row[column] for column in given] + fixed
-                    for n in json_columns:
-                        if values[n] is not None:
-                            values[n] = Json(values[n], dumps)
+                    for n in json_columns:  # None too: JSON null, as SQLAlchemy
+                        values[n] = Json(values[n], dumps)
                     copy.write_row(values)
         except connection.dialect.loaded_dbapi.Error as exc:
             # As SQLAlchemy raises what the driver raised: a DBAPIError,
