@@ -6,9 +6,11 @@
 - one at a time, confirmed: plain Celery with ``confirm_publish``, a bare
   ``apply_async`` loop after the commit, each publish waiting for its ack
   (kombu's own confirms);
-- unconfirmed: pyramid_tasks with ``confirm_publish = false``.
+- unconfirmed: pyramid_tasks with ``confirm_publish = false``;
+- bare: plain Celery as it ships (unconfirmed), a bare ``apply_async`` loop
+  after the commit: scenario 4 on RabbitMQ.
 
-The three alternate round by round (who goes first rotating), on queues of
+The four alternate round by round (who goes first rotating), on queues of
 the run's own, purged after each round and deleted at the end.
 """
 
@@ -48,21 +50,22 @@ def our_task(queue, confirm):
     return config.registry.celery_app.tasks["bench.noop"]
 
 
-def plain_task(queue):
+def plain_task(queue, confirm=True):
     app = Celery("bench_plain", broker=AMQP_URL, set_as_current=False)
     app.conf.task_default_queue = queue
-    app.conf.broker_transport_options = {"confirm_publish": True}
+    app.conf.broker_transport_options = {"confirm_publish": confirm}
     return app.task(name="bench.noop", shared=False, lazy=False)(noop)
 
 
 def run(quick, tasks=TASKS, rounds=None):
-    """Two scenarios from one run: batch-confirmed against one at a time
-    confirmed, and against unconfirmed."""
+    """Four scenarios from one run: batch-confirmed against one at a time
+    confirmed and against unconfirmed; scenario 4 on RabbitMQ, unconfirmed
+    and batch-confirmed, against bare ``apply_async``."""
     rounds = rounds or (5 if quick else 15)
     calls = 3 if quick else 10  # commits a round and variant
-    queues = [f"bench_{uuid.uuid4().hex[:10]}" for _ in range(3)]
+    queues = [f"bench_{uuid.uuid4().hex[:10]}" for _ in range(4)]
     batch, unconfirmed = our_task(queues[0], "true"), our_task(queues[1], "false")
-    each = plain_task(queues[2])
+    each, bare = plain_task(queues[2]), plain_task(queues[3], confirm=False)
     tm = transaction.TransactionManager(explicit=True)
 
     def on_commit(task):
@@ -74,16 +77,20 @@ def run(quick, tasks=TASKS, rounds=None):
 
         return commit
 
-    def after_commit():
-        tm.begin()
-        tm.commit()
-        for _ in range(tasks):
-            each.apply_async((1,))
+    def after_commit(task):
+        def commit():
+            tm.begin()
+            tm.commit()
+            for _ in range(tasks):
+                task.apply_async((1,))
+
+        return commit
 
     variants = {
         "batch": on_commit(batch),
-        "each": after_commit,
+        "each": after_commit(each),
         "unconfirmed": on_commit(unconfirmed),
+        "bare": after_commit(bare),
     }
     figures = {name: [] for name in variants}
     with kombu.Connection(AMQP_URL) as connection:
@@ -92,14 +99,14 @@ def run(quick, tasks=TASKS, rounds=None):
             operation()
         for number in range(rounds):
             names = list(variants)
-            names = names[number % 3 :] + names[: number % 3]
+            names = names[number % 4 :] + names[: number % 4]
             for name in names:
                 figures[name].append(timed(variants[name], calls))
             for queue in queues:
                 channel.queue_purge(queue)
         for queue in queues:
             channel.queue_delete(queue)
-    for task in (batch, unconfirmed, each):
+    for task in (batch, unconfirmed, each, bare):
         task.app.close()
     unit = f"ms per {tasks}"
     against_each = Scenario(
@@ -116,4 +123,18 @@ def run(quick, tasks=TASKS, rounds=None):
         baseline=figures["unconfirmed"],
         unit=unit,
     )
-    return [against_each, against_none]
+    bare_unconfirmed = Scenario(
+        f"4. RabbitMQ {tasks} on commit vs bare (unconfirmed)",
+        "(report)",
+        ours=figures["unconfirmed"],
+        baseline=figures["bare"],
+        unit=unit,
+    )
+    bare_confirmed = Scenario(
+        f"4. RabbitMQ {tasks} on commit confirmed vs bare",
+        "(report)",
+        ours=figures["batch"],
+        baseline=figures["bare"],
+        unit=unit,
+    )
+    return [against_each, against_none, bare_unconfirmed, bare_confirmed]
