@@ -32,9 +32,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def publish(app, sends, durable=False):
+def publish(app, sends, durable=False, on_sent=None):
     """Send a committed batch: eagerly in eager mode, else through one producer,
-    pipelined where the transport allows it.
+    pipelined where the transport allows it.  Returns the sends the broker
+    took; ``on_sent(sends)``, if given, hears of most of them earlier, a
+    chunk at a time, as each goes out (durable mode marks them meanwhile).
 
     Never raises: a committed transaction is not undone by a failed send.
     Each failure is logged at ERROR with the task name and id.  A broker that
@@ -75,6 +77,8 @@ def publish(app, sends, durable=False):
                 if pipelined and _pipeline(producer, chunk, uncertain, durable, wire):
                     for _ in chunk:
                         unsent.popleft()
+                    if on_sent is not None:
+                        on_sent(chunk)
                     continue
                 for send in chunk:
                     try:

@@ -88,6 +88,8 @@ def test_json_columns_keep_celery_types_and_nulls(database_url, pg_schema):
         {1: "key not text"},  # kombu's JSON: the key becomes "1"
         functools.reduce(lambda inner, _: [inner], range(25), "deep"),  # deep
         [datetime(2026, 1, 1, tzinfo=UTC), Decimal("2.50")],  # kombu's type markers
+        {"flat": 1, "text": "x", "none": None},  # copied
+        {"when": datetime(2026, 1, 1, tzinfo=UTC)},  # kombu's, in a dict
     ],
 )
 def test_stored_json_is_kombus_json_and_back(value):

@@ -127,9 +127,15 @@ def _plain_copy(value, depth=0):
     if depth > 20:  # JSON's own recursion limit is far; deep is rare
         return _NOT_PLAIN
     if kind is list or kind is tuple:
+        if all(type(item) in _SCALARS for item in value):  # flat: most arguments
+            return list(value)
         copy = [_plain_copy(item, depth + 1) for item in value]
         return _NOT_PLAIN if any(item is _NOT_PLAIN for item in copy) else copy
     if kind is dict:
+        if all(
+            type(key) is str and type(item) in _SCALARS for key, item in value.items()
+        ):
+            return dict(value)
         copy = {}
         for key, item in value.items():
             if type(key) is not str:

@@ -279,10 +279,19 @@ class JobRecorder:
         """Publish committed ``sends`` within ``tasks.jobs.publish_timeout``;
         those the broker took are marked ``queued`` by the marker thread."""
         joblog.committed(joblog.SCHEDULED, sends)
-        sent = publish(app, sends, durable=True)
-        joblog.committed(joblog.PUBLISHED, sent)
-        if sent:
+        marked = set()  # id()s of the sends given to the marker
+
+        def mark(sent):
+            # Each pipeline's jobs as it goes out: the marker's UPDATE runs
+            # in the database while the next pipelines are filled.
+            marked.update(map(id, sent))
             _marker.put(self.store, [(s.task_id, _eta(s.options)) for s in sent])
+
+        sent = publish(app, sends, durable=True, on_sent=mark)
+        joblog.committed(joblog.PUBLISHED, sent)
+        rest = [s for s in sent if id(s) not in marked]
+        if rest:
+            mark(rest)
 
     def flush(self, timeout=None):
         """Wait until the rows published so far are marked; False on timeout.
