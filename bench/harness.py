@@ -83,6 +83,7 @@ def save(scenarios, quick):
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     path = RESULTS / f"bench-{stamp}{'-quick' if quick else ''}.json"
-    data = [{**asdict(s), "ratio": s.ratio} for s in scenarios]
+    # An absolute scenario's baseline may be 0 (RSS growth): no ratio.
+    data = [{**asdict(s), "ratio": None if s.absolute else s.ratio} for s in scenarios]
     path.write_text(json.dumps(data, indent=2))
     return path
