@@ -108,33 +108,20 @@ def run(quick, tasks=TASKS, rounds=None):
             channel.queue_delete(queue)
     for task in (batch, unconfirmed, each, bare):
         task.app.close()
-    unit = f"ms per {tasks}"
-    against_each = Scenario(
-        f"R. RabbitMQ {tasks} on commit: batch vs each confirmed",
-        "(report)",
-        ours=figures["batch"],
-        baseline=figures["each"],
-        unit=unit,
+    on_commit = f"RabbitMQ {tasks} on commit"
+    comparisons = (  # (name, ours, baseline)
+        (f"R. {on_commit}: batch vs each confirmed", "batch", "each"),
+        (f"R. {on_commit}: batch vs unconfirmed", "batch", "unconfirmed"),
+        (f"4. {on_commit} vs bare (unconfirmed)", "unconfirmed", "bare"),
+        (f"4. {on_commit} confirmed vs bare", "batch", "bare"),
     )
-    against_none = Scenario(
-        f"R. RabbitMQ {tasks} on commit: batch vs unconfirmed",
-        "(report)",
-        ours=figures["batch"],
-        baseline=figures["unconfirmed"],
-        unit=unit,
-    )
-    bare_unconfirmed = Scenario(
-        f"4. RabbitMQ {tasks} on commit vs bare (unconfirmed)",
-        "(report)",
-        ours=figures["unconfirmed"],
-        baseline=figures["bare"],
-        unit=unit,
-    )
-    bare_confirmed = Scenario(
-        f"4. RabbitMQ {tasks} on commit confirmed vs bare",
-        "(report)",
-        ours=figures["batch"],
-        baseline=figures["bare"],
-        unit=unit,
-    )
-    return [against_each, against_none, bare_unconfirmed, bare_confirmed]
+    return [
+        Scenario(
+            name,
+            "(report)",
+            ours=figures[ours],
+            baseline=figures[baseline],
+            unit=f"ms per {tasks}",
+        )
+        for name, ours, baseline in comparisons
+    ]
