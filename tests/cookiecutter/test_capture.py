@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def docs_example(first_test):
-    """The code block of docs/transactions.rst whose first test is ``first_test``."""
-    lines = (ROOT / "docs" / "transactions.rst").read_text().splitlines()
+    """The code block of docs/testing.rst whose first test is ``first_test``."""
+    lines = (ROOT / "docs" / "testing.rst").read_text().splitlines()
     end = next(i for i, line in enumerate(lines) if f" def {first_test}(" in line)
     start = max(i for i in range(end) if lines[i] == ".. code-block:: python")
     block = itertools.takewhile(

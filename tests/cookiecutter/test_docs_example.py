@@ -1,4 +1,4 @@
-"""The two examples of docs/transactions.rst ("Testing your app"), verbatim but
+"""The two examples of docs/testing.rst ("Testing your app"), verbatim but
 for the app's name: ``test_capture.py`` checks that they are the docs' text."""
 
 from urllib.parse import urlencode
