@@ -341,8 +341,8 @@ class Wire:
         serializer = opts.pop("serializer", None)
         delivery_mode = opts.pop("delivery_mode", None)
         compression = opts.pop("compression", None)
-        for name_of_nothing in ("exchange", "routing_key"):
-            opts.pop(name_of_nothing, None)  # None: _route made sure
+        opts.pop("exchange", None)  # both None: _route made sure
+        opts.pop("routing_key", None)
         properties.update(opts)
         if delivery_mode is None:
             delivery_mode = queue.exchange.delivery_mode or self.default_delivery_mode

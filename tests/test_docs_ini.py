@@ -6,8 +6,6 @@ docs."""
 
 import configparser
 import re
-import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -19,8 +17,8 @@ from pyramid_tasks.settings import (
     parse_tasks_settings,
 )
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
-_BLOCK = re.compile(r"^( *)\.\. code-block:: ini\n((?:\1 +.*\n|[ \t]*\n)+)", re.M)
+from .docs_blocks import code_blocks
+
 _PARSERS = (
     parse_celery_settings,
     parse_tasks_settings,
@@ -29,17 +27,7 @@ _PARSERS = (
     parse_dashboard_settings,
 )
 
-
-def ini_blocks():
-    """``(page:line, text)`` of each INI block of the docs."""
-    for page in sorted(DOCS.glob("*.rst")):
-        text = page.read_text()
-        for match in _BLOCK.finditer(text):
-            line = text[: match.start()].count("\n") + 1
-            yield f"{page.name}:{line}", textwrap.dedent(match.group(2))
-
-
-BLOCKS = dict(ini_blocks())
+BLOCKS = code_blocks("ini")
 
 
 def test_the_docs_have_ini_examples_to_check():

@@ -5,28 +5,15 @@ an app is the next step of the docs' tests.)"""
 
 import ast
 import importlib
-import re
-import textwrap
 from importlib.util import find_spec
-from pathlib import Path
 
 import pytest
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
-_BLOCK = re.compile(r"^( *)\.\. code-block:: python\n((?:\1 +.*\n|[ \t]*\n)+)", re.M)
+from .docs_blocks import code_blocks
+
 _OURS = ("pyramid_tasks", "demo_app")
 
-
-def python_blocks():
-    """``(page:line, source)`` of each Python block of the docs."""
-    for page in sorted(DOCS.glob("*.rst")):
-        text = page.read_text()
-        for match in _BLOCK.finditer(text):
-            line = text[: match.start()].count("\n") + 1
-            yield f"{page.name}:{line}", textwrap.dedent(match.group(2))
-
-
-BLOCKS = dict(python_blocks())
+BLOCKS = code_blocks("python")
 
 
 def test_the_docs_have_python_examples_to_check():
