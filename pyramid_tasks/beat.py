@@ -1,4 +1,8 @@
-"""Beat on several hosts: RedBeat's checks and defaults, at configuration time.
+"""Beat: a stop that cannot hang, and RedBeat's checks and defaults.
+
+``tasks-celery ... beat`` runs :class:`Beat`, Celery's own but for its
+SIGTERM and SIGINT handler (see there).
+
 
 RedBeat (``celery-redbeat``, the ``redbeat`` extra) keeps the schedule in
 Redis and lets one beat at a time run it, under a lock in Redis with a
@@ -14,6 +18,8 @@ import json
 from datetime import datetime, timedelta
 from urllib.parse import unquote, urlsplit
 
+from celery import platforms
+from celery.apps.beat import Beat as CeleryBeat
 from celery.schedules import crontab, schedule
 from pyramid.exceptions import ConfigurationError
 
@@ -21,6 +27,7 @@ from .settings import REDBEAT_OPTIONS
 
 __all__ = [
     "REDBEAT_MAX_LOOP_INTERVAL",
+    "Beat",
     "check_beat_scheduler",
     "check_redbeat_entries",
 ]
@@ -36,6 +43,48 @@ _LOCK_FACTOR = 5
 # so a lock shorter than the gap between two ticks expires under a live beat
 # and a waiting one starts too (both send).
 _LOCK_MARGIN = 2
+
+
+# The broker clients' modules: a signal that lands in their code may find a
+# connection in the middle of a frame or of a reply.
+_BROKER_CLIENTS = ("amqp.", "kombu.", "redis.")
+
+
+class Beat(CeleryBeat):
+    """Celery's ``beat``, whose SIGTERM and SIGINT cannot hang it.
+
+    Celery's handler saves the schedule and closes the broker connection
+    inside the signal handler, on the connection the interrupted code may be
+    using: a publish waiting for its confirm from RabbitMQ is cut in the
+    middle of reading a frame, and the close then waits for ever on a stream
+    it reads out of step (measured: 2 of 30 beats sending an entry every
+    5 ms never exited after SIGTERM).  Here the handler does no I/O: if it
+    interrupted a broker client, it drops the scheduler's connection without
+    a word to the broker; then it raises ``SystemExit``, and the beat loop's
+    own ``finally`` saves the schedule and closes the rest, as Celery's does.
+    """
+
+    def install_sync_handler(self, service):
+        def stop(signum, frame):
+            if _in_broker_client(frame):
+                scheduler = service.__dict__.get("scheduler")
+                if scheduler is not None:
+                    scheduler.__dict__.pop("producer", None)
+                    connection = scheduler.__dict__.pop("connection", None)
+                    if connection is not None:
+                        connection.collect()
+            raise SystemExit()
+
+        platforms.signals.update(SIGTERM=stop, SIGINT=stop)
+
+
+def _in_broker_client(frame):
+    """Whether ``frame`` or a frame that called it runs a broker client."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(_BROKER_CLIENTS):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _is_redbeat(scheduler):

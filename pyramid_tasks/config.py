@@ -4,6 +4,7 @@ import functools
 import os
 import traceback
 from datetime import timedelta
+from functools import cached_property
 
 import pyramid
 from celery import Celery
@@ -133,6 +134,11 @@ class _Celery(Celery):
             settings = self.pyramid_registry.pyramid_tasks_settings
             options["queue"] = settings.queue_name(queue)
         return super().send_task(name, args, kwargs, **options)
+
+    @cached_property
+    def Beat(self):
+        """``celery beat``'s application: :class:`pyramid_tasks.beat.Beat`."""
+        return self.subclass_with_self("pyramid_tasks.beat:Beat")
 
 
 class _PrefixedQueues:

@@ -12,6 +12,11 @@ class WorkerProcessInit:
 
     .. code-block:: python
 
+        import random
+
+        from pyramid.events import subscriber
+        from pyramid_tasks import WorkerProcessInit
+
         @subscriber(WorkerProcessInit)
         def reseed(event):
             random.seed()

@@ -1,0 +1,92 @@
+"""``tasks-celery ... beat`` stops on SIGTERM wherever the signal lands.
+
+Celery's beat handler closes the broker connection inside the handler: on
+RabbitMQ, a SIGTERM that lands while a publish waits for its confirm leaves
+that close waiting for ever on a stream it reads out of step (2 beats of 30,
+sending an entry every 5 ms, never exited; it failed this suite's CI once).
+:class:`pyramid_tasks.beat.Beat`'s handler does no I/O.  Here a real beat
+``Service`` on the local RabbitMQ, its handler installed, gets the signal
+at the two kinds of moment, in this process: inside py-amqp, reading the
+confirm of a publish (the signal raised by py-amqp's own ``basic_ack``
+callback), and between two ticks.
+"""
+
+import signal
+import uuid
+
+import kombu
+import pytest
+from pyramid.config import Configurator
+
+from pyramid_tasks.beat import Beat
+
+
+@pytest.fixture
+def beat(amqp_url, tmp_path):
+    """``(beat, service, queue)``: a beat service of an app on RabbitMQ, its
+    signal handlers installed (the test's own restored after)."""
+    queue = f"pyramid_tasks_test_{uuid.uuid4().hex[:10]}"
+    config = Configurator(
+        settings={"celery.broker_url": amqp_url, "celery.task_default_queue": queue}
+    )
+    config.include("pyramid_tasks")
+    config.commit()
+    app = config.registry.celery_app
+    beat = app.Beat(schedule=str(tmp_path / "schedule"), quiet=True)
+    service = beat.Service(app=app, schedule_filename=beat.schedule)
+    saved = {name: signal.getsignal(name) for name in (signal.SIGTERM, signal.SIGINT)}
+    beat.install_sync_handler(service)
+    yield beat, service, queue
+    for name, handler in saved.items():
+        signal.signal(name, handler)
+    with kombu.Connection(amqp_url) as connection:
+        connection.default_channel.queue_delete(queue)
+    app.close()
+
+
+def publish(service, queue):
+    producer = service.scheduler.producer
+    producer.publish({"n": 1}, routing_key=queue, declare=[kombu.Queue(queue)])
+    return producer
+
+
+def test_tasks_celerys_beat_is_ours(beat):
+    assert isinstance(beat[0], Beat)
+
+
+def test_a_sigterm_inside_a_confirm_drops_the_connection_without_a_word(beat):
+    _, service, queue = beat
+    producer = publish(service, queue)  # the connection, its channel open
+    connection = service.scheduler.connection
+    acks = producer.channel.events["basic_ack"]
+    acks.add(lambda *args: signal.raise_signal(signal.SIGTERM))
+    with pytest.raises(SystemExit):
+        publish(service, queue)
+    # The handler saved and closed nothing (Celery's does, and sets this).
+    assert not service._is_stopped.is_set()
+    # Dropped: never closed by a handshake on a stream in an unknown state.
+    assert "connection" not in service.scheduler.__dict__
+    assert "producer" not in service.scheduler.__dict__
+    assert not connection.connected
+    # What the beat loop's ``finally`` does next returns (no broker I/O on the
+    # dropped connection), and a later publish opens a connection of its own.
+    service.sync()
+    assert service._is_stopped.is_set()
+    publish(service, queue)
+    assert service.scheduler.connection is not connection
+    with kombu.Connection(service.app.conf.broker_url) as check:
+        _, messages, _ = check.default_channel.queue_declare(queue, passive=True)
+    assert messages == 3  # the cut publish too: its ack is what was being read
+
+
+def test_a_sigterm_between_ticks_keeps_the_connection_for_its_close(beat):
+    _, service, queue = beat
+    publish(service, queue)
+    connection = service.scheduler.connection
+    with pytest.raises(SystemExit):
+        signal.raise_signal(signal.SIGINT)
+    assert not service._is_stopped.is_set()
+    assert service.scheduler.__dict__["connection"] is connection
+    service.sync()  # Celery's close: the connection closed by a handshake
+    assert "connection" not in service.scheduler.__dict__
+    assert not connection.connected
