@@ -16,6 +16,7 @@ import uuid
 
 import kombu
 import pytest
+from kombu.utils.functional import retry_over_time
 from pyramid.config import Configurator
 
 from pyramid_tasks.beat import Beat
@@ -90,3 +91,16 @@ def test_a_sigterm_between_ticks_keeps_the_connection_for_its_close(beat):
     service.sync()  # Celery's close: the connection closed by a handshake
     assert "connection" not in service.scheduler.__dict__
     assert not connection.connected
+
+
+@pytest.mark.parametrize("made", ["no scheduler", "no connection"])
+def test_a_sigterm_in_broker_code_before_any_connection_stops_too(beat, made):
+    """The signal lands in kombu's code (its retry loop calling ours) while
+    the service has not made its scheduler yet, or its connection."""
+    _, service, _ = beat
+    if made == "no connection":
+        service.scheduler  # noqa: B018 - made, its connection still lazy
+    with pytest.raises(SystemExit):
+        retry_over_time(signal.raise_signal, (), args=(signal.SIGTERM,))
+    assert "connection" not in vars(service.__dict__.get("scheduler", service))
+    assert not service._is_stopped.is_set()
