@@ -47,9 +47,11 @@ class Send:
     taken: bool = False
     # Durable mode: the JSON columns of its job row, made at the call.
     json: dict = None
-    # Durable mode: the job's title and unique key (columns, not options).
+    # Durable mode: the job's title, unique key and workspace (columns, not
+    # options).
     title: str = None
     unique_key: str = None
+    workspace: dict = None
     # Its row was written at the call (unique_key=): the commit skips it.
     written: bool = False
 

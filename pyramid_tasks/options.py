@@ -1,35 +1,43 @@
 """``apply_async`` options checked at the call: the job options (``title=``,
-``unique_key=``) and a countdown or eta that Redis would deliver early."""
+``unique_key=``, ``workspace=``) and a countdown or eta that Redis would
+deliver early."""
 
+import json
 import logging
 from datetime import UTC, datetime
 
 from celery.utils.time import maybe_make_aware
 from dateutil.parser import isoparse
+from kombu.utils import json as kombu_json
 
 from .datamanager import _check_times
 
-__all__ = ["TITLE_HEADER", "job_options", "warn_far_eta"]
+__all__ = ["TITLE_HEADER", "WORKSPACE_HEADER", "job_options", "warn_far_eta"]
 
 log = logging.getLogger(__name__)
 
 # The message header carrying a job's ``title=`` to the worker, for a job
 # whose row the worker makes (sent without ``tm=``).
 TITLE_HEADER = "pyramid_tasks_title"
+# The same for its ``workspace=``.
+WORKSPACE_HEADER = "pyramid_tasks_workspace"
 
 
 def job_options(task, jobs, options):
-    """Take ``title=`` and ``unique_key=`` out of ``options``, checked:
-    ``(title, unique_key)``.
+    """Take ``title=``, ``unique_key=`` and ``workspace=`` out of
+    ``options``, checked: ``(title, unique_key, workspace)``.
 
-    Both are columns of the job row, never message options: Celery would put
-    an option it does not know in the message's properties.
+    They are columns of the job row, never message options: Celery would put
+    an option it does not know in the message's properties.  The workspace
+    comes back as the row keeps it (:func:`checked_workspace`).
     """
     title = options.pop("title", None)
     unique_key = options.pop("unique_key", None)
-    if title is None and unique_key is None:
-        return None, None
-    for name, value in (("title", title), ("unique_key", unique_key)):
+    workspace = options.pop("workspace", None)
+    if title is None and unique_key is None and workspace is None:
+        return None, None, None
+    given = (("title", title), ("unique_key", unique_key), ("workspace", workspace))
+    for name, value in given:
         if value is None:
             continue
         if jobs is None:
@@ -38,12 +46,31 @@ def job_options(task, jobs, options):
                 "include pyramid_tasks.jobs (config.include('pyramid_tasks.jobs')"
                 f" or pyramid.includes), or leave out {name}=."
             )
-        if not isinstance(value, str) or not 0 < len(value) <= _MAX_LENGTH:
+        if name == "workspace":
+            workspace = checked_workspace(value, f"{task.name}.apply_async")
+        elif not isinstance(value, str) or not 0 < len(value) <= _MAX_LENGTH:
             raise ValueError(
                 f"{task.name}.apply_async({name}={value!r:.80}): expected a "
                 f"string of 1 to {_MAX_LENGTH} characters"
             )
-    return title, unique_key
+    return title, unique_key, workspace
+
+
+def checked_workspace(value, where):
+    """``value`` as a job's workspace keeps it: a JSON object (a dict with
+    text keys) as Celery's JSON serializer writes it (kombu's markers for
+    dates, decimals, UUIDs); else ``ValueError`` naming ``where``."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(
+            f"{where}(workspace={value!r:.80}): expected a dict with text keys "
+            "(a JSON object)"
+        )
+    try:
+        return json.loads(kombu_json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{where}(workspace=...): a workspace is kept as JSON, and {exc}"
+        ) from exc
 
 
 # The length of the title and unique_key columns.

@@ -11,7 +11,7 @@ from transaction.interfaces import AlreadyInTransaction, NoTransaction
 
 from .datamanager import Send, active_transaction, schedule, snapshot
 from .ids import uuid4
-from .options import TITLE_HEADER, job_options, warn_far_eta
+from .options import TITLE_HEADER, WORKSPACE_HEADER, job_options, warn_far_eta
 from .publish import publish, raise_eager_errors
 from .request import close_request, make_request
 from .retry import in_transaction, lent_transaction, run_attempts
@@ -167,6 +167,19 @@ class PyramidTask(Task):
         run = self._current_job()
         return None if run is None else run.row()
 
+    @property
+    def workspace(self):
+        """The job's workspace (``apply_async(workspace={...})``): a dict to
+        read and change in place (durable mode), else None.
+
+        Read at first use; changes are saved with the run's own transaction
+        for the transactional classes (so a run that fails or is retried
+        saves nothing), in a short transaction of their own when the run ends
+        for the other classes.
+        """
+        run = self._current_job()
+        return None if run is None else run.workspace()
+
     def set_progress(self, current, total=None, message=None):
         """Record the run's progress: ``current`` of ``total`` (or a
         percentage), and a message; throttled, visible while it runs.  Does
@@ -226,12 +239,12 @@ class PyramidTask(Task):
             )
         registry = self.app.pyramid_registry
         jobs = getattr(registry, "pyramid_tasks_jobs", None)
-        title, unique_key = job_options(self, jobs, options)
+        title, unique_key, workspace = job_options(self, jobs, options)
         _prefix_queue(registry, options)
         warn_far_eta(self, options)
         if unique_key is not None:
             return self._send_unique(
-                jobs, args, kwargs, task_id, options, title, unique_key
+                jobs, args, kwargs, task_id, options, title, unique_key, workspace
             )
         capture = getattr(registry, "pyramid_tasks_capture", None)
         if capture is not None:  # pyramid_tasks.testing is included
@@ -240,18 +253,24 @@ class PyramidTask(Task):
             capture.record(self, args, kwargs, options, task_id)
             return self.AsyncResult(task_id)
         sent = options
-        if title is not None:  # for the worker that makes the row, if it does
-            headers = {**(options.get("headers") or {}), TITLE_HEADER: title}
+        if title is not None or workspace is not None:
+            # For the worker that makes the row, if it does.
+            headers = dict(options.get("headers") or {})
+            for header, value in ((TITLE_HEADER, title), (WORKSPACE_HEADER, workspace)):
+                if value is not None:
+                    headers[header] = value
             sent = {**options, "headers": headers}
         result = super().apply_async(args, kwargs, task_id, **sent)
         # Sent from a running task (retry(), a canvas in the body), the job's
         # row is made by the worker that starts it: writing it here could
         # wait for the lock of the sender's own transaction.
         if jobs is not None and _executions.top is None:
-            jobs.record_sent(self, result.id, args, kwargs, options, title)
+            jobs.record_sent(self, result.id, args, kwargs, options, title, workspace)
         return result
 
-    def _send_unique(self, jobs, args, kwargs, task_id, options, title, unique_key):
+    def _send_unique(
+        self, jobs, args, kwargs, task_id, options, title, unique_key, workspace
+    ):
         """``apply_async(unique_key=...)`` without ``tm``: the row is committed
         first, in a short transaction of its own, then sent as on a commit
         (a send the broker refuses waits for the relay); or the unfinished
@@ -262,7 +281,7 @@ class PyramidTask(Task):
         options.pop("producer", None)
         options.pop("connection", None)
         send = Send(self, args, kwargs, options, task_id or uuid4(), None)
-        send.title, send.unique_key = title, unique_key
+        send.title, send.unique_key, send.workspace = title, unique_key, workspace
         send.json = jobs.check(send)
         existing = jobs.claim(send)
         if existing is not None:
@@ -297,7 +316,7 @@ class ScheduleOnCommitTask(PyramidTask):
             return super().apply_async(args, kwargs, task_id, **options)
         registry = self.app.pyramid_registry
         jobs = getattr(registry, "pyramid_tasks_jobs", None)
-        title, unique_key = job_options(self, jobs, options)
+        title, unique_key, workspace = job_options(self, jobs, options)
         if self.typing:  # what Celery's apply_async checks, now, not after commit
             self.__header__(*(args or ()), **(kwargs or {}))
         task_id = task_id or uuid4()
@@ -313,7 +332,7 @@ class ScheduleOnCommitTask(PyramidTask):
         if jobs is None:
             schedule(tm, send, functools.partial(publish, self.app))
             return self.AsyncResult(task_id)
-        send.title, send.unique_key = title, unique_key
+        send.title, send.unique_key, send.workspace = title, unique_key, workspace
         send.json = jobs.check(send)
         if unique_key is not None:
             # Written now, in the transaction: the unique index holds the key

@@ -105,16 +105,8 @@ def world(tmp_path, monkeypatch):
         **{name: getattr(tasks, name) for name in ("report", "cleanup", "heartbeat")},
         **{name: getattr(helpers, name) for name in dir(helpers) if name[0] != "_"},
     }
-    # An example may set loggers' levels (docs/jobs.rst does): restored.
-    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
-    levels = {x: x.level for x in loggers if isinstance(x, logging.Logger)}
     yield names
     _marker.flush(10)  # the marks of what the example sent, while the app lives
-    for logger, level in levels.items():
-        logger.setLevel(level)
-    for logger in logging.Logger.manager.loggerDict.values():
-        if isinstance(logger, logging.Logger) and logger not in levels:
-            logger.setLevel(logging.NOTSET)
     env["closer"]()
     transaction.manager.abort()
     app.registry.celery_app.close()
@@ -125,6 +117,8 @@ def test_the_docs_have_python_examples_to_run():
     assert len(BLOCKS) >= 35
 
 
+# An example may set loggers' levels (docs/jobs.rst does): undone after each.
+@pytest.mark.usefixtures("restore_logging")
 @pytest.mark.parametrize("where", BLOCKS)
 def test_a_python_example_runs_against_the_app(where, world):
     source = BLOCKS[where]

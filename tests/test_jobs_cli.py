@@ -87,8 +87,15 @@ def indexes(engine, schema=None):
 
 
 def check_indexes(found, where_key):
+    expected = dict(INDEXES)
+    if where_key == "postgresql_where":  # the workspace's GIN index: none on SQLite
+        expected["ix_pyramid_tasks_job_workspace"] = (["workspace"], False)
+        workspace = found["ix_pyramid_tasks_job_workspace"]["dialect_options"]
+        assert workspace["postgresql_using"] == "gin", workspace
+        assert workspace["postgresql_ops"] == {"workspace": "jsonb_path_ops"}
+        assert "workspace IS NOT NULL" in str(workspace[where_key]), workspace
     assert {n: (ix["column_names"], bool(ix["unique"])) for n, ix in found.items()} == (
-        INDEXES
+        expected
     )
     where = str(found["ix_pyramid_tasks_job_unique_key"]["dialect_options"][where_key])
     assert all(f"'{state}'" in where for state in UNFINISHED), where
@@ -109,6 +116,7 @@ def check_indexes(found, where_key):
         "ix_pyramid_tasks_job_error_state_created",
         "ix_pyramid_tasks_job_finished",
         "ix_pyramid_tasks_job_parent_state_created",
+        "ix_pyramid_tasks_job_workspace",
     )
     for name, ix in found.items():
         if name not in partial:
@@ -160,13 +168,31 @@ def test_init_db_on_postgresql_creates_the_table_once(
     engine = sqlalchemy.create_engine(database_url)
     try:
         check_indexes(indexes(engine, pg_schema), "postgresql_where")
+        # A table of a release before workspaces: the column and its index
+        # are added, the rows kept.
+        with engine.begin() as connection:
+            connection.execute(
+                sqlalchemy.text(
+                    f'ALTER TABLE "{pg_schema}".pyramid_tasks_job DROP COLUMN workspace'
+                )
+            )
+        third = run_jobs(ini, "init-db", cwd=tmp_path)
+        print(f"third: {third}")
+        assert third == (
+            0,
+            f"Table {table} already exists in {masked}.\n"
+            "Added its missing columns: workspace.\n"
+            "Created its missing indexes: ix_pyramid_tasks_job_workspace.\n",
+            "",
+        )
+        check_indexes(indexes(engine, pg_schema), "postgresql_where")
         engine = engine.execution_options(schema_translate_map={None: pg_schema})
         check_unique_key_is_partial(engine)
     finally:
         engine.dispose()
 
 
-def test_init_db_adds_the_indexes_an_older_table_lacks(tmp_path):
+def test_init_db_adds_the_columns_and_indexes_an_older_table_lacks(tmp_path):
     path = tmp_path / "var" / "app.sqlite"
     ini = write_ini(tmp_path / "lite.ini", "sqlite:///%(here)s/var/app.sqlite")
     assert run_jobs(ini, "init-db", cwd=tmp_path)[0] == 0
@@ -176,6 +202,9 @@ def test_init_db_adds_the_indexes_an_older_table_lacks(tmp_path):
             connection.execute(
                 sqlalchemy.text(f"DROP INDEX ix_pyramid_tasks_job_{name}")
             )
+        connection.execute(
+            sqlalchemy.text("ALTER TABLE pyramid_tasks_job DROP COLUMN workspace")
+        )
 
     again = run_jobs(ini, "init-db", cwd=tmp_path)
 
@@ -183,10 +212,13 @@ def test_init_db_adds_the_indexes_an_older_table_lacks(tmp_path):
     assert again == (
         0,
         f"Table pyramid_tasks_job already exists in sqlite:///{path}.\n"
+        "Added its missing columns: workspace.\n"
         "Created its missing indexes: ix_pyramid_tasks_job_name_state_created, "
         "ix_pyramid_tasks_job_queue_state_created.\n",
         "",
     )
+    columns = sqlalchemy.inspect(engine).get_columns("pyramid_tasks_job")
+    assert "workspace" in [column["name"] for column in columns]
     try:
         check_indexes(indexes(engine), "sqlite_where")
     finally:

@@ -200,6 +200,7 @@ _LIST = {
     "finished_before": False,
     "before": False,
     "limit": False,
+    "workspace": True,
 }
 
 

@@ -14,10 +14,11 @@ import subprocess
 import sys
 import time
 
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, inspect, select, text
+from sqlalchemy.schema import CreateColumn
 
 from ..masking import mask_secrets
-from .model import STATES, Job, metadata
+from .model import STATES, Job, metadata, table_indexes
 
 __all__ = ["USAGE", "parse", "run"]
 
@@ -71,6 +72,12 @@ def parser():
     )
     sub.add_argument("--title", metavar="TEXT", help="titles containing TEXT")
     sub.add_argument("--error", metavar="TEXT", help="errors containing TEXT")
+    sub.add_argument(
+        "--workspace",
+        action="append",
+        metavar="KEY=VALUE",
+        help="workspaces holding KEY with VALUE (JSON if it parses; repeatable)",
+    )
     for when in ("created", "finished"):
         sub.add_argument(
             f"--{when}-after",
@@ -242,6 +249,7 @@ def list_jobs(service, options, out):
         finished_before=options.finished_before,
         before=options.before,
         limit=options.limit,
+        workspace=options.workspace,
     )
     found = page["jobs"]
     if options.json:
@@ -257,6 +265,7 @@ def list_jobs(service, options, out):
             getattr(options, key)
             for key in (
                 *("state", "queue", "name", "title", "error", "before"),
+                "workspace",
                 *("created_after", "created_before"),
                 *("finished_after", "finished_before"),
             )
@@ -488,6 +497,21 @@ def _stop(worker, timeout=60):
             worker.wait()
 
 
+def _add_missing_columns(connection, inspector, schema):
+    """``ALTER TABLE ... ADD COLUMN`` for each column of the job table that
+    ``connection``'s table lacks (all of them nullable); their names."""
+    present = {c["name"] for c in inspector.get_columns(Job.__tablename__, schema)}
+    quote = connection.dialect.identifier_preparer.quote
+    name = ".".join(quote(part) for part in (schema, Job.__tablename__) if part)
+    added = []
+    for column in Job.__table__.columns:
+        if column.name not in present:
+            definition = CreateColumn(column).compile(dialect=connection.dialect)
+            connection.execute(text(f"ALTER TABLE {name} ADD COLUMN {definition}"))
+            added.append(column.name)
+    return added
+
+
 def init_db(jobs, options, out):
     engine = jobs.store.engine
     url = mask_secrets(engine.url.render_as_string(hide_password=True))
@@ -498,20 +522,23 @@ def init_db(jobs, options, out):
         table = f"{schema}.{Job.__tablename__}" if schema else Job.__tablename__
         inspector = inspect(connection)
         if inspector.has_table(Job.__tablename__, schema=schema):
-            # An older table gets the indexes added since it was made.
+            # An older table gets the columns and indexes added since it was
+            # made.
+            columns = _add_missing_columns(connection, inspector, schema)
             present = {
                 index["name"]
                 for index in inspector.get_indexes(Job.__tablename__, schema=schema)
             }
-            added = sorted(
-                index.name
-                for index in Job.__table__.indexes
-                if index.name not in present
+            indexes = sorted(
+                table_indexes(connection.dialect.name), key=lambda index: index.name
             )
-            for index in sorted(Job.__table__.indexes, key=lambda i: i.name):
+            added = [index.name for index in indexes if index.name not in present]
+            for index in indexes:
                 if index.name in added:
                     index.create(connection)
             print(f"Table {table} already exists in {url}.", file=out)
+            if columns:
+                print(f"Added its missing columns: {', '.join(columns)}.", file=out)
             if added:
                 print(f"Created its missing indexes: {', '.join(added)}.", file=out)
             return 0

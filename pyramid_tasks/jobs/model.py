@@ -18,6 +18,7 @@ from sqlalchemy import (
     Text,
     text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
@@ -84,7 +85,7 @@ def utcnow():
 # The columns are plain JSON and timestamps, so an Alembic revision of the
 # table needs nothing of this package.  The store converts on the way:
 
-_JSON_COLUMNS = ("args", "kwargs", "options")
+_JSON_COLUMNS = ("args", "kwargs", "options", "workspace")
 _TIME_COLUMNS = (
     "created_at",
     "eta",
@@ -216,6 +217,12 @@ class Job(_Base):
     progress_message: Mapped[str | None] = mapped_column(Text)
     unique_key: Mapped[str | None] = mapped_column(String(255))
     parent_id: Mapped[str | None] = mapped_column(String(255))
+    # apply_async(workspace={...}): a JSON object the job's runs read and
+    # update (self.workspace), and the list filters on.  SQL NULL without
+    # one; JSONB on PostgreSQL, for its containment index.
+    workspace: Mapped[dict | None] = mapped_column(
+        JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+    )
 
     __table_args__ = (
         # Each index serves the operators' questions (docs/dashboard.rst
@@ -263,6 +270,17 @@ class Job(_Base):
             postgresql_where=_has_parent,
             sqlite_where=_has_parent,
         ),
+        # The list's workspace filter (``workspace @> '{"user_id": 42}'``):
+        # PostgreSQL's GIN index of the JSONB paths, of the jobs that have a
+        # workspace.  SQLite has no such index: there the filter reads the
+        # rows (docs/jobs.rst).
+        Index(
+            "ix_pyramid_tasks_job_workspace",  # in _POSTGRESQL_ONLY
+            "workspace",
+            postgresql_using="gin",
+            postgresql_ops={"workspace": "jsonb_path_ops"},
+            postgresql_where=text("workspace IS NOT NULL"),
+        ).ddl_if(dialect="postgresql"),
         Index(
             "ix_pyramid_tasks_job_unique_key",
             "unique_key",
@@ -274,3 +292,16 @@ class Job(_Base):
 
     def __repr__(self):
         return f"<Job {self.name}[{self.id}] {self.state}>"
+
+
+# The indexes made on PostgreSQL only (their ddl_if).
+_POSTGRESQL_ONLY = ("ix_pyramid_tasks_job_workspace",)
+
+
+def table_indexes(dialect):
+    """The job table's indexes made on a database of ``dialect`` (a name)."""
+    return [
+        index
+        for index in Job.__table__.indexes
+        if dialect == "postgresql" or index.name not in _POSTGRESQL_ONLY
+    ]

@@ -21,6 +21,7 @@ searches stop after :attr:`JobService.search_depth` jobs, and nothing counts
 or scans the whole table, which stays cheap at millions of rows.
 """
 
+import json
 import logging
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
@@ -29,7 +30,17 @@ import transaction
 from celery.worker import state as worker_state
 from celery.worker.control import control_command
 from pyramid.exceptions import ConfigurationError
-from sqlalchemy import delete, func, literal, select, union_all, update
+from sqlalchemy import (
+    and_,
+    delete,
+    func,
+    literal,
+    select,
+    type_coerce,
+    union_all,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
 from ..publish import publish
@@ -375,6 +386,7 @@ class JobService:
         finished_after=None,
         finished_before=None,
         parent=None,
+        workspace=None,
     ):
         """A page of jobs newest first (``created_at``, then ``id``,
         descending): ``{"jobs": [...], "searched": id or None,
@@ -394,7 +406,10 @@ class JobService:
         the columns to read and give (``id`` and ``created_at`` always), every one when
         None (the dashboard's list reads neither arguments nor tracebacks);
         ``parent``: a job id or ids, their children only (chain steps, jobs
-        sent from their runs).
+        sent from their runs); ``workspace``: the jobs whose workspace holds
+        these keys with these values, a dict (``{"user_id": 42}``) or texts
+        ``"key=value"`` (the value read as JSON if it is, ``user_id=42``;
+        else as text), served by a GIN index on PostgreSQL.
 
         ``title``, ``error``, ``finished_*``, and a ``queue`` or ``name``
         given with a narrower one (``parent``, then ``name``) are
@@ -436,9 +451,12 @@ class JobService:
             # Only a finished job has a finished_at (started and retried
             # jobs have it cleared).
             states = [one for one in states if one in FINISHED]
+        held = self._workspace(workspace)
         with self._connect(), self.store.engine.connect() as connection:
             queues = self._queues(connection, queue)
             where = []  # along every branch's index
+            if held is not None:
+                where.append(self._holds(held))
             searched = []  # checked on the window
             if times["created_after"]:
                 where.append(_c.created_at >= times["created_after"])
@@ -559,6 +577,48 @@ class JobService:
                 "limit", limit, f"bad limit {limit}: expected 1 to {self.max_limit}"
             )
         return limit
+
+    @staticmethod
+    def _workspace(value):
+        """``{key: value}`` from a dict or from ``"key=value"`` texts (the
+        value read as JSON when it is JSON, else as text), or None;
+        BadParameter ``workspace``."""
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            held = value
+        else:
+            held = {}
+            for text in [value] if isinstance(value, str) else list(value):
+                key, equals, raw = str(text).partition("=")
+                if not equals or not key:
+                    raise BadParameter(
+                        "workspace", text, f"bad workspace {text!r}: not KEY=VALUE"
+                    )
+                try:
+                    held[key] = json.loads(raw)
+                except ValueError:
+                    held[key] = raw
+        if not held or not all(isinstance(key, str) and key for key in held):
+            raise BadParameter(
+                "workspace", value, f"bad workspace {value!r}: no KEY=VALUE"
+            )
+        return held
+
+    def _holds(self, held):
+        """The jobs whose workspace holds ``held``'s keys and values."""
+        if self.store.dialect == "postgresql":  # @>, along the GIN index
+            return type_coerce(_c.workspace, JSONB).contains(held)
+        conditions = []
+        for key, value in held.items():
+            path = "$." + json.dumps(key)
+            if isinstance(value, dict | list):
+                value = func.json(json.dumps(value))
+            elif value is None:
+                conditions.append(func.json_type(_c.workspace, path) == "null")
+                continue
+            conditions.append(func.json_extract(_c.workspace, path) == value)
+        return and_(*conditions)
 
     @staticmethod
     def _text(name, value):

@@ -223,6 +223,8 @@ class JobStore:
         )
         dumps = connection.dialect._json_serializer or json.dumps
         json_columns = {n for n, c in enumerate(columns) if c in _JSON_COLUMNS}
+        # SQL NULL for None, as SQLAlchemy writes it (its none_as_null).
+        null_columns = {n for n, c in enumerate(columns) if c == "workspace"}
         driver = connection.connection.driver_connection
         fixed = [value for _, value in defaults]
         given = columns[: len(columns) - len(fixed)]
@@ -231,7 +233,8 @@ class JobStore:
                 for row in rows:
                     values = [row[column] for column in given] + fixed
                     for n in json_columns:  # None too: JSON null, as SQLAlchemy
-                        values[n] = Json(values[n], dumps)
+                        if values[n] is not None or n not in null_columns:
+                            values[n] = Json(values[n], dumps)
                     copy.write_row(values)
         except connection.dialect.loaded_dbapi.Error as exc:
             # As SQLAlchemy raises what the driver raised: a DBAPIError,
@@ -330,6 +333,29 @@ class JobStore:
         with self.engine.connect() as connection:
             row = connection.execute(select(_table).where(_c.id == job_id)).first()
         return None if row is None else loaded(row._asdict())
+
+    def workspace(self, job_id, connection=None):
+        """The workspace of ``job_id`` (None without one), read on
+        ``connection`` (the run's transaction) or on a connection of its own."""
+        if connection is None:
+            with self.engine.connect() as connection:
+                return self.workspace(job_id, connection)
+        value = connection.execute(
+            select(_c.workspace).where(_c.id == job_id)
+        ).scalar_one_or_none()
+        return loaded({"workspace": value})["workspace"]
+
+    def save_workspace(self, job_id, workspace, connection=None):
+        """Write ``workspace`` as the job's, on ``connection`` (the run's
+        transaction) or in a short transaction of its own."""
+        if connection is None:
+            with self.engine.begin() as connection:
+                self.save_workspace(job_id, workspace, connection)
+            return
+        value = stored({"workspace": workspace})["workspace"]
+        connection.execute(
+            update(_table).where(_c.id == job_id).values(workspace=value)
+        )
 
     def state(self, job_id, connection=None):
         if connection is None:

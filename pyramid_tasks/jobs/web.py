@@ -150,6 +150,7 @@ class JobRecorder:
         title=None,
         unique_key=None,
         batch=None,
+        workspace=None,
     ):
         """The row of a task about to be sent, as the table keeps it (``json``:
         its JSON columns, when :meth:`check` made them already; ``batch``: a
@@ -170,6 +171,7 @@ class JobRecorder:
             "created_at": now,
             "eta": _eta(options, now),
             "parent_id": _parent_id() if batch is None else batch["parent_id"],
+            "workspace": workspace,
         }
 
     # -- at the commit -------------------------------------------------------
@@ -214,6 +216,7 @@ class JobRecorder:
             title=send.title,
             unique_key=send.unique_key,
             batch=batch,
+            workspace=send.workspace,
         )
 
     def _joined_session(self, txn):
@@ -299,7 +302,9 @@ class JobRecorder:
         For tests and scripts: ``registry.pyramid_tasks_jobs.flush(5)``."""
         return _marker.flush(timeout)
 
-    def record_sent(self, task, task_id, args, kwargs, options, title=None):
+    def record_sent(
+        self, task, task_id, args, kwargs, options, title=None, workspace=None
+    ):
         """The row of a task sent at once (no ``tm``): written after the send,
         ``queued``, unless a worker already made it."""
         if task.app.conf.task_always_eager or self.store.dialect == "sqlite":
@@ -307,7 +312,16 @@ class JobRecorder:
             # own transaction may hold the database's one write lock, which
             # this connection would wait for; the worker makes the row.
             return
-        row = self.row(task, task_id, args, kwargs, options, QUEUED, title=title)
+        row = self.row(
+            task,
+            task_id,
+            args,
+            kwargs,
+            options,
+            QUEUED,
+            title=title,
+            workspace=workspace,
+        )
         row["published_at"] = row["created_at"]
         if row["eta"] is not None and row["eta"] > row["created_at"]:
             row["state"] = SCHEDULED

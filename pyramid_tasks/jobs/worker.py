@@ -25,11 +25,12 @@ import threading
 import time
 
 from celery.exceptions import Ignore, Reject, Retry
+from kombu.utils import json as kombu_json
 from pyramid.exceptions import ConfigurationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from zope.sqlalchemy import mark_changed
 
-from ..options import TITLE_HEADER
+from ..options import TITLE_HEADER, WORKSPACE_HEADER
 from . import log as joblog
 from .events import JobFailed, JobStarted, JobSucceeded
 from .model import CANCELLED, RUNNABLE, SUCCEEDED, utcnow
@@ -92,12 +93,15 @@ class JobRun:
         "progress_unrecorded",
         "request",
         "seen",
+        "session",
         "started_at",
         "task",
         "title",
         "took_effect",
         "transactional",
         "was_cancelled",
+        "workspace_read",
+        "workspace_value",
     )
 
     def __init__(self, jobs, task, transactional):
@@ -120,6 +124,11 @@ class JobRun:
         self.last_cancel_check = 0.0
         self.was_cancelled = False
         self.progress_unrecorded = False
+        # The task's session (transactional: set by lock()); the workspace
+        # as read (its JSON, to see a change) and as the body changes it.
+        self.session = None
+        self.workspace_read = None
+        self.workspace_value = None
 
     @property
     def id(self):
@@ -174,8 +183,8 @@ class JobRun:
             "queue": (request.delivery_info or {}).get("routing_key"),
             "parent_id": request.parent_id,
             # apply_async(title=...) without tm=: a header (eager: in headers).
-            "title": getattr(request, TITLE_HEADER, None)
-            or (request.headers or {}).get(TITLE_HEADER),
+            "title": _header(request, TITLE_HEADER),
+            "workspace": _header(request, WORKSPACE_HEADER),
             # What the relay needs to send it again (a lease expired).
             "options": _message_options(request),
         }
@@ -183,6 +192,8 @@ class JobRun:
     def __exit__(self, exc_type, exc, tb):
         _running.discard(self)  # a deferred start landed, or never will
         store = self.jobs.store
+        if not self.transactional:
+            self._save_workspace()
         # The events follow the row: none when this run's mark did not land
         # (the job was cancelled meanwhile, or another delivery had it).
         # A mark that fails is logged: the body's outcome stands, and a job
@@ -295,7 +306,7 @@ class JobRun:
 
     def lock(self, request):
         """Lock the job in ``request.tm``'s transaction; False: do not run."""
-        session = self._session(request)
+        session = self.session = self._session(request)
         first = self.deferred and self.seen is None
         state, attempts, title = self.jobs.store.lock(
             session.connection(),
@@ -341,6 +352,8 @@ class JobRun:
         start = None
         if self.deferred and not _running.settle(self):
             start = (self.seen, self.started_at)
+        if self._workspace_changed():
+            self.jobs.store.save_workspace(self.id, self.workspace_value, connection)
         if not self.jobs.store.succeed_in(connection, self.id, start):
             raise JobCancelled(self.id, self.jobs.store.state(self.id, connection))
         mark_changed(session)
@@ -382,6 +395,46 @@ class JobRun:
 
     def row(self):
         return self.jobs.store.get(self.id)
+
+    def workspace(self):
+        """The workspace, read at the first call: in the run's transaction for
+        the transactional classes (the row is locked), else on its own."""
+        if self.workspace_read is None:
+            connection = None if self.session is None else self.session.connection()
+            value = self.jobs.store.workspace(self.id, connection)
+            self.workspace_value = {} if value is None else value
+            self.workspace_read = _dumps(self.workspace_value)  # read only: no write
+        return self.workspace_value
+
+    def _workspace_changed(self):
+        return (
+            self.workspace_read is not None
+            and _dumps(self.workspace_value) != self.workspace_read
+        )
+
+    def _save_workspace(self):
+        """A non-transactional run's workspace, saved if changed; a failure is
+        logged (the run's outcome stands)."""
+        if not self._workspace_changed():
+            return
+        try:
+            self.jobs.store.save_workspace(self.id, self.workspace_value)
+        except Exception as exc:
+            log.warning(
+                "Job %s[%s]: its workspace was not saved: %s",
+                self.task.name,
+                self.id,
+                one_line(exc),
+            )
+
+
+def _header(request, name):
+    """A header of the message (eager: in ``headers``)."""
+    return getattr(request, name, None) or (request.headers or {}).get(name)
+
+
+def _dumps(workspace):
+    return kombu_json.dumps(workspace, sort_keys=True)
 
 
 def _message_options(request):

@@ -1,0 +1,78 @@
+"""The workspace filter in the operators' skins: ``jobs list --workspace
+KEY=VALUE`` and the JSON API's ``GET /jobs?workspace=KEY=VALUE`` (both
+repeatable), on the INI's app (PostgreSQL); the service's filter itself in
+``tests/test_jobs_workspace.py``."""
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from .test_dashboard import durable, own_redis, queue  # noqa: F401 (fixtures)
+from .test_jobs_api import add_jobs, api  # noqa: F401 (a fixture)
+from .test_jobs_commands import app, ini, jobs, refused, service  # noqa: F401
+
+T0 = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+
+# The commands set up the INI's logging in this process: undone after each.
+pytestmark = pytest.mark.usefixtures("restore_logging")
+
+
+def workspaces():
+    """Six jobs: a to e with workspaces, f without."""
+    given = {
+        "a": {"user_id": 42, "kind": "import"},
+        "b": {"user_id": 7, "kind": "import"},
+        "c": {"user_id": 42, "kind": "export"},
+        "d": {"user_id": "42"},
+        "e": {"user_id": 42, "kind": "import", "step": 2},
+        "f": None,
+    }
+    return [
+        {
+            "id": job_id,
+            "state": "queued",
+            "created_at": T0 + timedelta(minutes=n),
+            "workspace": workspace,
+        }
+        for n, (job_id, workspace) in enumerate(given.items())
+    ]
+
+
+def test_jobs_list_workspace(jobs, service):  # noqa: F811 (fixtures)
+    add_jobs(service.store.engine, *workspaces())
+
+    def ids(*filters):
+        arguments = [part for f in filters for part in ("--workspace", f)]
+        status, out, err = jobs("list", *arguments, "--json")
+        assert (status, err) == (0, "")
+        return [job["id"] for job in json.loads(out)]
+
+    assert ids("user_id=42") == ["e", "c", "a"]
+    assert ids("user_id=42", "kind=import") == ["e", "a"]
+    assert ids('user_id="42"') == ["d"]
+    assert ids("kind=import", "step=2") == ["e"]
+    assert jobs("list", "--workspace", "user_id=1")[:2] == (
+        0,
+        "No job matches these filters.\n",
+    )
+    assert refused(jobs, "list", "--workspace", "user_id") == (
+        "jobs list: bad workspace 'user_id': not KEY=VALUE"
+    )
+
+
+def test_the_api_takes_the_same_filter(api):  # noqa: F811 (a fixture)
+    client = api()
+    add_jobs(client.d.engine, *workspaces())
+
+    def ids(*filters):
+        page = client.get("/jobs", [("workspace", f) for f in filters])
+        return [job["id"] for job in page["jobs"]]
+
+    assert ids("user_id=42") == ["e", "c", "a"]
+    assert ids("user_id=42", "kind=export") == ["c"]
+    [job] = client.get("/jobs", {"workspace": "step=2"})["jobs"]
+    assert job["workspace"] == {"user_id": 42, "kind": "import", "step": 2}
+    answer = client.get("/jobs", {"workspace": "nothing"}, status=400)
+    assert answer["parameter"] == "workspace"
+    assert answer["error"] == "bad workspace 'nothing': not KEY=VALUE"
