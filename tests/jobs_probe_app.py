@@ -181,3 +181,16 @@ def fan_out(self, key, count):
     """Send ``count`` ``record`` jobs at once from the run (no tm): their
     rows are made by the workers that start them, naming this job."""
     return [record.delay(f"{key}:{i}").id for i in range(count)]
+
+
+@task(bind=True, base=RetryableTransactionTask)
+def step(self, key, name):
+    """A workflow's step: its effect (an order ``key:name``) and its name
+    added to the workspace's ``done``, in its transaction; it fails while
+    Redis holds ``key:fail:name``."""
+    request = self.get_request()
+    _effect(request, f"{key}:{name}")
+    self.workspace.setdefault("done", []).append(name)
+    if _redis(request).get(f"{key}:fail:{name}"):
+        raise ValueError(f"step {name} was told to fail")
+    return name

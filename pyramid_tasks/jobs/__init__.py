@@ -14,6 +14,7 @@ from sqlalchemy.orm import sessionmaker
 from ..settings import parse_jobs_settings
 from .events import JobCreated, JobEvent, JobFailed, JobStarted, JobSucceeded
 from .model import FINISHED, STATES, UNFINISHED, Job, metadata
+from .workflow import Workflow, workflow
 
 __all__ = [
     "FINISHED",
@@ -25,8 +26,10 @@ __all__ = [
     "JobFailed",
     "JobStarted",
     "JobSucceeded",
+    "Workflow",
     "includeme",
     "metadata",
+    "workflow",
 ]
 
 _DISCRIMINATOR = "pyramid_tasks:jobs"

@@ -66,6 +66,7 @@ from .model import (
 from .relay import Relay
 from .revoked import RETRIED_HEADER
 from .store import explain_missing_table, one_line
+from .workflow import WORKFLOW_TASK
 
 __all__ = [
     "JOB_KEYS",
@@ -900,9 +901,14 @@ class JobService:
         ``queued`` when the broker took it; what the broker did not take
         stays ``pending`` for the relay.  Per id ``{"id", "state_before",
         "state"}``.
+
+        A workflow (:func:`~pyramid_tasks.jobs.workflow.workflow`) resumes
+        at its step that failed (was cancelled, is dead): that step is
+        retried, with the rest of the workflow in its message, and the
+        workflow is ``queued`` again; its answer names the step (``"step"``).
         """
         with self._connect(), self.store.engine.connect() as connection:
-            rows = self._rows(connection, ids)
+            rows, resumed = self._resume_points(connection, self._rows(connection, ids))
         for job_id, row in rows.items():
             if row["state"] not in RETRYABLE:
                 raise BadParameter(
@@ -926,6 +932,7 @@ class JobService:
                 [job_id for job_id, r in rows.items() if r["state"] == CANCELLED]
             )
         sent_ids = self._send_now(retried)
+        self._requeue_workflows(resumed)
         results = []
         for job_id, row in rows.items():
             state = QUEUED if job_id in sent_ids else PENDING
@@ -937,8 +944,58 @@ class JobService:
                 row["title"],
                 f"by an operator (it was {row['state']}), {state}",
             )
+            if job_id in resumed:  # asked for its workflow
+                workflow = resumed[job_id]
+                results.append(
+                    {
+                        "id": workflow["id"],
+                        "state_before": workflow["state"],
+                        "state": QUEUED,
+                        "step": job_id,
+                    }
+                )
+                continue
             results.append({"id": job_id, "state_before": row["state"], "state": state})
         return results
+
+    @staticmethod
+    def _resume_points(connection, rows):
+        """``rows`` with each workflow that ended (failed, cancelled, dead)
+        replaced by its newest step that ended so, and ``{step id: the
+        workflow's row}``; BadParameter for a workflow with no such step."""
+        points, resumed = {}, {}
+        for job_id, row in rows.items():
+            if row["name"] != WORKFLOW_TASK or row["state"] not in RETRYABLE:
+                points[job_id] = row
+                continue
+            step = connection.execute(
+                select(_table)
+                .where(_c.parent_id == job_id, _c.state.in_(RETRYABLE))
+                .order_by(_c.created_at.desc())
+                .limit(1)
+            ).first()
+            if step is None:
+                raise BadParameter(
+                    "id",
+                    job_id,
+                    f"workflow {job_id} has no failed, cancelled or dead step "
+                    "to resume at",
+                )
+            points[step.id] = loaded(step._asdict())
+            resumed[step.id] = row
+        return points, resumed
+
+    def _requeue_workflows(self, resumed):
+        """The workflows whose step was retried: ``queued`` again."""
+        if not resumed:
+            return
+        with self.store.engine.begin() as connection:
+            for workflow in resumed.values():
+                connection.execute(
+                    update(_table)
+                    .where(_c.id == workflow["id"], _c.state == workflow["state"])
+                    .values(state=QUEUED, finished_at=None, error=None, traceback=None)
+                )
 
     def _send_now(self, rows):
         """Publish the ``pending`` job rows ``rows`` as the relay publishes,

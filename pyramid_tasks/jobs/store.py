@@ -357,6 +357,54 @@ class JobStore:
             update(_table).where(_c.id == job_id).values(workspace=value)
         )
 
+    def workflow_step(self, step, outcome, name, exc=None):
+        """A step of a workflow (``step``: its message's ``{"id", "step",
+        "steps"}``) ended ``outcome`` (started, succeeded, failed): the
+        workflow's row follows, in one short UPDATE naming the states it may
+        be in.  It never gets a heartbeat: no lease finds it lost."""
+        number, count = step["step"], step["steps"]
+        now = utcnow()
+        if outcome == STARTED:
+            values = {
+                "state": STARTED,
+                "started_at": func.coalesce(_c.started_at, now),
+                "finished_at": None,
+                "error": None,
+                "traceback": None,
+                "progress": round(100 * (number - 1) / count),
+                "progress_message": f"step {number} of {count}: {name}",
+            }
+            states = (PENDING, QUEUED, STARTED, FAILED)
+        elif outcome == SUCCEEDED and number < count:
+            values = {
+                "progress": round(100 * number / count),
+                "progress_message": f"step {number} of {count} done: {name}",
+            }
+            states = (STARTED,)
+        elif outcome == SUCCEEDED:
+            values = {
+                "state": SUCCEEDED,
+                "finished_at": now,
+                "progress": 100,
+                "progress_message": f"{count} steps done",
+            }
+            states = (STARTED,)
+        else:
+            text_ = f"step {number} of {count} ({name}): {type(exc).__name__}: {exc}"
+            values = {
+                "state": FAILED,
+                "finished_at": now,
+                "error": mask_secrets(text_)[:10000],
+                "progress_message": f"step {number} of {count} failed: {name}",
+            }
+            states = (PENDING, QUEUED, STARTED)
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(_table)
+                .where(_c.id == step["id"], _c.state.in_(states))
+                .values(values)
+            )
+
     def state(self, job_id, connection=None):
         if connection is None:
             with self.engine.connect() as connection:

@@ -31,6 +31,7 @@ from . import log as joblog
 from .events import JobCreated
 from .model import PENDING, QUEUED, SCHEDULED, Job, stored, utcnow
 from .store import JobTableMissing, explain_missing_table, one_line
+from .workflow import WORKFLOW_HEADER
 
 __all__ = ["JobRecorder"]
 
@@ -170,7 +171,8 @@ class JobRecorder:
             "publish_attempts": 0,
             "created_at": now,
             "eta": _eta(options, now),
-            "parent_id": _parent_id() if batch is None else batch["parent_id"],
+            "parent_id": _workflow_id(options)
+            or (_parent_id() if batch is None else batch["parent_id"]),
             "workspace": workspace,
         }
 
@@ -258,6 +260,20 @@ class JobRecorder:
             send.written = True
             joblog.keep_rows([send], [row])
         return existing
+
+    def write_now(self, row, tm=None, txn=None):
+        """Insert ``row`` (as the table keeps it) now: in ``txn``, ``tm``'s
+        open transaction, through the session joined to it (as
+        :meth:`write_unique`); committed on its own without ``tm``."""
+        if tm is None:
+            with self.store.engine.begin() as connection:
+                self.store.insert(connection, [row])
+            return
+        session = self._joined_session(txn)
+        if session is None:
+            session = self._session_for(tm)
+        self.store.insert(session.connection(), [row])
+        mark_changed(session)
 
     def _session_for(self, tm):
         request = get_current_request()
@@ -512,6 +528,14 @@ def _encoded(args, kwargs, options):
             "options": _stored_options(options),
         }
     )
+
+
+def _workflow_id(options):
+    """The id of the workflow whose step this send is, or None."""
+    headers = options.get("headers")
+    if not headers or WORKFLOW_HEADER not in headers:
+        return None
+    return headers[WORKFLOW_HEADER]["id"]
 
 
 def _parent_id():

@@ -33,8 +33,9 @@ from zope.sqlalchemy import mark_changed
 from ..options import TITLE_HEADER, WORKSPACE_HEADER
 from . import log as joblog
 from .events import JobFailed, JobStarted, JobSucceeded
-from .model import CANCELLED, RUNNABLE, SUCCEEDED, utcnow
+from .model import CANCELLED, FAILED, RUNNABLE, STARTED, SUCCEEDED, utcnow
 from .store import one_line
+from .workflow import WORKFLOW_HEADER
 
 __all__ = ["JobCancelled", "JobRun", "durable_task_options"]
 
@@ -147,7 +148,7 @@ class JobRun:
             self.began = time.monotonic()
         else:
             self._start()
-            self.jobs.notify(JobStarted, self)
+            self._notify_started()
         _running.add(self)
         return self
 
@@ -181,7 +182,9 @@ class JobRun:
             "args": list(request.args or ()),
             "kwargs": dict(request.kwargs or {}),
             "queue": (request.delivery_info or {}).get("routing_key"),
-            "parent_id": request.parent_id,
+            # A workflow's step: the workflow's (else the task that sent it).
+            "parent_id": (_header(request, WORKFLOW_HEADER) or {}).get("id")
+            or request.parent_id,
             # apply_async(title=...) without tm=: a header (eager: in headers).
             "title": _header(request, TITLE_HEADER),
             "workspace": _header(request, WORKSPACE_HEADER),
@@ -204,6 +207,7 @@ class JobRun:
             if self.took_effect:
                 joblog.run(joblog.SUCCEEDED, self)
                 self.jobs.notify(JobSucceeded, self)
+                self._workflow_step(SUCCEEDED)
             return False
         if isinstance(exc, JobCancelled):
             if self.deferred and self.seen is not None:
@@ -237,6 +241,7 @@ class JobRun:
         if self._marked(store.fail, exc):
             joblog.run(joblog.FAILED, self, exc)
             self.jobs.notify(JobFailed, self, exc)
+            self._workflow_step(FAILED, exc)
         return False
 
     def _marked(self, mark, *args):
@@ -327,7 +332,7 @@ class JobRun:
                 # starts meanwhile counts too).
                 self.seen, self.attempt, self.title = attempts, attempts + 1, title
                 joblog.run(joblog.STARTED, self)
-                self.jobs.notify(JobStarted, self)
+                self._notify_started()
                 _running.defer_start(self)
                 return True
         if state in (SUCCEEDED, CANCELLED):
@@ -343,7 +348,7 @@ class JobRun:
 
     def _start_now(self):
         self._start()
-        self.jobs.notify(JobStarted, self)
+        self._notify_started()
 
     def succeed_in(self, request):
         """Write ``succeeded`` in ``request.tm``'s transaction."""
@@ -353,7 +358,9 @@ class JobRun:
         if self.deferred and not _running.settle(self):
             start = (self.seen, self.started_at)
         if self._workspace_changed():
-            self.jobs.store.save_workspace(self.id, self.workspace_value, connection)
+            self.jobs.store.save_workspace(
+                self._workspace_id(), self.workspace_value, connection
+            )
         if not self.jobs.store.succeed_in(connection, self.id, start):
             raise JobCancelled(self.id, self.jobs.store.state(self.id, connection))
         mark_changed(session)
@@ -396,12 +403,38 @@ class JobRun:
     def row(self):
         return self.jobs.store.get(self.id)
 
+    def _notify_started(self):
+        self.jobs.notify(JobStarted, self)
+        self._workflow_step(STARTED)
+
+    def _workflow_step(self, outcome, exc=None):
+        """A workflow's step: its outcome on the workflow's row too; a
+        failure is logged (the step's own row stands)."""
+        step = _header(self.request, WORKFLOW_HEADER)
+        if step is None:
+            return
+        try:
+            self.jobs.store.workflow_step(step, outcome, self.task.name, exc)
+        except Exception as exc:
+            log.warning(
+                "Job %s[%s]: its workflow %s was not updated: %s",
+                self.task.name,
+                self.id,
+                step.get("id"),
+                one_line(exc),
+            )
+
+    def _workspace_id(self):
+        """Whose workspace this run has: its workflow's, else its own."""
+        step = _header(self.request, WORKFLOW_HEADER)
+        return self.id if step is None else step["id"]
+
     def workspace(self):
         """The workspace, read at the first call: in the run's transaction for
         the transactional classes (the row is locked), else on its own."""
         if self.workspace_read is None:
             connection = None if self.session is None else self.session.connection()
-            value = self.jobs.store.workspace(self.id, connection)
+            value = self.jobs.store.workspace(self._workspace_id(), connection)
             self.workspace_value = {} if value is None else value
             self.workspace_read = _dumps(self.workspace_value)  # read only: no write
         return self.workspace_value
@@ -418,7 +451,7 @@ class JobRun:
         if not self._workspace_changed():
             return
         try:
-            self.jobs.store.save_workspace(self.id, self.workspace_value)
+            self.jobs.store.save_workspace(self._workspace_id(), self.workspace_value)
         except Exception as exc:
             log.warning(
                 "Job %s[%s]: its workspace was not saved: %s",
@@ -454,6 +487,9 @@ def _message_options(request):
     ):
         if value:
             options[option] = value
+    step = _header(request, WORKFLOW_HEADER)
+    if step is not None:  # sent again (a retry, a lease), still a step
+        options["headers"] = {WORKFLOW_HEADER: step}
     return options
 
 
