@@ -14,7 +14,7 @@ import weakref
 from collections import deque
 from itertools import islice
 
-from celery import Task
+from celery import Task, chain, signature
 from celery.exceptions import CeleryError
 from kombu.exceptions import BatchPublishError, OperationalError
 
@@ -365,14 +365,23 @@ _eager_errors = weakref.WeakKeyDictionary()
 def _run_eagerly(app, sends):
     failures = []
     for send in sends:
+        options = {
+            key: send.options[key]
+            for key in ("link", "link_error", "headers")
+            if key in send.options
+        }
         try:
-            send.task.apply(
-                send.args,
-                send.kwargs,
-                task_id=send.task_id,
-                link=send.options.get("link"),
-                link_error=send.options.get("link_error"),
-            )
+            rest = send.options.get("chain")
+            if rest:
+                # The rest of a chain, as a worker would send it after this
+                # step (its list holds the next step last).
+                first = send.task.signature(
+                    send.args, send.kwargs, task_id=send.task_id, **options
+                )
+                steps = [signature(step, app=app) for step in reversed(rest)]
+                chain(first, *steps).apply()
+            else:
+                send.task.apply(send.args, send.kwargs, task_id=send.task_id, **options)
         except Exception as exc:
             # Only with task_eager_propagates, where Celery does not log it.
             log.error(

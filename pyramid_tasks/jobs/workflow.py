@@ -102,9 +102,13 @@ class Workflow:
             "progress_message": f"step 1 of {count}: {steps[0].task}",
         }
         jobs.write_now(stored(row), tm, txn)
-        sent = chain(*steps) if count > 1 else steps[0]
         if tm is None:
-            sent.apply_async(**options)
+            (chain(*steps) if count > 1 else steps[0]).apply_async(**options)
         else:
-            sent.apply_async(tm=tm, **options)
+            # The first step on tm's commit, carrying the rest as a chain's
+            # first message does (the next step last).  Not Celery's
+            # chain.apply_async, which in eager mode runs the steps now,
+            # inside the transaction.
+            rest = list(reversed(steps[1:])) or None
+            steps[0].apply_async(tm=tm, chain=rest, **options)
         return app.AsyncResult(workflow_id)
