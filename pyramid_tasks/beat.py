@@ -58,10 +58,12 @@ class Beat(CeleryBeat):
     using: a publish waiting for its confirm from RabbitMQ is cut in the
     middle of reading a frame, and the close then waits for ever on a stream
     it reads out of step (measured: 2 of 30 beats sending an entry every
-    5 ms never exited after SIGTERM).  Here the handler does no I/O: if it
-    interrupted a broker client, it drops the scheduler's connection without
-    a word to the broker; then it raises ``SystemExit``, and the beat loop's
-    own ``finally`` saves the schedule and closes the rest, as Celery's does.
+    5 ms never exited after SIGTERM); on Redis the close can wait for a lock
+    of redis-py's that the interrupted code holds.  Here the handler does no
+    I/O and takes no lock: if it interrupted a broker client, it drops the
+    scheduler's connection, untouched (the process is ending: its socket
+    goes with it); then it raises ``SystemExit``, and the beat loop's own
+    ``finally`` saves the schedule and closes what is left, as Celery's does.
     """
 
     def install_sync_handler(self, service):
@@ -70,9 +72,7 @@ class Beat(CeleryBeat):
                 scheduler = service.__dict__.get("scheduler")
                 if scheduler is not None:
                     scheduler.__dict__.pop("producer", None)
-                    connection = scheduler.__dict__.pop("connection", None)
-                    if connection is not None:
-                        connection.collect()
+                    scheduler.__dict__.pop("connection", None)
             raise SystemExit()
 
         platforms.signals.update(SIGTERM=stop, SIGINT=stop)

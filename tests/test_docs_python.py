@@ -33,7 +33,13 @@ from pyramid_tasks.jobs.web import _marker
 
 from .docs_blocks import DOCS, code_blocks
 
-BLOCKS = code_blocks("python")
+# Shown beside ours, another project's code (its first line says which).
+_OTHERS = ("# settings.py (django-db-queue)",)
+BLOCKS = {
+    where: source
+    for where, source in code_blocks("python").items()
+    if not source.lstrip().startswith(_OTHERS)
+}
 
 # The examples that open the transaction themselves: a script's, a shell's.
 _SCRIPT = re.compile(r"with request\.tm:|request\.tm\.begin\(|bootstrap\(")
@@ -103,6 +109,8 @@ def world(tmp_path, monkeypatch):
         **{name: getattr(models, name) for name in models.__all__},
         **{name: getattr(tasks, name) for name in ("send_receipt", "import_rows")},
         **{name: getattr(tasks, name) for name in ("report", "cleanup", "heartbeat")},
+        **{name: getattr(tasks, name) for name in ("fetch", "parse", "store")},
+        "upload_id": 1,
         **{name: getattr(helpers, name) for name in dir(helpers) if name[0] != "_"},
     }
     yield names

@@ -22,7 +22,10 @@ import pyramid_tasks.jobs
 from demo_app.models import Base
 
 # The table's indexes as init-db makes them: a migration makes the same.
-from .test_jobs_cli import INDEXES
+from .test_jobs_cli import INDEXES as SHARED_INDEXES
+
+# On PostgreSQL, the workspace's GIN index too.
+INDEXES = {**SHARED_INDEXES, "ix_pyramid_tasks_job_workspace": (["workspace"], False)}
 
 # The env.py of docs/jobs.rst ("Creating the table", Alembic).
 ENV_PY = '''\
@@ -165,6 +168,9 @@ def test_autogenerate_creates_the_job_table_and_upgrade_applies_it(
     # The revision needs nothing of pyramid_tasks: plain SQLAlchemy types.
     assert "pyramid_tasks.jobs" not in source
     assert source.count("sa.JSON()") == 3  # args, kwargs, options
+    # The workspace: JSONB on PostgreSQL, with its GIN index.
+    assert "postgresql.JSONB(" in source
+    assert "postgresql_using='gin'" in source
 
     command.upgrade(config, "head")
 

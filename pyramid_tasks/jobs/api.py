@@ -5,7 +5,7 @@ The operations of ``tasks-celery CONFIG jobs`` over HTTP, under
 
     GET  /jobs          list (?state= &queue= &name= &title= &error=
                         &created_after= &created_before= &finished_after=
-                        &finished_before= &limit= &before=)
+                        &finished_before= &workspace= &limit= &before=)
     GET  /jobs/{id}     show
     POST /cancel        {"ids": [...]}
     POST /retry         {"ids": [...]}

@@ -36,3 +36,18 @@ def nightly():
 @task
 def heartbeat():
     """Say the site is alive."""
+
+
+@task(bind=True, base=RetryableTransactionTask)
+def fetch(self, upload_id):
+    """A workflow's first step: fetch an upload."""
+
+
+@task(bind=True, base=RetryableTransactionTask)
+def parse(self):
+    """Its second: parse what was fetched."""
+
+
+@task(bind=True, base=RetryableTransactionTask)
+def store(self):
+    """Its third: store what was parsed."""
