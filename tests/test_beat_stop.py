@@ -12,6 +12,7 @@ callback), and between two ticks.
 """
 
 import signal
+import time
 import uuid
 
 import kombu
@@ -35,9 +36,11 @@ def beat(amqp_url, tmp_path):
     app = config.registry.celery_app
     beat = app.Beat(schedule=str(tmp_path / "schedule"), quiet=True)
     service = beat.Service(app=app, schedule_filename=beat.schedule)
-    saved = {name: signal.getsignal(name) for name in (signal.SIGTERM, signal.SIGINT)}
+    names = (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)
+    saved = {name: signal.getsignal(name) for name in names}
     beat.install_sync_handler(service)
     yield beat, service, queue
+    signal.setitimer(signal.ITIMER_REAL, 0)
     for name, handler in saved.items():
         signal.signal(name, handler)
     with kombu.Connection(amqp_url) as connection:
@@ -106,3 +109,25 @@ def test_a_sigterm_in_broker_code_before_any_connection_stops_too(beat, made):
         retry_over_time(signal.raise_signal, (), args=(signal.SIGTERM,))
     assert "connection" not in vars(service.__dict__.get("scheduler", service))
     assert not service._is_stopped.is_set()
+
+
+class Finalized:
+    """An object whose finalizer gets the signal (as a sent task's result
+    object, collected while it talks to a Redis result backend)."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGTERM)
+
+
+def test_a_sigterm_in_a_finalizer_stops_beat_all_the_same(beat):
+    """What a finalizer raises, Python ignores (Celery's beat ran on for
+    ever): the loop is told to end, and SystemExit comes again from a timer,
+    outside the finalizer."""
+    _, service, _ = beat
+    started = time.monotonic()
+    with pytest.raises(SystemExit):
+        Finalized()  # collected at once: its __del__ gets the signal
+        assert service._is_shutdown.is_set()
+        time.sleep(5)  # the timer's SystemExit cuts it short
+    assert time.monotonic() - started < 2
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

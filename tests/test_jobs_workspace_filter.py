@@ -1,14 +1,20 @@
 """The workspace filter in the operators' skins: ``jobs list --workspace
 KEY=VALUE`` and the JSON API's ``GET /jobs?workspace=KEY=VALUE`` (both
-repeatable), on the INI's app (PostgreSQL); the service's filter itself in
-``tests/test_jobs_workspace.py``."""
+repeatable), and the dashboard's list (one pair) and job page, on
+PostgreSQL; the service's filter itself in ``tests/test_jobs_workspace.py``."""
 
 import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from .test_dashboard import durable, own_redis, queue  # noqa: F401 (fixtures)
+from .test_dashboard import (  # noqa: F401 (fixtures)
+    dashboard,
+    durable,
+    own_redis,
+    queue,
+    text,
+)
 from .test_jobs_api import add_jobs, api  # noqa: F401 (a fixture)
 from .test_jobs_commands import app, ini, jobs, refused, service  # noqa: F401
 
@@ -76,3 +82,20 @@ def test_the_api_takes_the_same_filter(api):  # noqa: F811 (a fixture)
     answer = client.get("/jobs", {"workspace": "nothing"}, status=400)
     assert answer["parameter"] == "workspace"
     assert answer["error"] == "bad workspace 'nothing': not KEY=VALUE"
+
+
+def test_the_dashboard_filters_by_a_workspace_pair_and_shows_it(dashboard):  # noqa: F811
+    board = dashboard()
+    add_jobs(board.d.engine, *workspaces())
+    page = board.get("/jobs", workspace="kind=import")
+    assert [code.get_text() for code in page.html.select("td code")] == ["e", "b", "a"]
+    assert page.forms[0]["workspace"].value == "kind=import"
+    assert "Bad workspace" not in text(page)
+    bad = board.get("/jobs", status=400, workspace="kind")
+    assert "bad workspace 'kind': not KEY=VALUE" in text(bad)
+    job = board.get("/jobs/e")
+    assert '"step": 2' in text(job)
+    assert "workspace" in [h.get_text() for h in job.html.select("h3")]
+    assert "workspace" not in [
+        h.get_text() for h in board.get("/jobs/f").html.select("h3")
+    ]

@@ -4,7 +4,8 @@ HTML pages over the job table, rendered inside the host app under
 ``tasks.dashboard.prefix`` (default ``/_tasks``)::
 
     GET  /                     overview: per queue, what waits, runs, failed
-    GET  /jobs                 the jobs, filtered (?state= &queue= &name= &title=)
+    GET  /jobs                 the jobs, filtered (?state= &queue= &name= &title=
+                               &workspace=key=value ...)
     GET  /jobs/{id}            one job: every field, its timeline and progress
     GET  /failures             the failed jobs grouped by signature
     GET  /periodic             the beat entries, their last and next runs

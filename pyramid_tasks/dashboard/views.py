@@ -46,6 +46,7 @@ FILTERS = (
     "finished_after",
     "finished_before",
     "parent",
+    "workspace",
 )
 #: The time filters, ``datetime-local`` inputs of the form.
 TIME_FILTERS = FILTERS[5:9]
@@ -248,6 +249,9 @@ def job_page(request, error=None, status=200):
         args=pretty(job["args"], pattern),
         kwargs=pretty(job["kwargs"], pattern),
         options=pretty(job["options"], pattern),
+        workspace=None
+        if job["workspace"] is None
+        else pretty(job["workspace"], pattern),
         timeline=timeline,
         error=error,
         done=DONE_JOB.get(done),
