@@ -94,3 +94,34 @@ def build_report(self, report_id):
         time.sleep(seconds / REPORT_STEPS)
     finish(count_orders())
     return report_id
+
+
+# -- a workflow: three steps, one job, one workspace (durable mode) ----------
+
+
+@task(bind=True, base=RetryableTransactionTask)
+def pick_orders(self):
+    """Step 1 of "Ship confirmed orders": the confirmed orders' ids, into
+    the workflow's workspace (saved with this step's transaction)."""
+    request = self.get_request()
+    query = select(Order.id).where(Order.status == "confirmed").order_by(Order.id)
+    self.workspace["orders"] = list(request.dbsession.scalars(query.limit(100)))
+
+
+@task(bind=True, base=RetryableTransactionTask)
+def pack_orders(self):
+    """Step 2: pack what step 1 picked (here: count it)."""
+    self.workspace["packed"] = len(self.workspace["orders"])
+
+
+@task(bind=True, base=RetryableTransactionTask)
+def ship_orders(self):
+    """Step 3: mark the picked orders shipped, in this step's transaction."""
+    request = self.get_request()
+    ids = self.workspace["orders"]
+    result = request.dbsession.execute(
+        update(Order)
+        .where(Order.id.in_(ids), Order.status == "confirmed")
+        .values(status="shipped")
+    )
+    self.workspace["shipped"] = result.rowcount

@@ -5,10 +5,11 @@ from pyramid.interfaces import IRoutesMapper
 from pyramid.renderers import render_to_response
 from pyramid.view import view_config
 
-from pyramid_tasks.jobs import UNFINISHED, Job
+from pyramid_tasks.jobs import UNFINISHED, Job, workflow
+from pyramid_tasks.jobs.workflow import WORKFLOW_TASK
 
 from .models import Order, Report
-from .tasks import build_report, confirm_order
+from .tasks import build_report, confirm_order, pack_orders, pick_orders, ship_orders
 
 
 @view_config(route_name="home", request_method="GET", renderer="templates/home.jinja2")
@@ -30,10 +31,19 @@ def home(request):
         .limit(5)
         .all()
     )
-    jobs = [job for _, job in orders + reports if job is not None]
+    # The workflows: one job each, its steps its children.
+    shipments = (
+        dbsession.query(Job)
+        .filter(Job.name == WORKFLOW_TASK)
+        .order_by(Job.created_at.desc())
+        .limit(5)
+        .all()
+    )
+    jobs = [job for _, job in orders + reports if job is not None] + shipments
     return {
         "orders": orders,
         "reports": reports,
+        "shipments": shipments,
         # The page refreshes only while a task has work to show: an email
         # being typed is not wiped out by an idle page.
         "busy": any(order.status == "new" for order, _ in orders)
@@ -91,6 +101,20 @@ def request_report(request):
     request.dbsession.add(report)
     request.dbsession.flush()
     report.job_id = build_report.apply_async((report.id,), tm=request.tm).id
+    return HTTPFound(request.route_url("home"))
+
+
+@view_config(route_name="shipments", request_method="POST")
+def ship_confirmed_orders(request):
+    # One job of three steps, sharing a workspace; the first step is sent
+    # when this request commits, each next one when the one before succeeds.
+    workflow(
+        pick_orders.si(),
+        pack_orders.si(),
+        ship_orders.si(),
+        title="Ship confirmed orders",
+        workspace={"requested_by": "the demo page"},
+    ).apply_async(tm=request.tm)
     return HTTPFound(request.route_url("home"))
 
 

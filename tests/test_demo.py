@@ -148,6 +148,22 @@ def test_a_report_counts_the_orders(eager_app):
     assert cells[5:8] == ["1", "1", "0"]
 
 
+def test_a_shipment_is_a_workflow_of_three_steps(eager_app):
+    """Pick, pack, ship: one job, its three steps its children, their
+    workspace on the page; the confirmed orders shipped."""
+    for email in ("ann@example.com", "bo@example.com"):
+        eager_app.post("/orders", {"email": email})
+    eager_app.post("/shipments", status=302)
+    page = eager_app.get("/")
+    row = page.html.select("table")[2].select("tr")[1]
+    cells = [" ".join(cell.text.split()) for cell in row.select("td")]
+    assert cells[1] == "succeeded"
+    assert cells[2] == "100 % 3 steps done"
+    assert cells[3:5] == ["2", "2"]
+    assert eager_app.get("/orders/2").json["status"] == "shipped"
+    assert "No shipments yet." not in page.text
+
+
 def test_beat_task_expires_stale_orders(eager_app):
     registry = eager_app.app.registry
     engine = registry["dbsession_factory"].kw["bind"]
