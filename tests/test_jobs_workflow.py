@@ -80,6 +80,7 @@ def test_a_workflow_of_one_step_on_commit(app):
     try:
         tm = env["request"].tm
         with tm:
+            env["request"].dbsession.execute(select(1))  # the view's session joins
             workflow_id = workflow(note.si("only")).apply_async(tm=tm).id
     finally:
         env["closer"]()

@@ -8,6 +8,7 @@ code a delivered message goes through); a real worker in
 ``tests/test_jobs_workflow_e2e.py``.
 """
 
+import logging
 from decimal import Decimal
 
 import pytest
@@ -207,6 +208,7 @@ def test_the_workspace_filter_finds_exactly_the_matching_jobs_among_1000(app):
     assert found({"tags": ["x"], "user_id": 0}) == ids[(0, "a")] | ids[(0, "b")]
     assert found(['user_id="7"']) == set()  # text, not the number
     assert found({"user_id": 10}) == set()
+    assert found({"tags": None}) == set()  # a list, not JSON null
     page = service.list(workspace={"user_id": 7}, limit=10)
     assert [job["workspace"]["user_id"] for job in page] == [7] * 10
 
@@ -217,3 +219,20 @@ def test_a_bad_workspace_filter_names_itself(app, bad):
     with pytest.raises(BadParameter, match="bad workspace") as raised:
         service.list(workspace=bad)
     assert raised.value.name == "workspace"
+
+
+def test_a_workspace_that_cannot_be_saved_is_logged_and_the_run_stands(
+    app, monkeypatch, caplog
+):
+    store = app.pyramid_tasks_jobs.store
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(store, "save_workspace", refused)
+    with caplog.at_level(logging.WARNING, logger="pyramid_tasks"):
+        job_id = send(app, "visit_ScheduleOnCommitTask", "a", workspace={})
+    assert f"[{job_id}]: its workspace was not saved: the database went away" in (
+        caplog.text
+    )
+    assert row(app, job_id) == ("succeeded", {})
