@@ -10,7 +10,14 @@ from pyramid.scripting import prepare
 from sqlalchemy import select
 
 from pyramid_tasks import ScheduleOnCommitTask
-from pyramid_tasks.jobs import Job, metadata, workflow
+from pyramid_tasks.jobs import (
+    Job,
+    JobCreated,
+    JobStarted,
+    JobSucceeded,
+    metadata,
+    workflow,
+)
 from pyramid_tasks.jobs.service import BadParameter, JobService
 
 
@@ -158,3 +165,44 @@ def test_a_workflow_of_three_steps_on_commit_runs_them_all_eagerly(app):
     assert found[0][1:3] == ("pyramid_tasks.workflow", "succeeded")
     assert found[0][4] == {"done": ["a", "b", "c"]}
     assert [(r[2], r[3]) for r in found[1:]] == [("succeeded", workflow_id)] * 3
+
+
+def test_the_events_carry_the_workspace(tmp_path):
+    """django-db-queue's hooks see the job's workspace: JobCreated the one
+    given, the others the one stored after the run (a step's: the
+    workflow's)."""
+    seen = []
+    settings = {
+        "sqlalchemy.url": f"sqlite:///{tmp_path}/events.sqlite",
+        "celery.broker_url": "memory://",
+        "celery.task_always_eager": "true",
+        "demo.create_tables": "true",
+    }
+    with Configurator(settings=settings) as config:
+        config.include("demo_app.models")
+        config.include("pyramid_tasks.jobs")
+        config.add_task(note, bind=True, base=ScheduleOnCommitTask, name="note")
+        for event in (JobCreated, JobStarted, JobSucceeded):
+            config.add_subscriber(
+                lambda e: seen.append((type(e).__name__, e.workspace)), event
+            )
+    registry = config.registry
+    metadata.create_all(registry["dbsession_factory"].kw["bind"])
+    env = prepare(registry=registry)
+    try:
+        tm = env["request"].tm
+        with tm:
+            task = registry.celery_app.tasks["note"]
+            task.apply_async(("solo",), tm=tm, workspace={"user_id": 7})
+            workflow(task.si("a"), workspace={"user_id": 8}).apply_async(tm=tm)
+    finally:
+        env["closer"]()
+        registry.celery_app.close()
+    assert seen == [
+        ("JobCreated", {"user_id": 7}),
+        ("JobCreated", None),  # a step: the workspace is the workflow's row's
+        ("JobStarted", {"user_id": 7}),
+        ("JobSucceeded", {"user_id": 7, "done": ["solo"]}),
+        ("JobStarted", {"user_id": 8}),
+        ("JobSucceeded", {"user_id": 8, "done": ["a"]}),
+    ]

@@ -11,13 +11,16 @@ __all__ = ["JobCreated", "JobEvent", "JobFailed", "JobStarted", "JobSucceeded"]
 class JobEvent:
     """``event.request`` is a Pyramid request of the app (its ``tm`` and
     ``dbsession`` work), ``event.job_id`` and ``event.task_name`` name the
-    job, ``event.task`` is the Celery task."""
+    job, ``event.task`` is the Celery task, ``event.workspace`` the job's
+    workspace (a workflow's step: the workflow's) as stored, a dict or
+    None: given, for ``JobCreated``; as the run saved it, after it."""
 
-    def __init__(self, request, task, job_id):
+    def __init__(self, request, task, job_id, workspace=None):
         self.request = request
         self.task = task
         self.task_name = task.name
         self.job_id = job_id
+        self.workspace = workspace
 
 
 class JobCreated(JobEvent):
@@ -41,6 +44,6 @@ class JobFailed(JobEvent):
     """Worker side: the job failed and its error is recorded;
     ``event.exception`` is the exception."""
 
-    def __init__(self, request, task, job_id, exception=None):
-        super().__init__(request, task, job_id)
+    def __init__(self, request, task, job_id, exception=None, workspace=None):
+        super().__init__(request, task, job_id, workspace)
         self.exception = exception

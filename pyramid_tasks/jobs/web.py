@@ -29,7 +29,7 @@ from ..request import close_request, make_request
 from ..wire import routes_by_name
 from . import log as joblog
 from .events import JobCreated
-from .model import PENDING, QUEUED, SCHEDULED, Job, stored, utcnow
+from .model import PENDING, QUEUED, SCHEDULED, Job, loaded, stored, utcnow
 from .store import JobTableMissing, explain_missing_table, one_line
 from .workflow import WORKFLOW_HEADER
 
@@ -75,7 +75,10 @@ class JobRecorder:
         try:
             request = make_request(self.registry, settings.site_url)
             try:
-                self._send(event_class(request, run.task, run.id, *extra))
+                workspace = self.store.workspace(run.workspace_id())
+                self._send(
+                    event_class(request, run.task, run.id, *extra, workspace=workspace)
+                )
             finally:
                 # Its finished callbacks: the subscribers' too.
                 close_request(request, run.task.name)
@@ -108,13 +111,13 @@ class JobRecorder:
             return
         request = get_current_request()
         if request is not None and getattr(request, "tm", None) is send.tm:
-            self._send(JobCreated(request, send.task, send.task_id))
+            self._send(JobCreated(request, send.task, send.task_id, _given(send)))
             return
         settings = self.registry.pyramid_tasks_settings
         try:
             request = make_request(self.registry, settings.site_url, send.tm)
             try:
-                self._send(JobCreated(request, send.task, send.task_id))
+                self._send(JobCreated(request, send.task, send.task_id, _given(send)))
             finally:
                 close_request(request, send.task.name, owns_tm=False)
         except Exception:
@@ -528,6 +531,13 @@ def _encoded(args, kwargs, options):
             "options": _stored_options(options),
         }
     )
+
+
+def _given(send):
+    """The workspace ``send`` was given, as its runs will read it."""
+    if send.workspace is None:
+        return None
+    return loaded({"workspace": send.workspace})["workspace"]
 
 
 def _workflow_id(options):

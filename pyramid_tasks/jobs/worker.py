@@ -359,7 +359,7 @@ class JobRun:
             start = (self.seen, self.started_at)
         if self._workspace_changed():
             self.jobs.store.save_workspace(
-                self._workspace_id(), self.workspace_value, connection
+                self.workspace_id(), self.workspace_value, connection
             )
         if not self.jobs.store.succeed_in(connection, self.id, start):
             raise JobCancelled(self.id, self.jobs.store.state(self.id, connection))
@@ -424,7 +424,7 @@ class JobRun:
                 one_line(exc),
             )
 
-    def _workspace_id(self):
+    def workspace_id(self):
         """Whose workspace this run has: its workflow's, else its own."""
         step = _header(self.request, WORKFLOW_HEADER)
         return self.id if step is None else step["id"]
@@ -434,7 +434,7 @@ class JobRun:
         the transactional classes (the row is locked), else on its own."""
         if self.workspace_read is None:
             connection = None if self.session is None else self.session.connection()
-            value = self.jobs.store.workspace(self._workspace_id(), connection)
+            value = self.jobs.store.workspace(self.workspace_id(), connection)
             self.workspace_value = {} if value is None else value
             self.workspace_read = _dumps(self.workspace_value)  # read only: no write
         return self.workspace_value
@@ -451,7 +451,7 @@ class JobRun:
         if not self._workspace_changed():
             return
         try:
-            self.jobs.store.save_workspace(self._workspace_id(), self.workspace_value)
+            self.jobs.store.save_workspace(self.workspace_id(), self.workspace_value)
         except Exception as exc:
             log.warning(
                 "Job %s[%s]: its workspace was not saved: %s",
