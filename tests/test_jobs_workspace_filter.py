@@ -99,3 +99,36 @@ def test_the_dashboard_filters_by_a_workspace_pair_and_shows_it(dashboard):  # n
     assert "workspace" not in [
         h.get_text() for h in board.get("/jobs/f").html.select("h3")
     ]
+
+
+def test_jobs_show_lists_a_workflows_steps_and_retry_resumes_at_one(
+    jobs,  # noqa: F811 (a fixture)
+    service,  # noqa: F811 (a fixture)
+):
+    add_jobs(
+        service.store.engine,
+        {
+            "id": "w",
+            "name": "pyramid_tasks.workflow",
+            "state": "failed",
+            "created_at": T0,
+        },
+        *(
+            {
+                "id": step,
+                "parent_id": "w",
+                "state": state,
+                "created_at": T0 + timedelta(minutes=n),
+            }
+            for n, (step, state) in enumerate([("s1", "succeeded"), ("s2", "failed")])
+        ),
+    )
+    status, out, _ = jobs("show", "w")
+    assert status == 0
+    assert out.endswith("steps:\n  1. succeeded t s1\n  2. failed    t s2\n"), out
+    status, out, _ = jobs("retry", "w")
+    assert status == 0
+    assert out.startswith("Job w (it was failed) is "), out
+    assert out.endswith(", resumed at its step s2.\n"), out
+    assert service.get("w")["state"] == "queued"
+    assert service.get("s2")["state"] in ("pending", "queued")

@@ -19,6 +19,7 @@ from sqlalchemy.schema import CreateColumn
 
 from ..masking import mask_secrets
 from .model import STATES, Job, metadata, table_indexes
+from .workflow import WORKFLOW_TASK
 
 __all__ = ["USAGE", "parse", "run"]
 
@@ -307,6 +308,13 @@ def show(service, options, out):
             message = job["progress_message"]
             value = f"{value} %" + (f" ({message})" if message else "")
         print(f"{key + ':':<{width}} {'-' if value is None else value}", file=out)
+    if job["name"] == WORKFLOW_TASK:  # its steps, in their order
+        steps = service.list(parent=job["id"], limit=service.max_limit)
+        print("steps:", file=out)
+        for number, step in enumerate(reversed(steps), start=1):
+            print(
+                f"  {number}. {step['state']:<9} {step['name']} {step['id']}", file=out
+            )
     return 0
 
 
@@ -344,8 +352,9 @@ def retry(service, options, out):
             if result["state"] == "queued"
             else "pending: the relay sends it when the broker takes it"
         )
+        resumed = f", resumed at its step {result['step']}" if "step" in result else ""
         print(
-            f"Job {result['id']} (it was {result['state_before']}) is {then}.",
+            f"Job {result['id']} (it was {result['state_before']}) is {then}{resumed}.",
             file=out,
         )
     return 0
