@@ -15,10 +15,11 @@ from pyramid_tasks.jobs import (
     JobCreated,
     JobStarted,
     JobSucceeded,
-    metadata,
     workflow,
 )
 from pyramid_tasks.jobs.service import BadParameter, JobService
+
+from .test_jobs_workspace import eager_app
 
 
 def note(self, name):
@@ -27,31 +28,13 @@ def note(self, name):
     return name
 
 
+def add_note(config):
+    config.add_task(note, bind=True, base=ScheduleOnCommitTask, name="note")
+
+
 @pytest.fixture(params=["postgresql", "sqlite"])
 def app(request, tmp_path):
-    if request.param == "postgresql":
-        database_url = request.getfixturevalue("database_url")
-        schema = request.getfixturevalue("pg_schema")
-        settings = {"sqlalchemy.url": database_url, "demo.schema": schema}
-    else:
-        settings = {"sqlalchemy.url": f"sqlite:///{tmp_path}/jobs.sqlite"}
-    settings.update(
-        {
-            "celery.broker_url": "memory://",
-            "celery.task_always_eager": "true",
-            "demo.create_tables": "true",
-        }
-    )
-    with Configurator(settings=settings) as config:
-        config.include("demo_app.models")
-        config.include("pyramid_tasks.jobs")
-        config.add_task(note, bind=True, base=ScheduleOnCommitTask, name="note")
-    registry = config.registry
-    engine = registry["dbsession_factory"].kw["bind"]
-    metadata.create_all(engine)
-    yield registry
-    registry.celery_app.close()
-    engine.dispose()
+    return eager_app(request, tmp_path, add_note, request.param)
 
 
 def rows(registry):
@@ -167,27 +150,20 @@ def test_a_workflow_of_three_steps_on_commit_runs_them_all_eagerly(app):
     assert [(r[2], r[3]) for r in found[1:]] == [("succeeded", workflow_id)] * 3
 
 
-def test_the_events_carry_the_workspace(tmp_path):
+def test_the_events_carry_the_workspace(request, tmp_path):
     """django-db-queue's hooks see the job's workspace: JobCreated the one
     given, the others the one stored after the run (a step's: the
     workflow's)."""
     seen = []
-    settings = {
-        "sqlalchemy.url": f"sqlite:///{tmp_path}/events.sqlite",
-        "celery.broker_url": "memory://",
-        "celery.task_always_eager": "true",
-        "demo.create_tables": "true",
-    }
-    with Configurator(settings=settings) as config:
-        config.include("demo_app.models")
-        config.include("pyramid_tasks.jobs")
-        config.add_task(note, bind=True, base=ScheduleOnCommitTask, name="note")
+
+    def setup(config):
+        add_note(config)
         for event in (JobCreated, JobStarted, JobSucceeded):
             config.add_subscriber(
                 lambda e: seen.append((type(e).__name__, e.workspace)), event
             )
-    registry = config.registry
-    metadata.create_all(registry["dbsession_factory"].kw["bind"])
+
+    registry = eager_app(request, tmp_path, setup)
     env = prepare(registry=registry)
     try:
         tm = env["request"].tm
@@ -197,7 +173,6 @@ def test_the_events_carry_the_workspace(tmp_path):
             workflow(task.si("a"), workspace={"user_id": 8}).apply_async(tm=tm)
     finally:
         env["closer"]()
-        registry.celery_app.close()
     assert seen == [
         ("JobCreated", {"user_id": 7}),
         ("JobCreated", None),  # a step: the workspace is the workflow's row's

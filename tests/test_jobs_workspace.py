@@ -40,9 +40,11 @@ def outside(self):
     return self.workspace
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def app(request, tmp_path):
-    if request.param == "postgresql":
+def eager_app(request, tmp_path, setup, database="sqlite"):
+    """A durable app in eager mode on ``database`` (the demo's models),
+    ``setup(config)`` adding its tasks; its registry.  Closed at the test's
+    end."""
+    if database == "postgresql":
         database_url = request.getfixturevalue("database_url")
         schema = request.getfixturevalue("pg_schema")
         settings = {"sqlalchemy.url": database_url, "demo.schema": schema}
@@ -58,17 +60,24 @@ def app(request, tmp_path):
     with Configurator(settings=settings) as config:
         config.include("demo_app.models")
         config.include("pyramid_tasks.jobs")
-        bases = (RetryableTransactionTask, TransactionalTask, ScheduleOnCommitTask)
-        for base in bases:
-            name = f"visit_{base.__name__}"
-            config.add_task(visit, bind=True, base=base, name=name)
-        config.add_task(outside, bind=True, base=ScheduleOnCommitTask, name="outside")
+        setup(config)
     registry = config.registry
     engine = registry["dbsession_factory"].kw["bind"]
     metadata.create_all(engine)
-    yield registry
-    registry.celery_app.close()
-    engine.dispose()
+    request.addfinalizer(registry.celery_app.close)
+    request.addfinalizer(engine.dispose)
+    return registry
+
+
+def add_visits(config):
+    for base in (RetryableTransactionTask, TransactionalTask, ScheduleOnCommitTask):
+        config.add_task(visit, bind=True, base=base, name=f"visit_{base.__name__}")
+    config.add_task(outside, bind=True, base=ScheduleOnCommitTask, name="outside")
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def app(request, tmp_path):
+    return eager_app(request, tmp_path, add_visits, request.param)
 
 
 def send(registry, name, *args, **options):
