@@ -5,9 +5,11 @@ limits in the INI."""
 import uuid
 
 import pytest
+import transaction
 from pyramid.config import Configurator
 from pyramid.exceptions import ConfigurationError
 
+from pyramid_tasks.jobs import workflow
 from pyramid_tasks.settings import TasksSettings, parse_tasks_settings
 
 from .conftest import ROOT, wait_for
@@ -122,6 +124,17 @@ def test_a_job_past_the_default_time_limit_is_killed_and_failed(
             f"queue {ini_vars['queue']}"
         )
         assert log.count(failed) == 1, log
+        # A workflow's step killed so: the workflow fails with it, naming it.
+        killed = probe.key()
+        step = probe.task("held").si(killed)
+        tm = transaction.TransactionManager(explicit=True)
+        with tm:
+            workflow_id = workflow(step, title="Held").apply_async(tm=tm).id
+        row = probe.wait_state(workflow_id, "failed", timeout=30)
+        assert row["error"] == (
+            "step 1 of 1 (tests.jobs_probe_app.held): TimeLimitExceeded: killed "
+            "at its hard time limit of 1 s (tasks.default_time_limit)"
+        )
     finally:
         probe.close()
 

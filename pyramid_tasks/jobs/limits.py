@@ -16,8 +16,9 @@ from celery import exceptions, signals
 
 from . import log as joblog
 from .events import JobFailed
-from .model import STARTED
+from .model import FAILED, STARTED
 from .store import one_line
+from .workflow import WORKFLOW_HEADER, follow_step
 
 __all__ = ["TimeLimitExceeded", "install", "time_limit_exceeded"]
 
@@ -81,7 +82,13 @@ def time_limit_exceeded(app, task, job_id, exc):
         row["title"],
         joblog.error(error),
     )
-    jobs.notify(JobFailed, SimpleNamespace(task=task, id=job_id), error)
+    # A workflow's step: the workflow fails with it.
+    step = ((row["options"] or {}).get("headers") or {}).get(WORKFLOW_HEADER)
+    if step is not None:
+        follow_step(jobs.store, step, FAILED, task.name, job_id, error)
+    owner = job_id if step is None else step["id"]  # whose workspace it has
+    killed = SimpleNamespace(task=task, id=job_id, workspace_id=lambda: owner)
+    jobs.notify(JobFailed, killed, error)
     return True
 
 

@@ -35,7 +35,7 @@ from . import log as joblog
 from .events import JobFailed, JobStarted, JobSucceeded
 from .model import CANCELLED, FAILED, RUNNABLE, STARTED, SUCCEEDED, utcnow
 from .store import one_line
-from .workflow import WORKFLOW_HEADER
+from .workflow import WORKFLOW_HEADER, follow_step
 
 __all__ = ["JobCancelled", "JobRun", "durable_task_options"]
 
@@ -411,18 +411,8 @@ class JobRun:
         """A workflow's step: its outcome on the workflow's row too; a
         failure is logged (the step's own row stands)."""
         step = _header(self.request, WORKFLOW_HEADER)
-        if step is None:
-            return
-        try:
-            self.jobs.store.workflow_step(step, outcome, self.task.name, exc)
-        except Exception as exc:
-            log.warning(
-                "Job %s[%s]: its workflow %s was not updated: %s",
-                self.task.name,
-                self.id,
-                step.get("id"),
-                one_line(exc),
-            )
+        if step is not None:
+            follow_step(self.jobs.store, step, outcome, self.task.name, self.id, exc)
 
     def workspace_id(self):
         """Whose workspace this run has: its workflow's, else its own."""

@@ -20,14 +20,19 @@ The workflow's own row is never sent anywhere: its task name is
 lease finds it lost.
 """
 
+import logging
+
 from celery import chain
 
 from ..datamanager import active_transaction
 from ..ids import uuid4
 from ..options import checked_workspace
 from .model import QUEUED, stored, utcnow
+from .store import one_line
 
-__all__ = ["WORKFLOW_HEADER", "WORKFLOW_TASK", "Workflow", "workflow"]
+__all__ = ["WORKFLOW_HEADER", "WORKFLOW_TASK", "Workflow", "follow_step", "workflow"]
+
+log = logging.getLogger(__name__)
 
 #: The task name on a workflow's own row.
 WORKFLOW_TASK = "pyramid_tasks.workflow"
@@ -112,3 +117,19 @@ class Workflow:
             rest = list(reversed(steps[1:])) or None
             steps[0].apply_async(tm=tm, chain=rest, **options)
         return app.AsyncResult(workflow_id)
+
+
+def follow_step(store, step, outcome, name, job_id, exc=None):
+    """The workflow of a step (``step``: its message's :data:`WORKFLOW_HEADER`)
+    after its run of job ``job_id`` (task ``name``) began or ended
+    ``outcome``; a failure is logged, the step's own row stands."""
+    try:
+        store.workflow_step(step, outcome, name, exc)
+    except Exception as failure:
+        log.warning(
+            "Job %s[%s]: its workflow %s was not updated: %s",
+            name,
+            job_id,
+            step.get("id"),
+            one_line(failure),
+        )
