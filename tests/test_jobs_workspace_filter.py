@@ -132,3 +132,39 @@ def test_jobs_show_lists_a_workflows_steps_and_retry_resumes_at_one(
     assert out.endswith(", resumed at its step s2.\n"), out
     assert service.get("w")["state"] == "queued"
     assert service.get("s2")["state"] in ("pending", "queued")
+
+
+def test_cancelling_a_workflow_cancels_its_unfinished_steps(
+    jobs,  # noqa: F811 (a fixture)
+    service,  # noqa: F811 (a fixture)
+):
+    """The running step is asked to stop and never sends the next one (a
+    cancelled job's message is skipped, its chain with it)."""
+    add_jobs(
+        service.store.engine,
+        {
+            "id": "w",
+            "name": "pyramid_tasks.workflow",
+            "state": "started",
+            "created_at": T0,
+        },
+        *(
+            {
+                "id": step,
+                "parent_id": "w",
+                "state": state,
+                "created_at": T0 + timedelta(minutes=n),
+            }
+            for n, (step, state) in enumerate([("s1", "succeeded"), ("s2", "started")])
+        ),
+    )
+    [answer] = service.cancel(["w"])
+    assert answer == {
+        "id": "w",
+        "state_before": "started",
+        "state": "cancelled",
+        "cancelled": True,
+        "steps": ["s2"],
+    }
+    states = {job["id"]: job["state"] for job in service.list(limit=10)}
+    assert states == {"w": "cancelled", "s1": "succeeded", "s2": "cancelled"}

@@ -694,15 +694,20 @@ class JobService:
         ``started`` one is asked to stop (its ``cancel_requested()`` turns
         true, and a transactional run's transaction rolls back).  A finished
         job is left as it is.  Per id: ``{"id", "state_before", "state",
-        "cancelled"}``.
+        "cancelled"}``; a workflow's unfinished steps are cancelled with it
+        (its answer's ``"steps"``: their ids), so no later step runs.
         """
         with self._connect(), self.store.engine.connect() as connection:
             rows = self._rows(connection, ids)
         results = []
         with self.store.engine.begin() as connection:
             for job_id, row in rows.items():
-                results.append(self._cancel_one(connection, job_id, row["state"]))
+                result = self._cancel_one(connection, job_id, row["state"])
+                if result["cancelled"] and row["name"] == WORKFLOW_TASK:
+                    result["steps"] = self._cancel_steps(connection, job_id)
+                results.append(result)
         cancelled = [r["id"] for r in results if r["cancelled"]]
+        cancelled += [step for r in results for step in r.get("steps", ())]
         if cancelled:
             self._revoke(cancelled)
             for result in results:
@@ -717,6 +722,16 @@ class JobService:
                         f"(it was {result['state_before']})",
                     )
         return results
+
+    def _cancel_steps(self, connection, workflow_id):
+        """Cancel the unfinished steps of a workflow: their ids."""
+        steps = connection.execute(
+            select(_c.id, _c.state).where(
+                _c.parent_id == workflow_id, _c.state.in_(UNFINISHED)
+            )
+        ).all()
+        results = [self._cancel_one(connection, step, state) for step, state in steps]
+        return [result["id"] for result in results if result["cancelled"]]
 
     def _cancel_one(self, connection, job_id, state):
         while state in UNFINISHED:
