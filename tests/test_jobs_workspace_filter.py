@@ -112,6 +112,7 @@ def test_jobs_show_lists_a_workflows_steps_and_retry_resumes_at_one(
             "name": "pyramid_tasks.workflow",
             "state": "failed",
             "created_at": T0,
+            "workspace": {"user_id": 42},
         },
         *(
             {
@@ -125,7 +126,10 @@ def test_jobs_show_lists_a_workflows_steps_and_retry_resumes_at_one(
     )
     status, out, _ = jobs("show", "w")
     assert status == 0
-    assert out.endswith("steps:\n  1. succeeded t s1\n  2. failed    t s2\n"), out
+    assert out.endswith(
+        'workspace:\n  {\n    "user_id": 42\n  }\n'
+        "steps:\n  1. succeeded t s1\n  2. failed    t s2\n"
+    ), out
     status, out, _ = jobs("retry", "w")
     assert status == 0
     assert out.startswith("Job w (it was failed) is "), out

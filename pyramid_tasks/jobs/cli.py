@@ -288,7 +288,7 @@ def list_jobs(service, options, out):
 
 
 # ``show``: the JSON columns pretty-printed, the long texts indented below.
-_BLOCKS = ("args", "kwargs", "options", "traceback")
+_BLOCKS = ("args", "kwargs", "options", "traceback", "workspace")
 
 
 def show(service, options, out):
