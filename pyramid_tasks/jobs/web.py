@@ -253,9 +253,7 @@ class JobRecorder:
         joined to ``txn``.  The unique index makes a concurrent transaction
         writing the same key wait until this one commits or aborts.
         """
-        session = self._joined_session(txn)
-        if session is None:
-            session = self._session_for(send.tm)
+        session = self._session_in(txn, send.tm)
         row = self._send_row(send)
         existing = self.store.insert_unique(session.connection(), row)
         if existing is None:
@@ -272,11 +270,15 @@ class JobRecorder:
             with self.store.engine.begin() as connection:
                 self.store.insert(connection, [row])
             return
-        session = self._joined_session(txn)
-        if session is None:
-            session = self._session_for(tm)
+        session = self._session_in(txn, tm)
         self.store.insert(session.connection(), [row])
         mark_changed(session)
+
+    def _session_in(self, txn, tm):
+        """The session joined to ``txn`` on the job table's database, else
+        one for ``tm`` (:meth:`_session_for`)."""
+        session = self._joined_session(txn)
+        return self._session_for(tm) if session is None else session
 
     def _session_for(self, tm):
         request = get_current_request()
