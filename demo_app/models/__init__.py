@@ -3,7 +3,7 @@
 import os
 
 from pyramid.settings import asbool
-from sqlalchemy import engine_from_config, text
+from sqlalchemy import engine_from_config, exc, text
 from sqlalchemy.orm import sessionmaker
 
 from pyramid_tasks import jobs
@@ -44,13 +44,28 @@ def get_session_factory(engine):
 
 
 def create_tables(engine, schema=None):
-    with engine.begin() as connection:
-        if schema:
-            connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
-        Base.metadata.create_all(connection)
-        # pyramid_tasks_job, durable mode's job table (an app with Alembic
-        # lists jobs.metadata in its env.py's target_metadata instead).
-        jobs.metadata.create_all(connection)
+    # The web server, the worker and beat start together and each creates
+    # what is missing: create_all looks, then creates, so two of them can
+    # both find a table missing, and the loser's CREATE fails ("already
+    # exists"). Each such failure means another process created a table
+    # meanwhile (on SQLite each CREATE commits by itself; on PostgreSQL the
+    # loser waited for the winner's whole COMMIT), so looking again, at most
+    # once per table, ends with all of them there.
+    tables = len(Base.metadata.tables) + len(jobs.metadata.tables)
+    for attempt in range(tables + 1):
+        try:
+            with engine.begin() as connection:
+                if schema:
+                    connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+                Base.metadata.create_all(connection)
+                # pyramid_tasks_job, durable mode's job table (an app with
+                # Alembic lists jobs.metadata in its env.py's
+                # target_metadata instead).
+                jobs.metadata.create_all(connection)
+            return
+        except exc.DBAPIError:
+            if attempt == tables:
+                raise
 
 
 def includeme(config):
