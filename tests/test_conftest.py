@@ -109,3 +109,44 @@ def test_the_null_data_manager_takes_part_in_a_commit():
     with tm as txn:
         txn.join(NullDataManager())
     assert txn.status == "Committed"
+
+
+def test_a_broker_resetting_the_ping_is_a_miss_not_a_failure():
+    # A broker that takes each connection and resets it at the first bytes:
+    # the worker's start is waited for with pings, and one reset (seen on
+    # RabbitMQ under load) must only mean "not yet".
+    import socket
+    import struct
+    import threading
+
+    from celery import Celery
+
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def reset_each():
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:  # closed: the test is over
+                return
+            accepted.append(client)
+            client.recv(1024)
+            client.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+            client.close()
+
+    thread = threading.Thread(target=reset_each, daemon=True)
+    thread.start()
+    port = server.getsockname()[1]
+    app = Celery(broker=f"redis://127.0.0.1:{port}/0")
+    app.conf.broker_transport_options = {"max_retries": 0}  # one try a ping
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    worker = Worker(process, "w@localhost", None, celery_app=app)
+    try:
+        assert worker.ping() is None
+        assert len(accepted) == 1
+    finally:
+        server.close()
+        worker.stop()
