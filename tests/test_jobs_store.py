@@ -489,13 +489,14 @@ def test_many_rows_go_by_copy_as_the_insert_writes_them(jobs_app):
     registry = app.pyramid_registry
     odd = {"when": datetime(2026, 1, 1, tzinfo=UTC), "amount": Decimal("1.50")}
     tm = transaction.TransactionManager(explicit=True)
+    text = "x\t\\y\n"  # what COPY's text format escapes
     batches = []
     for count in (150, 2):
         with tm:
             batches.append(
                 [
                     app.tasks["noop"]
-                    .apply_async((n, "x", odd, {"k": [n, None]}), tm=tm, priority=3)
+                    .apply_async((n, text, odd, {"k": [n, None]}), tm=tm, priority=3)
                     .id
                     for n in range(count)
                 ]
@@ -512,7 +513,7 @@ def test_many_rows_go_by_copy_as_the_insert_writes_them(jobs_app):
     row = by_id[batches[0][1]]
     assert (row["state"], row["queue"], row["priority"]) == ("queued", queue, 3)
     assert (row["attempts"], row["publish_attempts"], row["lost"]) == (0, 0, 0)
-    assert row["args"][:2] == [1, "x"]
+    assert row["args"][:2] == [1, text]
     assert row["args"][2]["amount"] == {"__type__": "decimal", "__value__": "1.50"}
     assert row["args"][3] == {"k": [1, None]}
     assert row["kwargs"] == {}

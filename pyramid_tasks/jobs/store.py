@@ -202,7 +202,6 @@ class JobStore:
         """``COPY ... FROM STDIN`` of ``rows``: 10,000 rows in a fifth of the
         time of the executemany (which psycopg pipelines already)."""
         from psycopg import sql
-        from psycopg.types.json import Json
 
         columns = list(rows[0])
         # The columns' defaults, which SQLAlchemy's INSERT would apply.
@@ -234,7 +233,9 @@ class JobStore:
                     values = [row[column] for column in given] + fixed
                     for n in json_columns:  # None too: JSON null, as SQLAlchemy
                         if values[n] is not None or n not in null_columns:
-                            values[n] = Json(values[n], dumps)
+                            # COPY reads each column's text as its type: the
+                            # JSON's text, no adapter (a third of the COPY).
+                            values[n] = dumps(values[n])
                     copy.write_row(values)
         except connection.dialect.loaded_dbapi.Error as exc:
             # As SQLAlchemy raises what the driver raised: a DBAPIError,
