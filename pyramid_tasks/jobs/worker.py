@@ -19,6 +19,7 @@ start with its outcome, in one statement.
 """
 
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -512,6 +513,8 @@ class _Running:
         self.condition = threading.Condition()
         self.due = {}  # deferred run: when its started mark is due
         self.writing = set()  # deferred runs whose mark is being written
+        # When the thread's wait ends: a run due later needs no wake-up.
+        self.wake_at = math.inf
         self.pid = None
         self.thread = None
 
@@ -530,8 +533,12 @@ class _Running:
 
     def defer_start(self, run):
         with self.condition:
-            self.due[run] = time.monotonic() + START_MARK_DELAY
-            self.condition.notify_all()
+            due = self.due[run] = time.monotonic() + START_MARK_DELAY
+            # Each run is due later than those before it: the thread is woken
+            # (a switch of threads per task otherwise) only when it would
+            # sleep past this one, after an idle spell.
+            if due < self.wake_at:
+                self.condition.notify_all()
 
     def settle(self, run, write=False):
         """No deferred started mark of ``run`` is written after this: it
@@ -560,7 +567,8 @@ class _Running:
                     due = [run for run, at in self.due.items() if at <= now]
                     if due or now >= next_beat:
                         break
-                    self.condition.wait(min([next_beat, *self.due.values()]) - now)
+                    self.wake_at = min([next_beat, *self.due.values()])
+                    self.condition.wait(self.wake_at - now)
                 for run in due:
                     del self.due[run]
                     self.writing.add(run)
