@@ -517,3 +517,33 @@ def test_many_rows_go_by_copy_as_the_insert_writes_them(jobs_app):
     assert row["args"][2]["amount"] == {"__type__": "decimal", "__value__": "1.50"}
     assert row["args"][3] == {"k": [1, None]}
     assert row["kwargs"] == {}
+
+
+def test_a_run_quicker_than_the_marker_leaves_it_nothing_to_write(jobs_app):
+    """A worker that ran a job before the marker thread marked it
+    ``queued`` (deferred runs of a few milliseconds do) records the
+    publish as its start; the marker's mark, coming after, then changes
+    nothing, so the run's outcome stays the row's last write (its
+    transaction's, for the transactional classes: seen in CI as another
+    transaction id on the row)."""
+    app, engine, _queue, _client = jobs_app
+    store = app.pyramid_registry.pyramid_tasks_jobs.store
+    succeeded, started = insert_pending(engine, count=2)
+    started_at = utcnow() - timedelta(seconds=1)
+    with engine.begin() as connection:
+        assert store.lock(connection, succeeded) == ("pending", 0, None)
+        assert store.succeed_in(connection, succeeded, (0, started_at)) is True
+    assert store.start_late(started, 0, started_at) == 1
+
+    def xmin(job_id):
+        with engine.connect() as connection:
+            return connection.scalar(
+                select(sqlalchemy.literal_column("xmin::text")).where(_c.id == job_id)
+            )
+
+    before = {job_id: xmin(job_id) for job_id in (succeeded, started)}
+    assert store.mark_published([(succeeded, None), (started, None)]) == 0
+    assert {job_id: xmin(job_id) for job_id in (succeeded, started)} == before
+    for job_id, state in ((succeeded, "succeeded"), (started, "started")):
+        row = store.get(job_id)
+        assert (row["state"], row["published_at"]) == (state, started_at)

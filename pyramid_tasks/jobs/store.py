@@ -114,17 +114,29 @@ _SUCCEED_IN = (
 
 
 # ... by a run whose started mark never landed: what it would have written.
-def _published_by(started):
+def _published_by(started, deferred=False):
     """``published_at`` no later than a start at ``started``: a publish
     mark that landed after the start it preceded (the worker was quicker
-    than the marker thread) moves back to it."""
+    than the marker thread) moves back to it.
+
+    ``deferred``: the mark of a run that read the row under its lock, so
+    the message it received was published from that row: none recorded yet
+    (the marker thread still to come) is the start too, and the marker's
+    late mark, finding one, leaves the row alone (its outcome stays the last
+    write, in the run's own transaction for the transactional classes).  A
+    row the worker makes itself (a task sent by name) keeps none."""
+    if deferred:
+        return case(
+            (_c.published_at.is_(None) | (_c.published_at > started), started),
+            else_=_c.published_at,
+        )
     return case((_c.published_at > started, started), else_=_c.published_at)
 
 
 _SUCCEED_IN_UNSTARTED = _SUCCEED_IN.values(
     attempts=_c.attempts + 1,
     started_at=bindparam("started_at"),
-    published_at=_published_by(bindparam("started_at")),
+    published_at=_published_by(bindparam("started_at"), deferred=True),
     heartbeat_at=_NOW,
     worker=bindparam("worker"),
     progress_message=None,
@@ -420,13 +432,14 @@ class JobStore:
 
     # -- worker side -------------------------------------------------------
 
-    def _started(self, now):
-        """The values of a ``started`` mark made at ``now``."""
+    def _started(self, now, deferred=False):
+        """The values of a ``started`` mark made at ``now`` (``deferred``: by
+        a run that read the row under its lock, :func:`_published_by`)."""
         return {
             "state": STARTED,
             "attempts": _c.attempts + 1,
             "started_at": now,
-            "published_at": _published_by(now),
+            "published_at": _published_by(now, deferred),
             "heartbeat_at": now,
             "finished_at": None,
             "worker": self.worker_name,
@@ -486,7 +499,7 @@ class JobStore:
         runnable (a late mark never overwrites ``succeeded``, ``cancelled``,
         nor a ``failed`` or ``dead`` written after that read).  It counts
         one more run on top of any other delivery started since."""
-        values = {**self._started(started_at), "heartbeat_at": utcnow()}
+        values = {**self._started(started_at, True), "heartbeat_at": utcnow()}
         changed = self._marking(
             update(_table)
             .where(
@@ -563,7 +576,7 @@ class JobStore:
     def _unstarted(self, start):
         """What the ``started`` mark of a run would have written, with its
         outcome (one statement for both)."""
-        return {**self._started(start[1]), "heartbeat_at": utcnow()}
+        return {**self._started(start[1], True), "heartbeat_at": utcnow()}
 
     # The outcome of a run, conditioned on its attempt: ``start``, as for
     # succeed_in(), when its started mark never landed; the row must then
