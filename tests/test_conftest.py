@@ -136,7 +136,8 @@ def test_a_broker_resetting_the_ping_is_a_miss_not_a_failure():
     port = server.getsockname()[1]
     app = Celery(broker=f"redis://127.0.0.1:{port}/0")
     app.conf.broker_transport_options = {"max_retries": 0}  # one try a ping
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # A live stand-in for the worker process, until stop() ends it.
+    process = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
     worker = Worker(process, "w@localhost", None, celery_app=app)
     try:
         assert worker.ping() is None

@@ -499,7 +499,7 @@ class JobStore:
         runnable (a late mark never overwrites ``succeeded``, ``cancelled``,
         nor a ``failed`` or ``dead`` written after that read).  It counts
         one more run on top of any other delivery started since."""
-        values = {**self._started(started_at, True), "heartbeat_at": utcnow()}
+        values = {**self._started(started_at, deferred=True), "heartbeat_at": utcnow()}
         changed = self._marking(
             update(_table)
             .where(
@@ -576,7 +576,7 @@ class JobStore:
     def _unstarted(self, start):
         """What the ``started`` mark of a run would have written, with its
         outcome (one statement for both)."""
-        return {**self._started(start[1], True), "heartbeat_at": utcnow()}
+        return {**self._started(start[1], deferred=True), "heartbeat_at": utcnow()}
 
     # The outcome of a run, conditioned on its attempt: ``start``, as for
     # succeed_in(), when its started mark never landed; the row must then
