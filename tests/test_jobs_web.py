@@ -165,7 +165,9 @@ def writes(statements, verb, table="pyramid_tasks_job"):
     return [
         (pid, sql)
         for pid, sql in statements
-        if sql.lstrip().upper().startswith(verb) and f"{table} " in f"{sql} "
+        if sql.lstrip().upper().startswith(verb)
+        # by name, or quoted as the job INSERT's text names it
+        and (f"{table} " in f"{sql} " or f'"{table}"' in sql)
     ]
 
 

@@ -415,8 +415,12 @@ class _Marker:
 
     def put(self, store, sent):
         with self.condition:
+            # Only the first of a batch wakes the thread (it waits for
+            # items, then lingers for the rest): a wake-up at every commit
+            # would cost the committing thread a switch of threads.
+            if not self.items:
+                self.condition.notify_all()
             self.items.append((store, sent))
-            self.condition.notify_all()
             if self.pid != os.getpid():  # the first mark, or a forked child's
                 self.pid = os.getpid()
                 threading.Thread(
