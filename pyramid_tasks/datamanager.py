@@ -15,6 +15,7 @@ __all__ = [
     "PendingSends",
     "current_transaction",
     "pending_sends",
+    "plain_json",
     "schedule",
     "snapshot",
     "take_pending_sends",
@@ -238,7 +239,7 @@ def snapshot(task, args, kwargs, options):
     """
     _check_times(task, options)
     serializer = options.get("serializer") or task.serializer
-    if serializer == "json" and _plain_json(args, kwargs):
+    if serializer == "json" and plain_json(args, kwargs):
         return tuple(args or ()), dict(kwargs or {})
     try:
         content_type, encoding, data = dumps(
@@ -257,7 +258,7 @@ def snapshot(task, args, kwargs, options):
 _PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
-def _plain_json(args, kwargs):
+def plain_json(args, kwargs):
     """Whether the JSON round trip of ``(args, kwargs)`` is a copy of them."""
     if type(args) not in (tuple, list, type(None)):
         return False

@@ -24,6 +24,7 @@ from zope.interface import implementedBy, providedBy
 from zope.sqlalchemy import mark_changed, register
 from zope.sqlalchemy.datamanager import SessionDataManager
 
+from ..datamanager import plain_json
 from ..publish import publish
 from ..request import close_request, make_request
 from ..wire import routes_by_name
@@ -530,13 +531,12 @@ def _eta(options, now=None):
 
 
 def _encoded(args, kwargs, options):
-    return stored(
-        {
-            "args": list(args or ()),
-            "kwargs": dict(kwargs or {}),
-            "options": _stored_options(options),
-        }
-    )
+    if plain_json(args, kwargs):  # flat JSON values (most calls): as they are
+        encoded = {"args": list(args or ()), "kwargs": dict(kwargs or {})}
+    else:
+        encoded = stored({"args": list(args or ()), "kwargs": dict(kwargs or {})})
+    encoded.update(stored({"options": _stored_options(options)}))
+    return encoded
 
 
 def _given(send):
