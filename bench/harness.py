@@ -36,6 +36,16 @@ class Scenario:
             return self.median("baseline") / self.median("ours")
         return self.median("ours") / self.median("baseline")
 
+    @property
+    def paired(self):
+        """The median of each round's ratio to the baseline round run beside
+        it (:func:`alternate`): drift across a run moves both rounds of a
+        pair, so this moves less than :attr:`ratio` on a noisy machine."""
+        pairs = zip(self.ours, self.baseline, strict=True)
+        if self.higher_is_better:
+            return statistics.median(b / o for o, b in pairs)
+        return statistics.median(o / b for o, b in pairs)
+
     def row(self):
         def fmt(values):
             return (
@@ -44,9 +54,10 @@ class Scenario:
             )
 
         ratio = "    n/a" if self.absolute else f"{self.ratio:7.3f}"
+        paired = "" if self.absolute else f" (paired {self.paired:.3f})"
         return (
             f"{self.name:<46} {fmt(self.baseline):>30} {fmt(self.ours):>30} "
-            f"{ratio}  {self.target}"
+            f"{ratio}  {self.target}{paired}"
         )
 
 
@@ -84,6 +95,13 @@ def save(scenarios, quick):
     stamp = time.strftime("%Y%m%dT%H%M%S")
     path = RESULTS / f"bench-{stamp}{'-quick' if quick else ''}.json"
     # An absolute scenario's baseline may be 0 (RSS growth): no ratio.
-    data = [{**asdict(s), "ratio": None if s.absolute else s.ratio} for s in scenarios]
+    data = [
+        {
+            **asdict(s),
+            "ratio": None if s.absolute else s.ratio,
+            "paired": None if s.absolute else s.paired,
+        }
+        for s in scenarios
+    ]
     path.write_text(json.dumps(data, indent=2))
     return path

@@ -74,3 +74,20 @@ def test_the_dashboard_bench_runs_with_tiny_counts(database_url, tmp_path):
         ).scalar()
     engine.dispose()
     assert left is None
+
+
+def test_the_paired_ratio_reads_each_round_beside_its_baseline():
+    """A machine that slows down across a run moves both rounds of a pair:
+    two pairs of three read 1.25 here, while the two medians, taken from
+    different rounds, read 1.5."""
+    from bench.harness import Scenario
+
+    slow = Scenario("t", "<= 1.30", ours=[1.25, 2.5, 5.0], baseline=[1.0, 2.0, 4.0])
+    assert (slow.ratio, slow.paired) == (1.25, 1.25)
+    drift = Scenario("t", "<= 1.30", ours=[1.25, 1.5, 10.0], baseline=[1.0, 1.0, 8.0])
+    assert (drift.ratio, drift.paired) == (1.5, 1.25)
+    assert "(paired 1.250)" in drift.row()
+    speed = Scenario(
+        "t", ">= 0.80", ours=[5.0, 1.0], baseline=[4.0, 0.5], higher_is_better=True
+    )
+    assert speed.paired == (0.8 + 0.5) / 2
