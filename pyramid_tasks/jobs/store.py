@@ -256,8 +256,9 @@ class _Layout:
             .format(name, columns, sql.SQL(", ").join(values))
             .as_string(driver)
         )
-        self.copy = sql.SQL("COPY {} ({}) FROM STDIN").format(name, columns)
-        self.copy = self.copy.as_string(driver)
+        self.copy = (
+            sql.SQL("COPY {} ({}) FROM STDIN").format(name, columns).as_string(driver)
+        )
         self.json = [n for n, key in enumerate(keys) if key in _JSON_COLUMNS]
         # SQL NULL for None, as SQLAlchemy writes it (its none_as_null).
         self.null = {n for n, key in enumerate(keys) if key == "workspace"}
@@ -333,11 +334,7 @@ class JobStore:
             dumps = connection.dialect._json_serializer or _json_text
             if len(rows) >= _COPY_FROM:
                 self._copy(connection, layout, rows, dumps)
-            elif len(rows) == 1:
-                connection.exec_driver_sql(
-                    layout.insert, tuple(layout.values(rows[0], dumps))
-                )
-            else:
+            else:  # one row: one execute; more: executemany
                 connection.exec_driver_sql(
                     layout.insert, [tuple(layout.values(row, dumps)) for row in rows]
                 )
