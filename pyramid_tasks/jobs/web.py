@@ -391,8 +391,9 @@ class _OwnConnection:
 
 
 # Seconds the marker waits, once something was published, for what the
-# next commits publish: under load one UPDATE marks many commits' rows.
-MARK_LINGER = 0.05
+# next commits publish: under load one UPDATE marks many commits' rows
+# (0.25 s: a back-to-back commit 7 % faster than with 0.05 s, P5 web).
+MARK_LINGER = 0.25
 
 
 class _Marker:
