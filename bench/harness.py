@@ -1,7 +1,10 @@
 """Alternate variants A/B/A/B in one run; report medians, spread and the ratio.
 
 Absolute times on a shared two-core machine are noise; the ratio of two
-variants measured in the same run, interleaved, is the figure.
+variants measured in the same run, interleaved, is the figure.  Scenarios
+that can also count the CPU time of every process involved (:class:`CPUMeter`:
+the web process or the worker, PostgreSQL, Redis) report its ratio beside
+the time's: what a variant costs the machine, waits left out.
 """
 
 import json
@@ -25,6 +28,10 @@ class Scenario:
     higher_is_better: bool = False
     absolute: bool = False  # the target is on our figure alone, not a ratio
     note: str = ""
+    # CPU milliseconds per operation of every process involved, per round
+    # (CPUMeter), where the scenario counts them.
+    cpu_ours: list = field(default_factory=list)
+    cpu_baseline: list = field(default_factory=list)
 
     def median(self, side):
         return statistics.median(getattr(self, side))
@@ -46,6 +53,14 @@ class Scenario:
             return statistics.median(b / o for o, b in pairs)
         return statistics.median(o / b for o, b in pairs)
 
+    @property
+    def cpu_ratio(self):
+        """As :attr:`ratio`, of the CPU time per operation; None uncounted."""
+        if not self.cpu_ours:
+            return None
+        ours, baseline = map(statistics.median, (self.cpu_ours, self.cpu_baseline))
+        return baseline / ours if self.higher_is_better else ours / baseline
+
     def row(self):
         def fmt(values):
             return (
@@ -55,6 +70,8 @@ class Scenario:
 
         ratio = "    n/a" if self.absolute else f"{self.ratio:7.3f}"
         paired = "" if self.absolute else f" (paired {self.paired:.3f})"
+        if self.cpu_ratio is not None:
+            paired += f" (cpu {self.cpu_ratio:.3f})"
         return (
             f"{self.name:<46} {fmt(self.baseline):>30} {fmt(self.ours):>30} "
             f"{ratio}  {self.target}{paired}"
@@ -73,6 +90,56 @@ def alternate(rounds, baseline, ours):
             a.append(baseline())
             b.append(ours())
     return a, b
+
+
+class CPUMeter:
+    """CPU time used by the benchmark's services (PostgreSQL's and Redis's
+    processes on this machine) and by ``pids``, from :meth:`start` to
+    :meth:`stop`: milliseconds per operation.
+
+    Each process's own CPU clock (``clock_getcpuclockid(3)``, all its
+    threads), which the time the hypervisor takes away (steal) does not
+    advance; it still moves with how fast the cores run.  A process that
+    ends meanwhile counts for what it had at the start; one that begins
+    meanwhile is not seen (the scenarios keep their connections open from
+    round to round)."""
+
+    SERVICES = ("postgres", "redis-server")
+
+    def __init__(self, *pids):
+        self.pids = pids
+
+    def start(self):
+        pids = [*self.pids, *_processes_named(self.SERVICES)]
+        self.before = {pid: _cpu_seconds(pid) for pid in pids}
+        self.before = {pid: s for pid, s in self.before.items() if s is not None}
+
+    def stop(self, count):
+        used = 0.0
+        for pid, before in self.before.items():
+            after = _cpu_seconds(pid)
+            used += (before if after is None else after) - before
+        return used * 1000 / count
+
+
+def _processes_named(names):
+    pids = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() in names:
+                pids.append(int(comm.parent.name))
+        except OSError:  # ended meanwhile
+            continue
+    return pids
+
+
+def _cpu_seconds(pid):
+    """``pid``'s CPU time in seconds (None: no such process): the clock
+    ``clock_getcpuclockid(3)`` names, ``((~pid) << 3) | 2`` on Linux."""
+    try:
+        return time.clock_gettime(((~pid) << 3) | 2)
+    except OSError:
+        return None
 
 
 def timed(operation, count):
@@ -100,6 +167,7 @@ def save(scenarios, quick):
             **asdict(s),
             "ratio": None if s.absolute else s.ratio,
             "paired": None if s.absolute else s.paired,
+            "cpu_ratio": s.cpu_ratio,
         }
         for s in scenarios
     ]

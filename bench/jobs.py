@@ -14,6 +14,7 @@ The baseline is pyramid_tasks itself, not plain Celery: the same
   ``apply_async`` until every row is ``queued`` (the marks' thread done).
 """
 
+import os
 import time
 import uuid
 
@@ -24,7 +25,7 @@ from pyramid_tasks.jobs import Job
 from pyramid_tasks.sqlalchemy import get_tm_session, mark_changed
 
 from .apps import main as build_app
-from .harness import Scenario, alternate
+from .harness import CPUMeter, Scenario, alternate
 from .schema import rows
 from .worker import Bench
 
@@ -114,8 +115,11 @@ def web(bench, apps, rounds, calls):
     no request sees), and a transaction with no session."""
     plain, durable = apps
 
-    def measure(app, operation, each, calls):
+    def measure(app, operation, each, calls, cpu):
+        meter = CPUMeter(os.getpid())  # this process: the web side
+
         def one_round():
+            meter.start()
             start = time.perf_counter()
             for _ in range(calls):
                 operation()
@@ -123,6 +127,7 @@ def web(bench, apps, rounds, calls):
                     app.marked()
             app.marked()
             result = (time.perf_counter() - start) * 1000 / calls
+            cpu.append(meter.stop(calls))
             bench.redis.delete(plain.queue, durable.queue)
             return result
 
@@ -145,8 +150,8 @@ def web(bench, apps, rounds, calls):
         scenario = Scenario(title, target)
         scenario.baseline, scenario.ours = alternate(
             rounds,
-            measure(plain, getattr(plain, name), each, count),
-            measure(durable, getattr(durable, name), each, count),
+            measure(plain, getattr(plain, name), each, count, scenario.cpu_baseline),
+            measure(durable, getattr(durable, name), each, count, scenario.cpu_ours),
         )
         scenarios.append(scenario)
     return scenarios
@@ -167,9 +172,19 @@ def drain(bench, apps, rounds, count):
             bench.drain(workers[variant], "bench.insert", min(20, count), app.fill)
         scenario.baseline, scenario.ours = alternate(
             rounds,
-            lambda: bench.drain(workers["ours"], "bench.insert", count, plain.fill),
             lambda: bench.drain(
-                workers["durable"], "bench.insert", count, durable.fill
+                workers["ours"],
+                "bench.insert",
+                count,
+                plain.fill,
+                cpu=scenario.cpu_baseline,
+            ),
+            lambda: bench.drain(
+                workers["durable"],
+                "bench.insert",
+                count,
+                durable.fill,
+                cpu=scenario.cpu_ours,
             ),
         )
     finally:

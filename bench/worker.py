@@ -15,7 +15,7 @@ from celery import Celery
 from pyramid_tasks.jobs import metadata as jobs_metadata
 
 from .dispatch import REDIS_URL
-from .harness import Scenario, alternate
+from .harness import CPUMeter, Scenario, alternate
 from .schema import metadata
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,16 +161,21 @@ class Bench:
         assert worker.process.poll() is None, "worker died"
         return self.sender.control.ping(destination=[worker.node], timeout=0.2)
 
-    def drain(self, worker, task, count, fill=None):
+    def drain(self, worker, task, count, fill=None, cpu=None):
         """Milliseconds per task to drain a queue of ``count`` tasks, sent by
         ``fill(queue, task, count)`` (returns the marker key; default
-        :meth:`fill`)."""
+        :meth:`fill`).  ``cpu``: a list to append the CPU milliseconds per
+        task of the worker and the services to (:class:`CPUMeter`)."""
         queue = f"bench_q_{uuid.uuid4().hex[:8]}"
         key = (fill or self.fill)(queue, task, count)
+        meter = CPUMeter(worker.process.pid)
+        meter.start()
         start = time.perf_counter()
         self.sender.control.add_consumer(queue, destination=[worker.node], reply=True)
         wait_for(lambda: self.done(key))
         elapsed = time.perf_counter() - start
+        if cpu is not None:
+            cpu.append(meter.stop(count))
         self.sender.control.cancel_consumer(
             queue, destination=[worker.node], reply=True
         )

@@ -3,6 +3,10 @@ with tiny counts: their scenarios measure what they say, on real workers,
 PostgreSQL and Redis.  The figures themselves are the benchmark's business,
 not the suite's."""
 
+import os
+import subprocess
+import sys
+import time
 import uuid
 
 import redis
@@ -34,6 +38,10 @@ def test_the_durable_scenarios_run_with_tiny_counts(redis_url, database_url):
     assert names == ["P5 web", "P5 web", "P5 web", "P5 worker", "P9"]
     assert rounds == [(2, 2)] * 5
     assert all(value > 0 for s in scenarios for value in s.baseline + s.ours)
+    # CPU time counted in each round of the P5 scenarios (not P9's).
+    cpu = [(len(s.cpu_baseline), len(s.cpu_ours)) for s in scenarios]
+    assert cpu == [(2, 2)] * 4 + [(0, 0)]
+    assert all(value > 0 for s in scenarios[:4] for value in s.cpu_baseline)
     # The durable worker ran and marked every job it drained: a warm-up of 5,
     # then two rounds of 5 (P9 checks its own rows: all queued).
     assert drained == 5 + 2 * 5
@@ -91,3 +99,36 @@ def test_the_paired_ratio_reads_each_round_beside_its_baseline():
         "t", ">= 0.80", ours=[5.0, 1.0], baseline=[4.0, 0.5], higher_is_better=True
     )
     assert speed.paired == (0.8 + 0.5) / 2
+
+
+def test_the_cpu_ratio_reads_the_cpu_time_of_every_process_involved():
+    """CPUMeter counts a process's CPU on its own clock, a process that ends
+    meanwhile for what it had; the ratio reads as the time's does."""
+    from bench.harness import CPUMeter, Scenario
+
+    child = subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE)
+    meter = CPUMeter(os.getpid(), child.pid)
+    meter.start()
+    spin_until = time.process_time() + 0.05
+    while time.process_time() < spin_until:
+        pass
+    child.communicate(b"\n")  # ends: counted for what it had at the start
+    used = meter.stop(2)
+    assert 25 <= used < 1000  # ms per operation: 50 ms or more over two
+
+    slow = Scenario(
+        "t", "<= 1.30", ours=[1.0], baseline=[1.0], cpu_ours=[3.0], cpu_baseline=[2.0]
+    )
+    assert slow.cpu_ratio == 1.5
+    assert slow.row().endswith("(paired 1.000) (cpu 1.500)")
+    speed = Scenario(
+        "t",
+        ">= 0.80",
+        ours=[1.0],
+        baseline=[1.0],
+        cpu_ours=[4.0],
+        cpu_baseline=[2.0],
+        higher_is_better=True,
+    )
+    assert speed.cpu_ratio == 0.5
+    assert Scenario("t", "<= 1.30", ours=[1.0], baseline=[1.0]).cpu_ratio is None
