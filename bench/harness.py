@@ -99,10 +99,12 @@ class CPUMeter:
 
     Each process's own CPU clock (``clock_getcpuclockid(3)``, all its
     threads), which the time the hypervisor takes away (steal) does not
-    advance; it still moves with how fast the cores run.  A process that
-    ends meanwhile counts for what it had at the start; one that begins
-    meanwhile is not seen (the scenarios keep their connections open from
-    round to round)."""
+    advance on this kernel (``CONFIG_PARAVIRT_TIME_ACCOUNTING``); it still
+    moves with how fast the cores run.  A process that ends meanwhile counts
+    nothing (its CPU since :meth:`start` is lost), and one that begins
+    meanwhile is not seen: the scenarios keep their connections open from
+    round to round, but PostgreSQL's short-lived workers (autovacuum) go
+    uncounted."""
 
     SERVICES = ("postgres", "redis-server")
 

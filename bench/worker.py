@@ -169,7 +169,8 @@ class Bench:
         queue = f"bench_q_{uuid.uuid4().hex[:8]}"
         key = (fill or self.fill)(queue, task, count)
         meter = CPUMeter(worker.process.pid)
-        meter.start()
+        if cpu is not None:
+            meter.start()
         start = time.perf_counter()
         self.sender.control.add_consumer(queue, destination=[worker.node], reply=True)
         wait_for(lambda: self.done(key))

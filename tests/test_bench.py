@@ -3,7 +3,6 @@ with tiny counts: their scenarios measure what they say, on real workers,
 PostgreSQL and Redis.  The figures themselves are the benchmark's business,
 not the suite's."""
 
-import os
 import subprocess
 import sys
 import time
@@ -41,7 +40,9 @@ def test_the_durable_scenarios_run_with_tiny_counts(redis_url, database_url):
     # CPU time counted in each round of the P5 scenarios (not P9's).
     cpu = [(len(s.cpu_baseline), len(s.cpu_ours)) for s in scenarios]
     assert cpu == [(2, 2)] * 4 + [(0, 0)]
-    assert all(value > 0 for s in scenarios[:4] for value in s.cpu_baseline)
+    assert all(
+        value > 0 for s in scenarios[:4] for value in s.cpu_baseline + s.cpu_ours
+    )
     # The durable worker ran and marked every job it drained: a warm-up of 5,
     # then two rounds of 5 (P9 checks its own rows: all queued).
     assert drained == 5 + 2 * 5
@@ -101,20 +102,59 @@ def test_the_paired_ratio_reads_each_round_beside_its_baseline():
     assert speed.paired == (0.8 + 0.5) / 2
 
 
-def test_the_cpu_ratio_reads_the_cpu_time_of_every_process_involved():
-    """CPUMeter counts a process's CPU on its own clock, a process that ends
-    meanwhile for what it had; the ratio reads as the time's does."""
+_SPINNER = """
+import sys, time
+print("ready", flush=True)
+for line in sys.stdin:
+    end = time.process_time() + 0.1
+    while time.process_time() < end:
+        pass
+    print("done", flush=True)
+"""
+
+
+def test_the_cpu_meter_reads_each_process_on_its_own_clock(monkeypatch):
+    """CPUMeter reads the CPU time of the processes it is given, each on its
+    own clock (a child's 100 ms of work, not this process's), and a process
+    that ends meanwhile counts nothing; the ratio reads as the time's."""
     from bench.harness import CPUMeter, Scenario
 
-    child = subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE)
-    meter = CPUMeter(os.getpid(), child.pid)
-    meter.start()
-    spin_until = time.process_time() + 0.05
-    while time.process_time() < spin_until:
-        pass
-    child.communicate(b"\n")  # ends: counted for what it had at the start
-    used = meter.stop(2)
-    assert 25 <= used < 1000  # ms per operation: 50 ms or more over two
+    monkeypatch.setattr(CPUMeter, "SERVICES", ())  # the child alone
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SPINNER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+    def spin_child():
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "done\n"
+
+    try:
+        assert child.stdout.readline() == "ready\n"  # its start-up done
+        meter = CPUMeter(child.pid)
+        meter.start()
+        spin_child()  # 100 ms of the child's CPU, this process waiting
+        child_busy = meter.stop(1)
+        meter.start()
+        spin_until = time.process_time() + 0.1  # this process busy instead
+        while time.process_time() < spin_until:
+            pass
+        child_idle = meter.stop(1)
+        meter.start()
+        spin_child()
+        child.stdin.close()
+        child.wait()
+        child_ended = meter.stop(1)
+    finally:
+        child.kill()
+        child.wait()
+    print(f"busy {child_busy:.1f}, idle {child_idle:.1f}, ended {child_ended} ms")
+    assert 100 <= child_busy < 250  # its 100 ms of spinning, and a little more
+    assert child_idle < 10
+    assert child_ended == 0
 
     slow = Scenario(
         "t", "<= 1.30", ours=[1.0], baseline=[1.0], cpu_ours=[3.0], cpu_baseline=[2.0]

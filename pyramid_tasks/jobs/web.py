@@ -392,7 +392,7 @@ class _OwnConnection:
 
 # Seconds the marker waits, once something was published, for what the
 # next commits publish: under load one UPDATE marks many commits' rows
-# (0.25 s: a back-to-back commit 7 % faster than with 0.05 s, P5 web).
+# (0.25 s rather than 0.05 s: bench/README.rst, P5 web, 2026-12-04).
 MARK_LINGER = 0.25
 
 
