@@ -841,6 +841,35 @@ def test_in_eager_mode_the_run_makes_and_marks_its_row(durable):
     assert d.row(direct.id)["args"] == [5]
 
 
+def interrupted(self):
+    """A body interrupted as the prefork pool's SIGTERM interrupts a child
+    (billiard's handler raises ``SystemExit(-241)``)."""
+    raise SystemExit(-241)
+
+
+def test_a_run_interrupted_by_its_process_ending_is_not_marked_failed(durable, caplog):
+    """SystemExit or KeyboardInterrupt ends the process, not the job.  Marked
+    ``failed`` "SystemExit: -241", a run past its hard time limit hid the
+    limit whenever the pool's SIGTERM reached the child before the main
+    process marked the kill (a flaky CI run).  The row stays ``started`` for
+    the main process's mark, a redelivery or the lease; one line says so."""
+    d = durable(
+        setup=lambda config: config.add_task(
+            interrupted, bind=True, base=PyramidTask, name="interrupted"
+        ),
+        **{"celery.task_always_eager": "true"},
+    )
+    with pytest.raises(SystemExit), caplog.at_level(logging.WARNING):
+        d.app.tasks["interrupted"].apply(task_id="job-interrupted")
+    row = d.row("job-interrupted")
+    assert (row["state"], row["attempts"], row["error"]) == ("started", 1, None)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Job interrupted[job-interrupted]: its run was interrupted "
+        "(SystemExit: -241); its row is left for the worker's main process, "
+        "a redelivery or its lease."
+    ]
+
+
 def place_and_notify(self, email):
     """A transactional task that schedules another with its own tm."""
     request = self.get_request()

@@ -210,6 +210,21 @@ class JobRun:
                 self.jobs.notify(JobSucceeded, self)
                 self._workflow_step(SUCCEEDED)
             return False
+        if not isinstance(exc, Exception):
+            # SystemExit or KeyboardInterrupt: the process is going away (a
+            # terminate signal: the pool ending a child past its hard time
+            # limit, a cold shutdown), not the job failing.  Its row is left
+            # to the time limit's mark in the main process (which names the
+            # limit: this mark raced it), a redelivery (acks_late) or its
+            # lease; no JobFailed.
+            log.warning(
+                "Job %s[%s]: its run was interrupted %s; its row is left "
+                "for the worker's main process, a redelivery or its lease.",
+                self.task.name,
+                self.id,
+                joblog.error(exc),
+            )
+            return False
         if isinstance(exc, JobCancelled):
             if self.deferred and self.seen is not None:
                 self._marked(store.record_attempt)
