@@ -547,3 +547,48 @@ def test_a_run_quicker_than_the_marker_leaves_it_nothing_to_write(jobs_app):
     for job_id, state in ((succeeded, "succeeded"), (started, "started")):
         row = store.get(job_id)
         assert (row["state"], row["published_at"]) == (state, started_at)
+
+
+def test_the_publish_marks_join_their_ids_whatever_the_plan(jobs_app):
+    """The marks' UPDATEs get the ids as one array, joined as the rows of
+    ``unnest``: PostgreSQL's generic plan of a prepared statement (chosen
+    after a few executions, in a process that lives) never checks each
+    pending row against the whole array, which made 10,000 jobs take 0.7 to
+    3 s to mark instead of 0.13.  Read from the generic plans themselves."""
+    import json
+    import re
+
+    from psycopg import sql
+
+    app, engine, _queue, _client = jobs_app
+    store = app.pyramid_registry.pyramid_tasks_jobs.store
+    ids = insert_pending(engine, count=3)
+    given = {"ids": ids, "state": "queued", "now": utcnow()}
+    plans = []
+    with engine.connect() as connection:
+        driver = connection.connection.driver_connection
+        connection.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        schemas = connection.get_execution_options().get("schema_translate_map")
+        for number, statement in enumerate(store._publish_marks):
+            compiled = statement.compile(
+                dialect=connection.dialect,
+                schema_translate_map=schemas,
+                render_schema_translate=True,
+            )
+            names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", str(compiled))))
+            text = re.sub(  # PREPARE's $1, $2...
+                r"%\((\w+)\)s",
+                lambda m, names=names: f"${names.index(m[1]) + 1}",
+                str(compiled),
+            )
+            values = {**compiled.params, **given}
+            arguments = sql.SQL(", ").join(sql.Literal(values[n]) for n in names)
+            connection.exec_driver_sql(f"PREPARE mark_{number} AS {text}")
+            explain = sql.SQL("EXPLAIN (FORMAT JSON) EXECUTE {}({})").format(
+                sql.Identifier(f"mark_{number}"), arguments
+            )
+            plan = connection.exec_driver_sql(explain.as_string(driver)).scalar()
+            plans.append(json.dumps(plan))
+    for plan in plans:
+        assert '"Function Name": "unnest"' in plan, plan
+        assert "ANY" not in plan, plan

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 from sqlalchemy import (
-    any_,
     bindparam,
     case,
     func,
@@ -154,9 +153,17 @@ def _publish_marks(dialect):
     way), built once: of the jobs ``ids`` still ``pending``, ``state`` and
     ``published_at``; of the others, ``published_at`` alone.  The ids are
     one array on PostgreSQL (not a thousand parameters, each bound and sent
-    on its own: a third of the marks' time for 10,000 jobs)."""
+    on its own: a third of the marks' time for 10,000 jobs), joined as the
+    rows of ``unnest``: ``id = ANY(array)`` is a filter PostgreSQL's generic
+    plan of the prepared statement checks against the whole array for each
+    pending row (10,000 jobs marked in 0.7 to 3 s, not 0.13)."""
     if dialect == "postgresql":
-        ids = _c.id == any_(bindparam("ids", type_=ARRAY(_c.id.type)))
+        marked = (
+            func.unnest(bindparam("ids", type_=ARRAY(_c.id.type)))
+            .table_valued("id")
+            .render_derived(name="marked")
+        )
+        ids = _c.id == marked.c.id
         returning = (_c.id, _NO_FLUSH_WAIT)
     else:
         ids = _c.id.in_(bindparam("ids", expanding=True))
