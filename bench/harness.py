@@ -113,8 +113,8 @@ class CPUMeter:
 
     def start(self):
         pids = [*self.pids, *_processes_named(self.SERVICES)]
-        self.before = {pid: _cpu_seconds(pid) for pid in pids}
-        self.before = {pid: s for pid, s in self.before.items() if s is not None}
+        seconds = {pid: _cpu_seconds(pid) for pid in pids}
+        self.before = {pid: s for pid, s in seconds.items() if s is not None}
 
     def stop(self, count):
         used = 0.0

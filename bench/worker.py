@@ -168,8 +168,8 @@ class Bench:
         task of the worker and the services to (:class:`CPUMeter`)."""
         queue = f"bench_q_{uuid.uuid4().hex[:8]}"
         key = (fill or self.fill)(queue, task, count)
-        meter = CPUMeter(worker.process.pid)
         if cpu is not None:
+            meter = CPUMeter(worker.process.pid)
             meter.start()
         start = time.perf_counter()
         self.sender.control.add_consumer(queue, destination=[worker.node], reply=True)
