@@ -481,6 +481,54 @@ def test_a_second_delivery_waits_for_the_lock_of_the_first(jobs_app):
     assert got == {"told": ("succeeded", 1, None), "silent": ("succeeded", 1, None)}
 
 
+def test_a_runs_lock_and_mark_go_to_the_cursor_as_sqlalchemy_runs_them(
+    jobs_app, caplog
+):
+    """A run's lock and mark go to a cursor by SQLAlchemy's short path (no
+    execution context, no result): the engine's echo logs them, a driver's
+    error comes as SQLAlchemy's (a missing table named as such), and a lost
+    connection is invalidated, so the pool never hands it out again."""
+    app, engine, _queue, _client = jobs_app
+    store = app.pyramid_registry.pyramid_tasks_jobs.store
+    [job_id] = insert_pending(engine, state="queued")
+    caplog.set_level(logging.INFO, "sqlalchemy.engine.Engine")
+    with engine.connect() as connection:  # its echo: read when it is made
+        connection.begin()  # as the session's
+        assert store.lock(connection, job_id) == ("queued", 0, None)
+        assert store.succeed_in(connection, job_id) is True
+        connection.commit()
+    logged = [r.getMessage() for r in caplog.records]
+    assert [m.split()[0] for m in logged if "pyramid_tasks_job" in m] == [
+        "SELECT",
+        "UPDATE",
+    ]
+    assert logged[0] == "BEGIN (implicit)"
+    assert "pg_try_advisory_xact_lock" in logged[1]
+    assert logged[2] == f"[raw sql] {{'job_id': '{job_id}', 'hashtextextended_1': 0}}"
+    assert store.get(job_id)["state"] == "succeeded"
+
+    with engine.connect() as connection:
+        pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with engine.connect() as killer:
+            killer.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+        with pytest.raises(sqlalchemy.exc.OperationalError) as lost:
+            store.lock(connection, job_id)
+        assert lost.value.connection_invalidated is True
+        assert connection.invalidated is True
+    with engine.connect() as connection:  # the pool's next one works
+        assert store.lock(connection, job_id) == ("succeeded", 0, None)
+
+    Job.__table__.drop(engine)
+    with engine.connect() as connection:
+        connection.begin()
+        with pytest.raises(JobTableMissing, match="jobs init-db"):
+            store.lock(connection, job_id)
+        connection.rollback()
+        connection.begin()
+        with pytest.raises(sqlalchemy.exc.ProgrammingError, match=job_id[:8]):
+            store.succeed_in(connection, job_id)
+
+
 def test_many_rows_go_by_copy_as_the_insert_writes_them(jobs_app):
     """150 jobs on one commit go in by COPY, 2 on another by INSERT: the
     rows of the same calls are the same, defaults and JSON included (plain
