@@ -200,9 +200,9 @@ class _DriverSQL:
     def __init__(self):
         self._texts = {}
 
-    def first(self, connection, statement, parameters):
-        """The first row of ``statement`` (a tuple), None without one."""
-        return self._execute(connection, statement, parameters, _first_row)
+    def one(self, connection, statement, parameters):
+        """The row (a tuple) of ``statement``, which returns one."""
+        return self._execute(connection, statement, parameters, _one_row)
 
     def rowcount(self, connection, statement, parameters):
         """The count of rows ``statement`` changed."""
@@ -244,9 +244,8 @@ class _DriverSQL:
             return self._texts[key]
 
 
-def _first_row(cursor):
-    row = cursor.fetchone()
-    return None if row is None else tuple(row)
+def _one_row(cursor):
+    return tuple(cursor.fetchone())
 
 
 def _rowcount(cursor):
@@ -687,7 +686,7 @@ class JobStore:
             # A delivery that ended between this statement's snapshot and
             # the lock (microseconds) is caught by succeed_in()'s guard.
             with explain_missing_table(self.engine):
-                locked, *row = _driver_sql.first(
+                locked, *row = _driver_sql.one(
                     connection, _TRY_LOCK_AND_READ, {"job_id": job_id}
                 )
             if locked:
