@@ -507,6 +507,23 @@ def test_a_runs_lock_and_mark_go_to_the_cursor_as_sqlalchemy_runs_them(
     assert logged[2] == f"[raw sql] {{'job_id': '{job_id}', 'hashtextextended_1': 0}}"
     assert store.get(job_id)["state"] == "succeeded"
 
+    # An engine with listeners: they get an execution context, as for any
+    # statement (OpenTelemetry's keeps its span on it).
+    [other] = insert_pending(engine, state="queued")
+    contexts = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        contexts.append((statement.split()[0], context.isinsert))
+
+    sqlalchemy.event.listen(engine, "before_cursor_execute", seen)
+    try:
+        with engine.begin() as connection:
+            assert store.lock(connection, other) == ("queued", 0, None)
+            assert store.succeed_in(connection, other) is True
+    finally:
+        sqlalchemy.event.remove(engine, "before_cursor_execute", seen)
+    assert contexts == [("SELECT", False), ("UPDATE", False)]
+
     with engine.connect() as connection:
         pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
         with engine.connect() as killer:
