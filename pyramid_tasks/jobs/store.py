@@ -191,8 +191,8 @@ class _DriverSQL:
     SQLAlchemy's short path (``Connection._cursor_execute``, its own for a
     column default's SQL): its echo, its errors and the invalidation of a
     lost connection as for any statement, without an execution context or
-    a result (a run's lock and mark: 0.25 ms a task less in the worker than
-    through ``exec_driver_sql``).  An engine with event listeners gets them
+    a result (a run's lock and mark: 0.16 ms a transaction less than
+    through ``exec_driver_sql``, bench/README.rst).  An engine with event listeners gets them
     by ``exec_driver_sql`` (a ``before_cursor_execute`` listener may read
     the context this path does not make), as does a connection not yet in
     a transaction (the short path would not begin SQLAlchemy's)."""
