@@ -482,21 +482,33 @@ def test_a_second_delivery_waits_for_the_lock_of_the_first(jobs_app):
 
 
 def test_a_runs_lock_and_mark_go_to_the_cursor_as_sqlalchemy_runs_them(
-    jobs_app, caplog
+    jobs_app, database_url, caplog, monkeypatch
 ):
     """A run's lock and mark go to a cursor by SQLAlchemy's short path (no
     execution context, no result): the engine's echo logs them, a driver's
     error comes as SQLAlchemy's (a missing table named as such), and a lost
-    connection is invalidated, so the pool never hands it out again."""
+    or closed connection is invalidated, so the pool never hands it out
+    again.  Listeners, hidden parameters and a connection outside a
+    transaction get them through ``exec_driver_sql``."""
     app, engine, _queue, _client = jobs_app
     store = app.pyramid_registry.pyramid_tasks_jobs.store
-    [job_id] = insert_pending(engine, state="queued")
+    job_id, other_id, hidden_id = insert_pending(engine, count=3, state="queued")
     caplog.set_level(logging.INFO, "sqlalchemy.engine.Engine")
+    taken = []
+
+    def long_path(connection, statement, parameters=None, *args, **kwargs):
+        if "pyramid_tasks_job" in statement:
+            taken.append(statement.split()[0])
+        return exec_driver_sql(connection, statement, parameters, *args, **kwargs)
+
+    exec_driver_sql = sqlalchemy.engine.Connection.exec_driver_sql
+    monkeypatch.setattr(sqlalchemy.engine.Connection, "exec_driver_sql", long_path)
     with engine.connect() as connection:  # its echo: read when it is made
         connection.begin()  # as the session's
         assert store.lock(connection, job_id) == ("queued", 0, None)
         assert store.succeed_in(connection, job_id) is True
         connection.commit()
+    assert taken == []  # the short path
     logged = [r.getMessage() for r in caplog.records]
     assert [m.split()[0] for m in logged if "pyramid_tasks_job" in m] == [
         "SELECT",
@@ -507,22 +519,45 @@ def test_a_runs_lock_and_mark_go_to_the_cursor_as_sqlalchemy_runs_them(
     assert logged[2] == f"[raw sql] {{'job_id': '{job_id}', 'hashtextextended_1': 0}}"
     assert store.get(job_id)["state"] == "succeeded"
 
-    # An engine with listeners: they get an execution context, as for any
-    # statement (OpenTelemetry's keeps its span on it).
-    [other] = insert_pending(engine, state="queued")
+    def another(**arguments):  # an engine on the same schema
+        made = sqlalchemy.create_engine(database_url, **arguments)
+        return made.execution_options(**engine.get_execution_options())
+
+    # An engine with listeners (of its own: SQLAlchemy keeps an engine on
+    # its long path once it had one): they get an execution context, as for
+    # any statement (OpenTelemetry's keeps its span on it).
     contexts = []
 
     def seen(conn, cursor, statement, parameters, context, executemany):
         contexts.append((statement.split()[0], context.isinsert))
 
-    sqlalchemy.event.listen(engine, "before_cursor_execute", seen)
+    listening = another()
+    sqlalchemy.event.listen(listening, "before_cursor_execute", seen)
     try:
-        with engine.begin() as connection:
-            assert store.lock(connection, other) == ("queued", 0, None)
-            assert store.succeed_in(connection, other) is True
+        with listening.begin() as connection:
+            assert store.lock(connection, other_id) == ("queued", 0, None)
+            assert store.succeed_in(connection, other_id) is True
     finally:
-        sqlalchemy.event.remove(engine, "before_cursor_execute", seen)
+        listening.dispose()
     assert contexts == [("SELECT", False), ("UPDATE", False)]
+    assert taken == ["SELECT", "UPDATE"]
+
+    # An engine that hides its parameters: SQLAlchemy 2.0's short path would
+    # log them all the same.
+    caplog.clear()
+    hiding = another(hide_parameters=True)
+    try:
+        with hiding.begin() as connection:
+            assert store.lock(connection, hidden_id) == ("queued", 0, None)
+    finally:
+        hiding.dispose()
+    logged = [r.getMessage() for r in caplog.records]
+    assert taken[2:] == ["SELECT"]
+    assert not [m for m in logged if hidden_id in m]
+    [at] = [i for i, m in enumerate(logged) if "pg_try_advisory_xact_lock" in m]
+    hidden = "[raw sql] [SQL parameters hidden due to hide_parameters=True]"
+    assert logged[at + 1] == hidden
+    taken.clear()
 
     with engine.connect() as connection:
         pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
@@ -532,8 +567,16 @@ def test_a_runs_lock_and_mark_go_to_the_cursor_as_sqlalchemy_runs_them(
             store.lock(connection, job_id)
         assert lost.value.connection_invalidated is True
         assert connection.invalidated is True
+    with engine.connect() as connection:
+        connection.begin()
+        connection.connection.driver_connection.close()  # the cursor fails
+        with pytest.raises(sqlalchemy.exc.OperationalError) as closed:
+            store.lock(connection, job_id)
+        assert closed.value.connection_invalidated is True
     with engine.connect() as connection:  # the pool's next one works
+        connection.begin()
         assert store.lock(connection, job_id) == ("succeeded", 0, None)
+    assert taken == []
 
     Job.__table__.drop(engine)
     with engine.connect() as connection:
@@ -544,6 +587,7 @@ def test_a_runs_lock_and_mark_go_to_the_cursor_as_sqlalchemy_runs_them(
         connection.begin()
         with pytest.raises(sqlalchemy.exc.ProgrammingError, match=job_id[:8]):
             store.succeed_in(connection, job_id)
+    assert taken == []
 
 
 def test_many_rows_go_by_copy_as_the_insert_writes_them(jobs_app):

@@ -191,11 +191,15 @@ class _DriverSQL:
     SQLAlchemy's short path (``Connection._cursor_execute``, its own for a
     column default's SQL): its echo, its errors and the invalidation of a
     lost connection as for any statement, without an execution context or
-    a result (a run's lock and mark: 0.16 ms a transaction less than
-    through ``exec_driver_sql``, bench/README.rst).  An engine with event listeners gets them
-    by ``exec_driver_sql`` (a ``before_cursor_execute`` listener may read
-    the context this path does not make), as does a connection not yet in
-    a transaction (the short path would not begin SQLAlchemy's)."""
+    a result (a run's lock and mark: 0.16 ms a transaction less than through
+    ``exec_driver_sql``, bench/README.rst).
+
+    ``exec_driver_sql`` still runs them for an engine or connection with
+    event listeners (a ``before_cursor_execute`` listener may read the
+    context the short path does not make), an engine that hides its
+    parameters (SQLAlchemy 2.0's short path logs them all the same), and a
+    connection not yet in a transaction (the short path would not begin
+    SQLAlchemy's)."""
 
     def __init__(self):
         self._texts = {}
@@ -218,10 +222,14 @@ class _DriverSQL:
         if (
             connection._has_events
             or connection.engine._has_events
+            or connection.engine.hide_parameters
             or not connection.in_transaction()  # exec_driver_sql begins one
         ):
             return read(connection.exec_driver_sql(text, parameters))
-        cursor = connection.connection.cursor()
+        try:
+            cursor = connection.connection.cursor()
+        except BaseException as exc:  # a closed connection: as exec_driver_sql
+            connection._handle_dbapi_exception(exc, text, parameters, None, None)
         try:
             connection._cursor_execute(cursor, text, parameters)
             return read(cursor)
