@@ -205,7 +205,7 @@ class _DriverSQL:
         self._texts = {}
 
     def one(self, connection, statement, parameters):
-        """The row (a tuple) of ``statement``, which returns one."""
+        """The row of ``statement``, which returns one."""
         return self._execute(connection, statement, parameters, _one_row)
 
     def rowcount(self, connection, statement, parameters):
@@ -253,7 +253,7 @@ class _DriverSQL:
 
 
 def _one_row(cursor):
-    return tuple(cursor.fetchone())
+    return cursor.fetchone()
 
 
 def _rowcount(cursor):
