@@ -208,6 +208,24 @@ class _DriverSQL:
         """The row of ``statement``, which returns one."""
         return self._execute(connection, statement, parameters, _one_row)
 
+    def first_one(self, connection, statement, parameters):
+        """:meth:`one` for a statement that may be the first of the
+        transaction of ``connection``: if it is, on psycopg 3, the BEGIN and
+        the statement go in one round trip (:mod:`.prepared`), unless an
+        echo wants it logged."""
+        if (
+            connection.dialect.driver == "psycopg"
+            and _short_path(connection)
+            and not connection._echo
+        ):
+            from .prepared import begin_with
+
+            text, given = self._text(connection, statement)
+            row = begin_with(connection, text, {**given, **parameters})
+            if row is not None:
+                return row
+        return self.one(connection, statement, parameters)
+
     def rowcount(self, connection, statement, parameters):
         """The count of rows ``statement`` changed."""
         return self._execute(connection, statement, parameters, _rowcount)
@@ -219,12 +237,7 @@ class _DriverSQL:
             return read(connection.execute(statement, parameters))
         text, given = self._text(connection, statement)
         parameters = {**given, **parameters}
-        if (
-            connection._has_events
-            or connection.engine._has_events
-            or connection.engine.hide_parameters
-            or not connection.in_transaction()  # exec_driver_sql begins one
-        ):
+        if not _short_path(connection):
             return read(connection.exec_driver_sql(text, parameters))
         try:
             cursor = connection.connection.cursor()
@@ -250,6 +263,16 @@ class _DriverSQL:
             )
             self._texts[key] = (str(compiled), compiled.params)
             return self._texts[key]
+
+
+def _short_path(connection):
+    """Whether :class:`_DriverSQL` may go by SQLAlchemy's short path."""
+    return not (
+        connection._has_events
+        or connection.engine._has_events
+        or connection.engine.hide_parameters
+        or not connection.in_transaction()  # exec_driver_sql begins one
+    )
 
 
 def _one_row(cursor):
@@ -694,7 +717,7 @@ class JobStore:
             # A delivery that ended between this statement's snapshot and
             # the lock (microseconds) is caught by succeed_in()'s guard.
             with explain_missing_table(self.engine):
-                locked, *row = _driver_sql.one(
+                locked, *row = _driver_sql.first_one(
                     connection, _TRY_LOCK_AND_READ, {"job_id": job_id}
                 )
             if locked:
