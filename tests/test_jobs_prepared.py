@@ -170,12 +170,12 @@ def lock_with_trace(store, connection, job_id):
 def test_the_lock_goes_on_its_own_where_one_message_cannot_hold_it(
     jobs_app,  # noqa: F811
     another_engine,
-    monkeypatch,
 ):
     """A connection that prepares nothing (psycopg's ``prepare_threshold``
     None, PgBouncer's setting), is in autocommit, in pipeline mode or whose
-    transaction has begun, and a process where gevent patched ``select``:
-    the lock goes on its own, as before."""
+    transaction has begun, and a job id with a NUL (which PostgreSQL's text
+    cannot hold): the lock goes on its own, as before (the NUL refused by
+    psycopg, as SQLAlchemy raises it)."""
     app, _engine, _queue, _client = jobs_app
     store = app.pyramid_registry.pyramid_tasks_jobs.store
     [job_id] = insert_pending(another_engine(), state="queued")
@@ -198,16 +198,6 @@ def test_the_lock_goes_on_its_own_where_one_message_cannot_hold_it(
         connection.rollback()
 
     engine = another_engine()
-    with engine.connect() as connection, monkeypatch.context() as patch:
-        import gevent.monkey  # imported, not patching: says it patched
-
-        patch.setattr(gevent.monkey, "is_module_patched", lambda name: True)
-        connection.begin()
-        row, messages = lock_with_trace(store, connection, job_id)
-        assert (row, messages[0]) == (expected, '"BEGIN"')
-        assert not [m for m in messages if "pyramid_tasks_" in m]
-        connection.rollback()
-
     with engine.connect() as connection:
         connection.begin()
         connection.exec_driver_sql("SELECT 1")  # begun
@@ -221,17 +211,62 @@ def test_the_lock_goes_on_its_own_where_one_message_cannot_hold_it(
         assert row == expected
         assert not [m for m in messages if "pyramid_tasks_" in m]
         connection.rollback()
+        connection.begin()
+        nul = pytest.raises(sqlalchemy.exc.DataError, match="NUL")
+        with traced(connection) as messages, nul:
+            store.lock(connection, job_id[:8] + "\x00" + job_id)
+        assert sent(messages) == ['"BEGIN"']  # psycopg refused it, not sent
+        connection.rollback()
 
 
-def test_a_lost_prepared_statement_costs_one_try_and_three_stop_it(
+def test_a_statement_psycopg_deallocated_is_prepared_again(
+    jobs_app,  # noqa: F811
+    another_engine,
+):
+    """psycopg deallocates every prepared statement, the lock's too, when it
+    rolls back a transaction while it has statements of its own prepared:
+    the next lock's one message fails, its transaction is rolled back and
+    the lock goes the usual way; the one after prepares it again.  Nothing
+    is counted against the engine."""
+    app, _engine, _queue, _client = jobs_app
+    store = app.pyramid_registry.pyramid_tasks_jobs.store
+    engine = another_engine()
+    [job_id] = insert_pending(engine, state="queued")
+    expected = ("queued", 0, None)
+    with engine.connect() as connection:
+        connection.begin()
+        assert store.lock(connection, job_id) == expected  # prepared
+        for n in range(6):  # psycopg prepares its own after five
+            connection.exec_driver_sql("SELECT %(n)s::int", {"n": n})
+        with traced(connection) as messages:
+            connection.rollback()
+        assert sent(messages) == ['"ROLLBACK"', '"DEALLOCATE ALL"']
+        connection.begin()
+        row, messages = lock_with_trace(store, connection, job_id)
+        assert row == expected
+        assert messages[0].startswith('"BEGIN; EXECUTE pyramid_tasks_')
+        assert messages[1:3] == ['"ROLLBACK"', '"BEGIN"']
+        connection.rollback()
+        connection.begin()
+        row, messages = lock_with_trace(store, connection, job_id)
+        assert row == expected
+        assert messages[0].startswith('"PREPARE pyramid_tasks_')
+        assert messages[1].startswith('"BEGIN; EXECUTE pyramid_tasks_')
+        connection.rollback()
+    assert engine.pool not in prepared_module._prepared.lost
+
+
+def test_a_pool_losing_what_it_just_prepared_stops_after_three(
     jobs_app,  # noqa: F811
     another_engine,
     caplog,
+    monkeypatch,
 ):
-    """A connection that lost the prepared lock (a ``DEALLOCATE ALL``, a
-    pooler that keeps statements per server connection) rolls back the
-    transaction the try began and locks the usual way; the next transaction
-    prepares it again.  An engine that lost it three times sends the lock on
+    """A pooler that runs each message on another server connection (as
+    PgBouncer's transaction pooling with ``server_round_robin``) loses the
+    statement between the PREPARE and the message that runs it; stood in
+    for here by a PREPARE of another name.  Each such try is rolled back and
+    the lock goes the usual way; after three, the engine sends the lock on
     its own from then on, and says so once, its password masked."""
     app, _engine, _queue, _client = jobs_app
     store = app.pyramid_registry.pyramid_tasks_jobs.store
@@ -240,29 +275,39 @@ def test_a_lost_prepared_statement_costs_one_try_and_three_stop_it(
     engine = another_engine(url=url)  # trust: the password is not asked for
     [job_id] = insert_pending(engine, state="queued")
     expected = ("queued", 0, None)
+    real = _Statement.__init__
+
+    def elsewhere(self, text, types):  # the PREPARE another server got
+        real(self, text, types)
+        self.prepare = self.prepare.replace(self.name, b"elsewhere", 1)
+
+    monkeypatch.setattr(_Statement, "__init__", elsewhere)
+    monkeypatch.setattr(prepared_module, "_prepared", _Prepared())
     with engine.connect() as connection:
         for lost in range(1, LOST_LIMIT + 1):
             connection.begin()
-            assert store.lock(connection, job_id) == expected  # prepared
-            connection.rollback()
-            connection.exec_driver_sql("DEALLOCATE ALL")
-            connection.commit()
-            connection.begin()
             row, messages = lock_with_trace(store, connection, job_id)
             assert row == expected
-            assert messages[0].startswith('"BEGIN; EXECUTE')
-            assert messages[1:3] == ['"ROLLBACK"', '"BEGIN"']
+            assert (
+                messages[0]
+                == '"PREPARE elsewhere(text, bigint) AS SELECT '
+                + (messages[0].split(" AS SELECT ", 1)[1])
+            )
+            assert messages[1].startswith('"BEGIN; EXECUTE pyramid_tasks_')
+            assert messages[2:4] == ['"ROLLBACK"', '"BEGIN"']
             connection.rollback()
+            connection.exec_driver_sql("DEALLOCATE elsewhere")
+            connection.commit()
             assert prepared_module._prepared.lost[engine.pool] == lost
         connection.begin()
         row, messages = lock_with_trace(store, connection, job_id)
         assert (row, messages[0]) == (expected, '"BEGIN"')
-        assert not [m for m in messages if "pyramid_tasks_" in m]
+        assert not [m for m in messages if "PREPARE" in m or "EXECUTE" in m]
         connection.rollback()
     [said] = [r.getMessage() for r in caplog.records]
     assert said.startswith("Jobs on postgresql+psycopg://")
     assert "s3cret" not in said and "***" in said
-    assert "do not keep a prepared statement" in said
+    assert "lose a statement prepared the message before" in said
 
 
 def test_a_statement_prepared_by_another_pyramid_tasks_is_used(
@@ -298,15 +343,24 @@ def test_errors_come_the_usual_way(jobs_app, another_engine):  # noqa: F811
     store = app.pyramid_registry.pyramid_tasks_jobs.store
     engine = another_engine()
     [job_id] = insert_pending(engine, state="queued")
-    with engine.connect() as connection:
-        pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-        connection.commit()
-        connection.begin()
-        with engine.connect() as killer:
-            killer.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
-        with pytest.raises(sqlalchemy.exc.OperationalError) as lost:
-            store.lock(connection, job_id)
-        assert lost.value.connection_invalidated is True
+    for prepared in (False, True):  # killed before the PREPARE, or after
+        with engine.connect() as connection:
+            if prepared:
+                connection.begin()
+                store.lock(connection, job_id)
+                connection.rollback()
+            pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            connection.commit()
+            connection.begin()
+            with engine.connect() as killer:
+                killer.exec_driver_sql(f"SELECT pg_terminate_backend({pid})")
+            failing = pytest.raises(sqlalchemy.exc.OperationalError)
+            with traced(connection) as messages, failing as lost:
+                store.lock(connection, job_id)
+            assert lost.value.connection_invalidated is True
+            assert sent(messages)[0].startswith(
+                '"BEGIN; EXECUTE' if prepared else '"PREPARE'
+            )
     with engine.connect() as connection:
         connection.begin()
         connection.connection.driver_connection.close()
@@ -322,8 +376,8 @@ def test_errors_come_the_usual_way(jobs_app, another_engine):  # noqa: F811
 
 def test_what_the_one_message_cannot_say_goes_the_usual_way(database_url):
     """Parameters of other types, a text the connection cannot encode and a
-    statement of no row are left to the usual way (None); ``%%`` is a
-    percent sign."""
+    statement of no row (its transaction rolled back) are left to the usual
+    way (None); ``%%`` is a percent sign."""
     statement = _Statement(
         "SELECT %(a)s %% 2, %(b)s = %(a)s", {"a": "bigint", "b": "text"}
     )
@@ -346,8 +400,8 @@ def test_what_the_one_message_cannot_say_goes_the_usual_way(database_url):
             )
             none = state.begin_with(connection, "SELECT 1 WHERE %(x)s = 1", {"x": 0})
             assert none is None
-            connection.rollback()  # that one began it
-            connection.begin()
+            driver = connection.connection.driver_connection
+            assert driver.info.transaction_status == pq.TransactionStatus.IDLE
             assert state.begin_with(connection, "SELECT %(x)s::int", {"x": 7}) == (7,)
             connection.rollback()
     finally:

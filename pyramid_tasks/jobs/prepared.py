@@ -5,45 +5,49 @@ psycopg begins a transaction with a ``BEGIN`` of its own, one round trip,
 before the first statement; the worker's lock of a job is a transactional
 run's first statement, another.  Here both go in one message, ``BEGIN ...;
 EXECUTE name(...)``, the statement prepared on the server once per
-connection (``PREPARE``): a round trip less for every run (0.1 to 0.15 ms on
-this project's machine, bench/README.rst).  Prepared, as psycopg prepares a
-statement run often: the same text sent unprepared is planned each time,
-which costs more than the round trip saved.
+connection (``PREPARE``): a round trip less for every run (0.16 ms a task
+on this project's machine, bench/README.rst).  Prepared, as psycopg
+prepares a statement run often: the same text sent unprepared is planned
+each time, which costs more than the round trip saved.  The messages are
+sent and waited for as psycopg sends its own (its wait: interrupted by a
+signal as any query is, cooperative under gevent).
 
-Whatever goes wrong is undone and left to the usual way, which raises what
-it raises: :func:`begin_with` returns None when the database refused (the
-transaction it began rolled back), and when this connection is not one to
-use it on:
+When the database refuses it, the transaction it began is rolled back and
+:func:`begin_with` returns None: the caller runs the statement the usual
+way, which raises a lasting error (a missing table, a lost connection) as
+SQLAlchemy does; a passing one (a statement timeout) is paid twice.
+It returns None at once for a connection it is not to be used on:
 
-- a process where gevent patched ``select``: the one message is sent and
-  read by libpq's blocking ``PQexec``, which would hold up every greenlet
-  (psycopg waits in Python there);
+- an asyncio engine's (the wait would block its loop);
 - a connection where psycopg prepares nothing (``prepare_threshold`` None,
   the setting for PgBouncer's transaction pooling);
 - one whose transaction has begun, is in autocommit or in pipeline mode;
-- an engine that lost the prepared statement three times: a pool that does
-  not keep a connection's prepared statements from one transaction to the
-  next (PgBouncer 1.21 keeps psycopg's, not ``PREPARE``'s).
+- an engine whose connections lost the statement right after preparing it
+  three times: a pooler in between that runs each transaction on another
+  server connection.  A statement lost between two transactions is
+  prepared again (psycopg deallocates every prepared statement when it
+  rolls back a transaction).
 """
 
 import hashlib
 import logging
 import re
-import sys
 import weakref
 
 from psycopg import Error, IsolationLevel, pq
 from psycopg.adapt import Transformer
+from psycopg.generators import execute
 
 __all__ = ["begin_with"]
 
 log = logging.getLogger(__name__)
 
-# Times an engine's connections lost the statement before it is not used.
+# Times a pool's connections lost the statement just prepared, after which
+# it is not used there.
 LOST_LIMIT = 3
 
 _IDLE = pq.TransactionStatus.IDLE
-_IN_ERROR = pq.TransactionStatus.INERROR
+_BEGUN = (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR)
 _TUPLES_OK = pq.ExecStatus.TUPLES_OK
 _COMMAND_OK = pq.ExecStatus.COMMAND_OK
 _SQLSTATE = pq.DiagnosticField.SQLSTATE
@@ -56,7 +60,8 @@ _TYPES = {str: "text", int: "bigint"}
 
 class _Statement:
     """One statement's text (psycopg's ``%(name)s`` placeholders) as a
-    ``PREPARE`` named after it, and the order of its parameters."""
+    ``PREPARE`` named after it and its parameters' types, and the order of
+    its parameters."""
 
     def __init__(self, text, types):
         self.names = []
@@ -70,9 +75,9 @@ class _Statement:
             return f"${self.names.index(name) + 1}"
 
         body = _PLACEHOLDER.sub(numbered, text)
-        digest = hashlib.sha1(text.encode()).hexdigest()[:16]
-        self.name = f"pyramid_tasks_{digest}".encode()
         declared = ", ".join(types[name] for name in self.names)
+        digest = hashlib.sha1(f"{declared}\n{body}".encode()).hexdigest()[:16]
+        self.name = f"pyramid_tasks_{digest}".encode()
         self.prepare = b"PREPARE %s(%s) AS %s" % (
             self.name,
             declared.encode(),
@@ -87,15 +92,15 @@ class _Prepared:
         # names it prepared.  Weak: a connection closed takes its own.
         self.kept = weakref.WeakKeyDictionary()
         # Per pool (an engine's, shared by its execution_options copies):
-        # times a connection lost a statement it had prepared.
+        # times a connection lost a statement right after preparing it.
         self.lost = weakref.WeakKeyDictionary()
 
     def statement(self, text, parameters):
         types = {}
         for name, value in parameters.items():
             kind = _TYPES.get(type(value))
-            if kind is None:
-                return None
+            if kind is None or (kind == "text" and "\x00" in value):
+                return None  # (a NUL: PostgreSQL's text has none)
             types[name] = kind
         key = (text, tuple(sorted(types.items())))
         try:
@@ -109,26 +114,33 @@ class _Prepared:
         driver = connection.connection.driver_connection
         pgconn = driver.pgconn
         if (
-            driver.prepare_threshold is None
+            connection.dialect.is_async
+            or driver.prepare_threshold is None
             or driver.autocommit
             or pgconn.transaction_status != _IDLE
             or pgconn.pipeline_status
             or self.lost.get(pool, 0) >= LOST_LIMIT
-            or _greened()
         ):
             return None
         statement = self.statement(text, parameters)
         if statement is None:
             return None
-        try:
-            return self._run(driver, pgconn, statement, parameters, connection)
-        except (Error, UnicodeEncodeError):  # the usual way raises it
-            return None  # (a connection closed, a text it cannot encode)
+        with driver.lock:  # as psycopg's own calls
+            try:
+                row = self._run(driver, statement, parameters, connection)
+                if row is None and pgconn.transaction_status in _BEGUN:
+                    # The transaction is this try's: it was idle before.
+                    _query(driver, b"ROLLBACK")
+                return row
+            except (Error, UnicodeEncodeError):  # a connection lost...
+                return None
 
-    def _run(self, driver, pgconn, statement, parameters, connection):
+    def _run(self, driver, statement, parameters, connection):
+        pgconn = driver.pgconn
         kept = self.kept.setdefault(driver, set())
-        if statement.name not in kept:
-            result = pgconn.exec_(statement.prepare)
+        fresh = statement.name not in kept
+        if fresh:
+            result = _query(driver, statement.prepare)
             refused = result.status != _COMMAND_OK
             if refused and result.error_field(_SQLSTATE) != _EXISTS:
                 return None  # a table missing...: the usual way says which
@@ -138,41 +150,42 @@ class _Prepared:
         values = b", ".join(
             literal(str(parameters[name]).encode(encoding)) for name in statement.names
         )
-        result = pgconn.exec_(
-            b"%s; EXECUTE %s(%s)" % (_begin(driver), statement.name, values)
-        )
+        begin = _begin(driver)
+        result = _query(driver, b"%s; EXECUTE %s(%s)" % (begin, statement.name, values))
         if result.status == _TUPLES_OK and result.ntuples == 1:
             loader = Transformer(driver)
             loader.set_pgresult(result)
             return loader.load_row(0, tuple)
-        # Refused: nothing of the app's ran in this transaction (there was
-        # none), so it is rolled back and the usual way runs the statement.
-        if pgconn.transaction_status == _IN_ERROR:
-            pgconn.exec_(b"ROLLBACK")
         if result.error_field(_SQLSTATE) == _MISSING:
-            kept.discard(statement.name)
-            pool = connection.engine.pool
-            self.lost[pool] = lost = self.lost.get(pool, 0) + 1
-            if lost == LOST_LIMIT:
-                log.info(
-                    "Jobs on %s: the connections do not keep a prepared "
-                    "statement (a pooler between?): a run's BEGIN and lock "
-                    "go in two round trips from now on.",
-                    connection.engine.url.render_as_string(hide_password=True),
-                )
+            kept.discard(statement.name)  # prepared again next time
+            if fresh:
+                self._lost(connection)
         return None
 
+    def _lost(self, connection):
+        pool = connection.engine.pool
+        self.lost[pool] = lost = self.lost.get(pool, 0) + 1
+        if lost == LOST_LIMIT:
+            log.info(
+                "Jobs on %s: the connections lose a statement prepared the "
+                "message before (a pooler between?): a run's BEGIN and lock "
+                "go in two round trips from now on.",
+                connection.engine.url.render_as_string(hide_password=True),
+            )
 
-def _greened():
-    """Whether gevent patched ``select`` (psycopg's own test)."""
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and monkey.is_module_patched("select")
+
+def _query(driver, command):
+    """The last result of ``command`` (a simple query), sent and waited for
+    as psycopg sends and waits for its own commands."""
+    driver.pgconn.send_query(command)
+    return driver.wait(execute(driver.pgconn))[-1]
 
 
 def _begin(driver):
     """The BEGIN psycopg would send for ``driver``'s next transaction: its
-    isolation level (SQLAlchemy's ``isolation_level`` sets it), read-only
-    and deferrable flags."""
+    isolation level, read-only and deferrable flags (SQLAlchemy sets them on
+    it: ``create_engine(isolation_level=...)``, a connection's
+    ``execution_options``)."""
     parts = [b"BEGIN"]
     if driver.isolation_level is not None:
         level = IsolationLevel(driver.isolation_level).name.replace("_", " ")
